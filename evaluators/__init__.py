@@ -1,0 +1,1 @@
+"""Scoring: lm-eval tasks on an in-memory model, and fitness aggregation."""

@@ -1,0 +1,127 @@
+"""lm-eval task definitions: found once, built once per worker, per split.
+
+Tasks are lm-eval YAML files in the configured task folders, or lm-eval's built-in
+tasks by name. The same task is built for the search split and the held-out split
+(``test_split`` overridden), so the search never sees held-out documents.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class TaskError(ValueError):
+    """A task cannot be found or built; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One scored task: lm-eval task name, the metric read from its results, its weight."""
+
+    name: str
+    metric: str = "acc"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TaskSuite:
+    """The tasks of a study and where to find them."""
+
+    tasks: tuple[TaskSpec, ...]
+    task_paths: tuple[Path, ...] = ()
+    search_split: str | None = None  # None: the task's own test_split
+    heldout_split: str | None = None
+    limit: int | None = None  # documents per task (None: all)
+    fewshot: int | None = None
+
+
+def find_local_task(name: str, task_paths: tuple[Path, ...]) -> tuple[dict[str, Any], Path] | None:
+    """The YAML config of task ``name`` in ``task_paths``, with the file it came from."""
+    for folder in task_paths:
+        for file in sorted(folder.rglob("*.yaml")):
+            try:
+                cfg = yaml.safe_load(file.read_text())
+            except yaml.YAMLError:
+                continue  # lm-eval YAMLs with !function tags are not ours to parse
+            if isinstance(cfg, dict) and cfg.get("task") == name:
+                return cfg, file
+    return None
+
+
+def _resolve_data_files(cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make ``dataset_kwargs.data_files`` absolute relative to the YAML (lm-eval uses the cwd)."""
+    files = cfg.get("dataset_kwargs", {}).get("data_files")
+    if files is None:
+        return cfg
+
+    def absolute(path: str) -> str:
+        resolved = (folder / path).resolve() if not Path(path).is_absolute() else Path(path)
+        if not resolved.is_file():
+            raise TaskError(f"task {cfg.get('task')!r}: data file not found: {resolved}")
+        return str(resolved)
+
+    if isinstance(files, str):
+        cfg["dataset_kwargs"]["data_files"] = absolute(files)
+    elif isinstance(files, dict):
+        cfg["dataset_kwargs"]["data_files"] = {k: absolute(v) for k, v in files.items()}
+    else:
+        cfg["dataset_kwargs"]["data_files"] = [absolute(v) for v in files]
+    return cfg
+
+
+def task_config(spec: TaskSpec, suite: TaskSuite, split: str | None) -> dict[str, Any] | None:
+    """The lm-eval config dict of a local task for ``split``, or None for a built-in task."""
+    found = find_local_task(spec.name, suite.task_paths)
+    if found is None:
+        return None
+    cfg, file = found
+    cfg = _resolve_data_files(copy.deepcopy(cfg), file.parent)
+    if split is not None:
+        cfg["test_split"] = split
+    if suite.fewshot is not None:
+        cfg["num_fewshot"] = suite.fewshot
+    return cfg
+
+
+def split_task_name(name: str, split: str | None, heldout: bool) -> str:
+    return f"{name}__{split}" if heldout else name
+
+
+def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
+    """lm-eval Task objects for the search (or held-out) split, keyed by our task name."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks import TaskManager
+
+    split = suite.heldout_split if heldout else suite.search_split
+    if heldout and split is None:
+        raise TaskError("no held-out split configured")
+    built: dict[str, Any] = {}
+    builtin: list[TaskSpec] = []
+    for spec in suite.tasks:
+        cfg = task_config(spec, suite, split)
+        if cfg is None:
+            builtin.append(spec)
+            continue
+        cfg["task"] = split_task_name(spec.name, split, heldout)
+        try:
+            built[spec.name] = ConfigurableTask(config=cfg)
+        except Exception as exc:
+            raise TaskError(f"task {spec.name!r}: cannot be built: {' '.join(str(exc).split())[:300]}") from None
+    if builtin:
+        manager = TaskManager()  # indexes lm-eval's built-in tasks: slow, so only when needed
+        for spec in builtin:
+            overrides: dict[str, Any] = {"task": spec.name}
+            if split is not None:
+                overrides["test_split"] = split
+            try:
+                loaded = manager.load_task_or_group([overrides])
+            except Exception as exc:
+                raise TaskError(f"task {spec.name!r}: not found in {[str(p) for p in suite.task_paths]} "
+                                f"nor among lm-eval's tasks ({type(exc).__name__})") from None
+            built[spec.name] = next(iter(loaded.values()))
+    return built

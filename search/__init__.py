@@ -1,0 +1,1 @@
+"""The controller: config, search space, optimizer, the evaluation loop and the CLI."""

@@ -1,0 +1,106 @@
+"""``evomerge``: demo, search, status, replay, dashboard, merge.
+
+Exit status: 0 on success, 2 on bad usage or config (one line saying what and where),
+1 on a runtime failure. Only this entry point sets process-wide state (logging, threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_STORAGE = "sqlite:///evomerge.db"
+
+
+class UsageError(ValueError):
+    """Bad usage detected after argument parsing (exit status 2)."""
+
+
+def _storage(args: argparse.Namespace) -> str:
+    return args.storage or os.environ.get("EVOMERGE_STORAGE") or DEFAULT_STORAGE
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="SQLAlchemy URL (default: $EVOMERGE_STORAGE or sqlite:///evomerge.db); "
+                                     "put passwords in the environment (e.g. PGPASSWORD), not here")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search over model-merge recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the built-in demo end to end: search, leaderboard, replay")
+    p.add_argument("--out", default="evomerge-demo", help="folder for the demo's database and model (default: %(default)s)")
+    p.add_argument("--workers", type=int, help="Ray workers (default: the demo config's)")
+    p.add_argument("--max-trials", type=int, help="trial budget (default: the demo config's)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    p = sub.add_parser("search", help="start a search, or resume it if the study exists")
+    p.add_argument("config", help="search config (YAML)")
+    _add_storage(p)
+    p.add_argument("--study", help="study name (default: the config's)")
+    p.add_argument("--workers", type=int, help="number of Ray workers (default: the config's)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--max-trials", type=int, help="total trial budget, counting earlier runs")
+    p.add_argument("--timeout", type=float, help="stop dispatching after this many seconds")
+
+    p = sub.add_parser("status", help="print a study's leaderboard")
+    _add_storage(p)
+    p.add_argument("--study", help="study name (default: the only study in the storage)")
+    p.add_argument("--top", type=int, default=10, help="evolved candidates shown (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("replay", help="write the best (or a named) candidate as a model folder")
+    _add_storage(p)
+    p.add_argument("--study", help="study name (default: the only study in the storage)")
+    p.add_argument("--trial", type=int, help="Optuna trial number (default: the best by search fitness)")
+    p.add_argument("--out", required=True, help="model folder to create (must not exist)")
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
+    _add_storage(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from search import commands  # heavy imports only after --help and usage checks
+
+    from search.config import ConfigError
+    from search.controller import StudyMismatch
+    from evaluators.tasks import TaskError
+    from workers.replay import ReplayError
+    from workers.sources import SourceError
+
+    try:
+        return int(getattr(commands, f"cmd_{args.command}")(args, _storage(args) if hasattr(args, "storage") else None))
+    except (ConfigError, SourceError, TaskError, StudyMismatch, UsageError) as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except ReplayError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; the study is saved and resumes with the same command", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; details with EVOMERGE_DEBUG=1
+        if os.environ.get("EVOMERGE_DEBUG"):
+            raise
+        print(f"evomerge: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        return 1
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The CLI's commands, each a small function over the controller, storage and workers."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from search.cli import UsageError, print_json
+from search.config import SearchConfig, load_config
+from search.controller import Controller, StudyMismatch
+from search.leaderboard import build, render
+from search.ledger import Ledger
+from search.pool import WorkerPool
+from search.progress import Progress
+from search.space import SearchSpace
+from storage.engine import redacted
+from storage.repository import CandidateRecord, Repository
+from evaluators.tasks import task_config
+from workers.actor import WorkerSpec
+from workers.materialize import Materializer
+from workers.recipe import Recipe
+from workers.replay import ReplayError, model_card, write_model_folder
+from workers.sources import read_config, validate_sources
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    cfg: SearchConfig
+    folders: dict[str, Path]
+    space: SearchSpace
+
+
+def prepare(cfg: SearchConfig) -> Prepared:
+    """Check sources and tasks before anything is written (SourceError / TaskError)."""
+    folders = validate_sources(cfg.sources())
+    suite = cfg.suite()
+    for spec in suite.tasks:
+        task_config(spec, suite, suite.search_split)
+        if suite.heldout_split is not None:
+            task_config(spec, suite, suite.heldout_split)
+    num_layers = int(read_config(cfg.base_model, folders[cfg.base_model]).num_hidden_layers)
+    m = cfg.merge
+    space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers,
+                              m.group_size if m.granularity == "layer_group" else None,
+                              m.normalize, m.seed, m.ranges)
+    return Prepared(cfg, folders, space)
+
+
+def open_repo(url: str) -> Repository:
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        return Repository(url)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise UsageError(f"--storage {redacted(url) if '://' in url else url!r}: not a usable SQLAlchemy URL ({exc})") from None
+
+
+def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: str | None,
+               max_trials: int, timeout_s: float | None) -> tuple[Repository, int]:
+    """Create or resume ``study`` and search; returns the repository and the study id."""
+    cfg = prep.cfg
+    repo = open_repo(url)
+    record = repo.get_study(study)
+    if record is None:
+        record = repo.create_study(study, cfg.model_dump_json())
+    elif SearchConfig.model_validate_json(record.config_json).identity_json() != cfg.identity_json():
+        raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
+                            "(models, merge, optimizer or tasks); use another --study")
+    ledger = Ledger(url, study)
+    wcfg = cfg.workers
+    spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
+                      "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads)
+    controller = Controller(cfg, repo, ledger, prep.space,
+                            lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address),
+                            record.id)
+    done_before = sum(1 for c in repo.candidates(record.id) if c.state in ("complete", "failed"))
+    progress = Progress(max_trials, done_before)
+    print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
+          f"{workers} worker(s), {prep.space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
+    try:
+        summary = controller.run(max_trials, timeout_s, progress)
+        progress.close()
+        heldout = controller.rescore_heldout()
+    finally:
+        controller.close()
+    print(f"{summary.evaluated_now} evaluated in {summary.elapsed_s:.0f}s, worker utilisation "
+          f"{summary.utilisation:.0%}, {heldout} re-scored on the held-out split", file=sys.stderr)
+    return repo, record.id
+
+
+def cmd_search(args: argparse.Namespace, url: str) -> int:
+    cfg = load_config(args.config)
+    prep = prepare(cfg)
+    study = args.study or cfg.study
+    repo, study_id = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
+                                args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
+    print(render(build(study, repo.candidates(study_id), 10)))
+    return 0
+
+
+def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, str]:
+    names = repo.study_names()
+    if name is None:
+        if len(names) != 1:
+            raise UsageError(f"{redacted(url)} holds {len(names)} studies {names}: name one with --study")
+        name = names[0]
+    record = repo.get_study(name)
+    if record is None:
+        raise UsageError(f"no study {name!r} in {redacted(url)} (studies: {names})")
+    return name, record.id, record.config_json
+
+
+def cmd_status(args: argparse.Namespace, url: str) -> int:
+    repo = open_repo(url)
+    name, study_id, _ = _study_id(repo, args.study, url)
+    board = build(name, repo.candidates(study_id), args.top)
+    if args.json:
+        print_json(board.to_json())
+    else:
+        print(render(board))
+    return 0
+
+
+def _pick(cands: list[CandidateRecord], trial: int | None) -> CandidateRecord:
+    done = [c for c in cands if c.state == "complete" and c.fitness is not None]
+    if trial is not None:
+        match = [c for c in cands if c.trial_number == trial]
+        if not match:
+            raise UsageError(f"no trial {trial} in this study")
+        if match[0].state != "complete":
+            raise UsageError(f"trial {trial} did not complete ({match[0].state}: {match[0].error})")
+        return match[0]
+    if not done:
+        raise UsageError("the study has no completed trial yet")
+    return max(done, key=lambda c: (c.fitness, -c.id))
+
+
+def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path) -> Path:
+    """Write a candidate of the study as a model folder; returns the folder."""
+    cfg = SearchConfig.model_validate_json(config_json)
+    cand = _pick(repo.candidates(study_id), trial)
+    if cand.duplicate_of is not None:
+        cand = repo.candidate(cand.duplicate_of)
+    folders = validate_sources(cfg.sources())
+    recipe = Recipe.from_json(cand.recipe_json)
+    import torch
+
+    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype))
+    card = model_card(recipe, study, cand.trial_number, cand.scores, cand.fitness, cand.heldout,
+                      cand.heldout_fitness)
+    return write_model_folder(materializer, recipe, out, card)
+
+
+def cmd_replay(args: argparse.Namespace, url: str) -> int:
+    repo = open_repo(url)
+    name, study_id, config_json = _study_id(repo, args.study, url)
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists; choose a new folder")
+    folder = replay(repo, name, study_id, config_json, args.trial, out)
+    print(f"wrote {folder}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
+    from optuna_dashboard import run_server
+
+    print(f"optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/", file=sys.stderr)
+    run_server(url, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
+    cfg = load_config(DEMO_CONFIG)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{out / 'demo.db'}"
+    prep = prepare(cfg)
+    repo, study_id = run_search(prep, url, cfg.study, args.workers or cfg.workers.count, args.ray_address,
+                                args.max_trials or cfg.budget.max_trials, cfg.budget.timeout_s)
+    print(render(build(cfg.study, repo.candidates(study_id), 5)))
+    model_dir = out / "best-model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)  # the demo owns this folder; a rerun replaces it
+    record = repo.get_study(cfg.study)
+    assert record is not None
+    folder = replay(repo, cfg.study, study_id, record.config_json, None, model_dir)
+    print(f"\nbest recipe replayed to {folder}")
+    print(f"inspect: evomerge status --storage {url}    dashboard: evomerge dashboard --storage {url}")
+    return 0
+
+
+__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_dashboard", "ReplayError"]

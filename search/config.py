@@ -1,0 +1,176 @@
+"""The search config: a YAML file, validated field by field.
+
+Every mistake becomes a :class:`ConfigError` with one line naming the file and the field.
+Relative model and task paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evaluators.tasks import TaskSpec, TaskSuite
+from workers.operators import OPERATORS, get_operator
+from workers.sources import SourceModel
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1)
+
+
+class MergeConfig(_Strict):
+    method: str = "dare_ties"
+    granularity: Literal["model", "layer_group"] = "model"
+    group_size: int = Field(2, ge=1)  # layers per gene group when granularity is layer_group
+    normalize: bool = False
+    seed: int = 0  # seeds random operators (DARE); part of every recipe, so replay is exact
+    ranges: dict[str, tuple[float, float]] = {}  # per-parameter search bounds overriding the operator's
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        if self.method not in OPERATORS:
+            raise ValueError(f"unknown merge method {self.method!r} (known: {', '.join(sorted(OPERATORS))})")
+        known = get_operator(self.method).param_names
+        for name, (low, high) in self.ranges.items():
+            if name not in known:
+                raise ValueError(f"ranges: {self.method} has no parameter {name!r} (it has {list(known)})")
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"ranges.{name}: need finite low < high, got [{low}, {high}]")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["cma"] = "cma"
+    popsize: int | None = Field(None, ge=2)  # default 4 + floor(3 ln n), as in pycma and the paper
+    sigma0: float = Field(1 / 6, gt=0, le=1)  # in the unit box (Sakana: 1/6)
+    init: float = Field(0.5, ge=0, le=1)  # every gene starts here (Sakana: 0.5)
+    seed: int = 0
+
+
+class TaskEntry(_Strict):
+    name: str = Field(min_length=1)
+    metric: str = "acc"
+    weight: float = Field(1.0, gt=0)
+
+
+class EvaluationConfig(_Strict):
+    task_paths: list[str] = []
+    tasks: list[TaskEntry] = Field(min_length=1)
+    search_split: str | None = None
+    heldout_split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    heldout_top_k: int = Field(3, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class BudgetConfig(_Strict):
+    max_trials: int = Field(100, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(1, ge=1)
+    num_gpus: float = Field(0, ge=0)  # per worker: 1 on a GPU cluster
+    num_cpus: float = Field(1, gt=0)
+    threads: int = Field(1, ge=1)  # torch threads per worker
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_attempts: int = Field(2, ge=1)  # a candidate whose worker dies is retried up to this
+
+
+class SearchConfig(_Strict):
+    study: str = Field("evomerge", min_length=1)
+    models: list[ModelEntry] = Field(min_length=2)
+    base_model: str
+    merge: MergeConfig = MergeConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    evaluation: EvaluationConfig
+    budget: BudgetConfig = BudgetConfig()
+    workers: WorkersConfig = WorkersConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: duplicate names in {names}")
+        if self.base_model not in names:
+            raise ValueError(f"base_model {self.base_model!r} is not one of the models {names}")
+        return self
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models if m.name != self.base_model)
+
+    def sources(self) -> list[SourceModel]:
+        return [SourceModel(m.name, m.path) for m in self.models]
+
+    def suite(self) -> TaskSuite:
+        ev = self.evaluation
+        return TaskSuite(tuple(TaskSpec(t.name, t.metric, t.weight) for t in ev.tasks),
+                         tuple(Path(p) for p in ev.task_paths), ev.search_split, ev.heldout_split,
+                         ev.limit)
+
+    def identity_json(self) -> str:
+        """What a study is defined by: a resumed search must not change these."""
+        return self.model_dump_json(include={
+            "models": True, "base_model": True, "merge": True, "optimizer": True,
+            "evaluation": {"tasks", "search_split", "heldout_split", "limit"}})
+
+
+def _resolve_path(path: str, folder: Path, hub_like: bool) -> str:
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        local = folder / candidate
+        if local.exists() or not (hub_like and path.count("/") == 1 and not path.startswith(".")):
+            candidate = local
+        else:
+            return path  # a hub id such as org/model
+    return str(candidate.resolve())
+
+
+def _format_error(file: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error in {file}: {where}: {msg}{more}"
+
+
+def load_config(file: str | Path) -> SearchConfig:
+    """Read, validate and resolve a search config."""
+    file = Path(file)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {file}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config error in {file}:{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error in {file}: expected a mapping of fields at the top level")
+    try:
+        cfg = SearchConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(file, exc)) from None
+    folder = file.resolve().parent
+    models = [ModelEntry(name=m.name, path=_resolve_path(m.path, folder, hub_like=True)) for m in cfg.models]
+    paths = [_resolve_path(p, folder, hub_like=False) for p in cfg.evaluation.task_paths]
+    evaluation = cfg.evaluation.model_copy(update={"task_paths": paths})
+    return cfg.model_copy(update={"models": models, "evaluation": evaluation})

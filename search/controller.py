@@ -1,0 +1,324 @@
+"""The controller: proposes candidates, keeps every worker busy, persists, resumes.
+
+One controller drives a study at a time (a lease in the database). Everything it learns
+is written before it acts on it, so ``kill -9`` at any point loses at most the work in
+flight: on the next start, RUNNING trials are failed in Optuna, their candidates
+re-queued (attempt counted), and the CMA-ES state rebuilt by replaying the stored
+generations. A resumed search is therefore consistent but not bit-identical to an
+uninterrupted one: proposals after the resume come from a fresh random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evaluators.fitness import ScoreError, fitness
+from search.cmaes import AsyncCMA, default_popsize
+from search.config import SearchConfig
+from search.ledger import Ledger
+from search.pool import Crash, WorkerPool
+from search.progress import Progress
+from search.space import SearchSpace
+from storage.repository import CandidateRecord, Repository
+from workers.recipe import Recipe
+from workers.result import Failed, Job, Scored, TrialResult
+
+LEASE_S = 120.0
+HEARTBEAT_S = 5.0
+BOX_PENALTY = 1.0  # loss per squared unit outside the unit box
+
+
+class StudyMismatch(ValueError):
+    """The named study exists with a different definition; one line."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    done: int
+    evaluated_now: int
+    best_candidate: int | None
+    best_fitness: float | None
+    utilisation: float
+    elapsed_s: float
+
+
+def _owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell from here: the lease's expiry decides
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def baseline_recipes(cfg: SearchConfig, space: SearchSpace) -> list[tuple[str, Recipe]]:
+    """The sources themselves, a uniform soup, and the search's method at its initial genes."""
+    out: list[tuple[str, Recipe]] = [("source", Recipe(kind="source", source=m.name, label=f"source {m.name}"))
+                                     for m in cfg.models]
+    experts = cfg.experts
+    out.append(("untuned", Recipe(kind="merge", method="linear", base=cfg.base_model, models=experts,
+                                  params={"weight": {m: (1.0,) for m in experts}}, normalize=True,
+                                  label="untuned soup")))
+    initial = [cfg.optimizer.init] * space.dim
+    out.append(("untuned", space.decode(initial, label=f"untuned {space.method}")))
+    return out
+
+
+class Controller:
+    """Drives one study: ``run`` the search, then ``rescore_heldout`` the leaders."""
+
+    def __init__(self, cfg: SearchConfig, repo: Repository, ledger: Ledger, space: SearchSpace,
+                 pool_factory: Callable[[], WorkerPool], study_id: int) -> None:
+        self.cfg, self.repo, self.ledger, self.space = cfg, repo, ledger, space
+        self.study_id = study_id
+        self._pool_factory = pool_factory
+        self.pool: WorkerPool | None = None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.popsize = cfg.optimizer.popsize or default_popsize(space.dim)
+        self.queue: deque[int] = deque()
+        self.cma: AsyncCMA[int] | None = None
+        self._beat = 0.0
+
+    # --- setup and recovery ----------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Account for what a dead controller left: fail its trials, re-queue its candidates."""
+        self.ledger.fail_running("controller stopped while this trial ran; its candidate was re-queued")
+        for cand in self.repo.candidates(self.study_id):
+            if cand.state != "running":
+                continue
+            self.repo.end_attempt(cand.id, "search", cand.worker, "abandoned: controller stopped")
+            if cand.attempt >= self.cfg.workers.max_attempts:
+                self.repo.fail(cand.id, f"abandoned after {cand.attempt} attempts")
+            else:
+                self.repo.requeue(cand.id, "controller stopped during evaluation")
+
+    def _seed_baselines(self) -> None:
+        if self.repo.candidates(self.study_id):
+            return
+        for origin, recipe in baseline_recipes(self.cfg, self.space):
+            self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash, origin)
+
+    def _rebuild_optimizer(self, cands: list[CandidateRecord]) -> None:
+        """CMA-ES from scratch, then every stored generation told again, in order."""
+        by_id = {c.id: c for c in cands}
+        x0 = [self.cfg.optimizer.init] * self.space.dim
+        cma_count = sum(1 for c in cands if c.origin == "cma")
+        self.cma = AsyncCMA(x0, self.cfg.optimizer.sigma0, self.popsize, self.cfg.optimizer.seed,
+                            stream=cma_count)
+        told: set[int] = set()
+        for ids in self.repo.generations(self.study_id):
+            self.cma.replay([by_id[i].genes or () for i in ids], [self._loss(by_id[i]) for i in ids])
+            told.update(ids)
+        # Results of the current generation that finished before the stop count again.
+        for c in cands:
+            if (c.origin == "cma" and c.id not in told and c.generation == self.cma.generation
+                    and c.state in ("complete", "failed")):
+                self._tell(c)
+
+    def _loss(self, cand: CandidateRecord) -> float:
+        base = -cand.fitness if cand.state == "complete" and cand.fitness is not None else math.inf
+        return base + BOX_PENALTY * self.space.box_violation(cand.genes or ())
+
+    def _tell(self, cand: CandidateRecord) -> None:
+        assert self.cma is not None and cand.generation is not None and cand.genes is not None
+        told = self.cma.tell(cand.generation, cand.id, cand.genes, self._loss(cand))
+        if told is not None:
+            self.repo.add_generation(self.study_id, cand.generation, told)
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(self, max_trials: int, timeout_s: float | None, progress: Progress | None = None) -> RunSummary:
+        """Search until ``max_trials`` candidates are done (counting earlier runs) or time is up."""
+        started = time.monotonic()
+        deadline = started + timeout_s if timeout_s else math.inf
+        self.repo.acquire_lease(self.study_id, self.owner, LEASE_S, _owner_alive)
+        evaluated_now = 0
+        try:
+            self._recover()
+            self._seed_baselines()
+            cands = self.repo.candidates(self.study_id)
+            self._rebuild_optimizer(cands)
+            self.queue = deque(c.id for c in cands if c.state == "queued")
+            done = sum(1 for c in cands if c.state in ("complete", "failed"))
+            if done < max_trials:
+                self.pool = self.pool or self._pool_factory()
+                self.pool.wait_ready()
+            while self.pool is not None:
+                while self.pool.idle() and done + len(self.pool.busy_jobs()) < max_trials \
+                        and time.monotonic() < deadline:
+                    done += self._dispatch_next()
+                if not self.pool.busy_jobs():
+                    break
+                for result in self.pool.wait(HEARTBEAT_S):
+                    done += self._handle(result)
+                    evaluated_now += 1
+                self._heartbeat()
+                if progress:
+                    progress.update(done, self.best_fitness(), len(self.pool.busy_jobs()), len(self.pool.slots))
+        finally:
+            self._abandon_in_flight()
+            self.repo.release_lease(self.study_id, self.owner)
+        best = self.best()
+        return RunSummary(done, evaluated_now, best.id if best else None, best.fitness if best else None,
+                          self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
+
+    def _dispatch_next(self) -> int:
+        """Send the next candidate to an idle worker; returns 1 if it finished at once (duplicate)."""
+        assert self.pool is not None and self.cma is not None
+        if self.queue:
+            cand = self.repo.candidate(self.queue.popleft())
+        else:
+            proposal = self.cma.ask()
+            recipe = self.space.decode(proposal.x)
+            cid = self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash, "cma",
+                                          proposal.generation, proposal.x)
+            cand = self.repo.candidate(cid)
+            twin = self.repo.completed_with_hash(self.study_id, recipe.content_hash)
+            if twin is not None:  # identical recipe: reuse its evaluation
+                number = self._open_trial(cand)
+                self.repo.start_attempt(cand.id, number, "search")
+                self.repo.end_attempt(cand.id, "search", None, f"duplicate of candidate {twin.id}")
+                self.repo.complete(cand.id, twin.scores or {}, twin.fitness or 0.0, None, 0.0, 0.0, twin.id)
+                self.ledger.complete(number, twin.fitness or 0.0, {"duplicate_of": twin.id})
+                self._tell(self.repo.candidate(cand.id))
+                return 1
+        number = self._open_trial(cand)
+        attempt = self.repo.start_attempt(cand.id, number, "search")
+        self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt))
+        return 0
+
+    def _open_trial(self, cand: CandidateRecord) -> int:
+        recipe = Recipe.from_json(cand.recipe_json)
+        params: dict[str, float] = {}
+        bounds: dict[str, tuple[float, float]] = {}
+        if cand.origin == "cma" or (recipe.kind == "merge" and recipe.method == self.space.method
+                                    and recipe.models == self.space.experts):
+            params = self.space.params_of(recipe)
+            bounds = {n: (g.low, g.high) for n, g in zip(self.space.names(), self.space.genes)}
+        attrs = {"candidate_id": cand.id, "origin": cand.origin, "recipe": recipe.summary(),
+                 "recipe_hash": cand.recipe_hash, "generation": cand.generation, "attempt": cand.attempt + 1}
+        return self.ledger.open_trial(params, bounds, attrs)
+
+    def _handle(self, result: TrialResult | Crash) -> int:
+        """Record one search result; returns 1 when its candidate is finished."""
+        cand = self.repo.candidate(result.job.candidate_id)
+        number = cand.trial_number
+        assert number is not None
+        if isinstance(result, Crash):
+            self.repo.end_attempt(cand.id, "search", None, result.reason)
+            if cand.attempt < self.cfg.workers.max_attempts:
+                self.ledger.fail(number, f"{result.reason}; re-queued")
+                self.repo.requeue(cand.id, result.reason)
+                self.queue.appendleft(cand.id)
+                return 0
+            return self._fail(cand, number, f"{result.reason} (attempt {cand.attempt})", None)
+        self.repo.end_attempt(cand.id, "search", result.worker,
+                              "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
+        if isinstance(result.outcome, Failed):
+            return self._fail(cand, number, result.outcome.reason, result.worker)
+        try:
+            value = fitness(result.outcome.scores, self.cfg.suite().tasks)
+        except ScoreError as exc:
+            return self._fail(cand, number, str(exc), result.worker)
+        self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
+                           result.evaluate_s)
+        self.ledger.complete(number, value, {"scores": result.outcome.scores, "worker": result.worker,
+                                             "materialize_s": round(result.materialize_s, 4),
+                                             "evaluate_s": round(result.evaluate_s, 4)})
+        if cand.origin == "cma":
+            self._tell(self.repo.candidate(cand.id))
+        return 1
+
+    def _fail(self, cand: CandidateRecord, number: int, reason: str, worker: str | None) -> int:
+        self.repo.fail(cand.id, reason, worker)
+        self.ledger.fail(number, reason)
+        if cand.origin == "cma":
+            self._tell(self.repo.candidate(cand.id))
+        return 1
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._beat < HEARTBEAT_S:
+            return
+        self._beat = time.monotonic()
+        self.repo.renew_lease(self.study_id, self.owner, LEASE_S)
+        if self.pool is not None:
+            self.repo.touch([j.candidate_id for j in self.pool.busy_jobs() if not j.heldout])
+
+    def _abandon_in_flight(self) -> None:
+        """On an orderly stop (Ctrl-C, error): nothing stays RUNNING."""
+        if self.pool is None:
+            return
+        for job in self.pool.busy_jobs():
+            if job.heldout:
+                continue
+            cand = self.repo.candidate(job.candidate_id)
+            self.repo.end_attempt(cand.id, "search", None, "abandoned: controller stopped")
+            self.repo.requeue(cand.id, "controller stopped during evaluation")
+            if cand.trial_number is not None:
+                self.ledger.fail(cand.trial_number, "controller stopped; candidate re-queued")
+
+    # --- results -----------------------------------------------------------------------
+
+    def best(self) -> CandidateRecord | None:
+        done = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.fitness is not None]
+        return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
+
+    def best_fitness(self) -> float | None:
+        best = self.best()
+        return best.fitness if best else None
+
+    def rescore_heldout(self) -> int:
+        """Score the baselines and the top-k evolved candidates on the held-out split."""
+        if self.cfg.evaluation.heldout_split is None:
+            return 0
+        cands = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.duplicate_of is None]
+        evolved = sorted((c for c in cands if c.origin == "cma"), key=lambda c: -(c.fitness or 0.0))
+        chosen = [c for c in cands if c.origin != "cma"] + evolved[: self.cfg.evaluation.heldout_top_k]
+        todo = deque(c for c in chosen if c.heldout is None)
+        if not todo:
+            return 0
+        self.pool = self.pool or self._pool_factory()
+        self.pool.wait_ready()
+        scored = 0
+        while todo or self.pool.busy_jobs():
+            while todo and self.pool.idle():
+                cand = todo.popleft()
+                self.repo.start_attempt(cand.id, None, "heldout")
+                self.pool.submit(Job(cand.id, cand.recipe_json, heldout=True))
+            for result in self.pool.wait(HEARTBEAT_S):
+                scored += self._handle_heldout(result)
+        return scored
+
+    def _handle_heldout(self, result: TrialResult | Crash) -> int:
+        cid = result.job.candidate_id
+        outcome = result.reason if isinstance(result, Crash) else (
+            "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
+        self.repo.end_attempt(cid, "heldout", None if isinstance(result, Crash) else result.worker, outcome)
+        if isinstance(result, Crash) or not isinstance(result.outcome, Scored):
+            return 0
+        try:
+            value = fitness(result.outcome.scores, self.cfg.suite().tasks)
+        except ScoreError:
+            return 0
+        self.repo.set_heldout(cid, result.outcome.scores, value)
+        number = self.repo.candidate(cid).trial_number
+        if number is not None:
+            self.ledger.record_heldout(number, value, result.outcome.scores)
+        return 1
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+

@@ -1,0 +1,71 @@
+"""The leaderboard: ranked candidates with search and held-out scores, as text or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from storage.repository import CandidateRecord
+from workers.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Row:
+    rank: int
+    trial: int | None
+    candidate: int
+    origin: str
+    fitness: float
+    scores: dict[str, float]
+    heldout_fitness: float | None
+    heldout: dict[str, float] | None
+    recipe: str
+
+
+@dataclass(frozen=True)
+class Board:
+    study: str
+    done: int
+    failed: int
+    running: int
+    queued: int
+    rows: list[Row]
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def build(study: str, cands: list[CandidateRecord], top: int) -> Board:
+    """Top ``top`` evolved candidates plus every baseline, ranked by search fitness."""
+    complete = [c for c in cands if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
+    ranked = sorted(complete, key=lambda c: (-(c.fitness or 0.0), c.id))
+    shown, evolved = [], 0
+    for rank, cand in enumerate(ranked, 1):
+        if cand.origin == "cma":
+            evolved += 1
+            if evolved > top:
+                continue
+        shown.append(Row(rank, cand.trial_number, cand.id, cand.origin, float(cand.fitness or 0.0),
+                         cand.scores or {}, cand.heldout_fitness, cand.heldout,
+                         Recipe.from_json(cand.recipe_json).summary()))
+    count = {s: sum(1 for c in cands if c.state == s) for s in ("complete", "failed", "running", "queued")}
+    return Board(study, count["complete"] + count["failed"], count["failed"], count["running"],
+                 count["queued"], shown)
+
+
+def render(board: Board) -> str:
+    """A plain-text table."""
+    tasks = sorted({t for r in board.rows for t in r.scores})
+    head = ["rank", "trial", "origin", "fitness"] + tasks + ["heldout"] + [f"ho:{t}" for t in tasks] + ["recipe"]
+    lines = [f"study {board.study}: {board.done} trials done ({board.failed} failed), "
+             f"{board.running} running, {board.queued} queued"]
+    table = [head]
+    for r in board.rows:
+        ho = r.heldout or {}
+        table.append([str(r.rank), "-" if r.trial is None else str(r.trial), r.origin, f"{r.fitness:.4f}"]
+                     + [f"{r.scores.get(t, float('nan')):.4f}" for t in tasks]
+                     + ["-" if r.heldout_fitness is None else f"{r.heldout_fitness:.4f}"]
+                     + [f"{ho[t]:.4f}" if t in ho else "-" for t in tasks] + [r.recipe])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Our tables, beside Optuna's in the same database."""
+
+from __future__ import annotations
+
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyRow(Base):
+    """A search: its config, and the lease of the controller currently driving it."""
+
+    __tablename__ = "evomerge_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    config_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # host:pid
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class CandidateRow(Base):
+    """One candidate model: recipe, where it came from, and its evaluation."""
+
+    __tablename__ = "evomerge_candidates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)  # Optuna trial
+    origin: Mapped[str] = mapped_column(String(32))  # source | untuned | cma
+    generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    genes_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # optimizer genotype
+    recipe_json: Mapped[str] = mapped_column(Text)
+    recipe_hash: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|complete|failed
+    duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    scores_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fitness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heldout_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    heldout_fitness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    materialize_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    evaluate_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AttemptRow(Base):
+    """Every dispatch of a candidate to a worker, including the ones that died."""
+
+    __tablename__ = "evomerge_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("evomerge_candidates.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))  # search | heldout
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # ok | error text
+
+
+class GenerationRow(Base):
+    """A generation the optimizer was told: which candidates, in order (its replay log)."""
+
+    __tablename__ = "evomerge_generations"
+    __table_args__ = (UniqueConstraint("study_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    candidate_ids_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,1 @@
+"""Merge engine and Ray workers: recipes, merge operators, in-place materialization, replay."""

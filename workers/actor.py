@@ -1,0 +1,84 @@
+"""The evaluation worker: loads the sources once, then materializes and scores candidates.
+
+One worker per device. It is a plain class so it can run in-process (replay, tests of
+the engine); :func:`remote_worker_class` wraps it as a Ray actor. Workers never touch the
+database: they return :class:`TrialResult` values to the controller.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluators.harness import Evaluator
+from evaluators.tasks import TaskSuite
+from workers.materialize import Materializer
+from workers.recipe import Recipe
+from workers.result import Failed, Job, Scored, TrialResult
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start: sources, tasks, device settings."""
+
+    folders: Mapping[str, Path]
+    base: str
+    suite: TaskSuite
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 64
+    threads: int = 1
+
+
+class EvalWorker:
+    """Materializes each candidate in place and scores it with lm-eval."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(spec.threads)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device)
+        self.evaluator = Evaluator(spec.suite, self.materializer.model, self.materializer.tokenizer,
+                                   spec.batch_size, spec.device)
+
+    def ready(self) -> str:
+        return self.name
+
+    def evaluate(self, job: Job) -> TrialResult:
+        """Materialize ``job``'s recipe and score it; errors come back as :class:`Failed`."""
+        start = time.perf_counter()
+        try:
+            self.materializer.apply(Recipe.from_json(job.recipe_json))
+        except Exception as exc:  # a bad recipe or a non-finite merge fails this trial only
+            return TrialResult(job, Failed(f"materialize: {_one_line(exc)}"), self.name,
+                               time.perf_counter() - start, 0.0)
+        merged = time.perf_counter()
+        try:
+            scores = self.evaluator.score(heldout=job.heldout)
+        except Exception as exc:
+            return TrialResult(job, Failed(f"evaluate: {_one_line(exc)}"), self.name,
+                               merged - start, time.perf_counter() - merged)
+        done = time.perf_counter()
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        outcome: Scored | Failed = (Failed(f"non-finite score for task {bad[0]!r}") if bad
+                                    else Scored(scores))
+        return TrialResult(job, outcome, self.name, merged - start, done - merged)
+
+
+def remote_worker_class(num_cpus: float, num_gpus: float) -> Any:
+    """``EvalWorker`` as a Ray actor class with its resource request."""
+    import ray
+
+    # max_task_retries=0: the controller records every attempt and decides on retries itself.
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(EvalWorker)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"

@@ -1,0 +1,88 @@
+"""Replay: write a recipe's model as an ordinary Hugging Face model folder, atomically.
+
+The folder is assembled in a temporary sibling, every file fsync'ed, then renamed into
+place, so a crash never leaves a folder that looks complete. After the rename the model
+is reloaded and compared tensor by tensor with what was materialized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from workers.materialize import Materializer
+from workers.recipe import Recipe
+
+
+class ReplayError(RuntimeError):
+    """The model folder could not be written or did not verify; one line."""
+
+
+def model_card(recipe: Recipe, study: str, trial: int | None, scores: dict[str, float] | None,
+               fitness: float | None, heldout: dict[str, float] | None, heldout_fitness: float | None) -> str:
+    """A README.md carrying the recipe and its scores."""
+    lines = [
+        "---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",
+        f"# {study} — trial {trial if trial is not None else '-'}", "",
+        f"Merged by evomerge from study `{study}`: {recipe.summary()}.", "",
+        "## Scores", "", "| split | fitness | " + " | ".join(sorted(scores or {})) + " |",
+        "|---|---|" + "---|" * len(scores or {}),
+    ]
+    for split, sc, fit in (("search", scores, fitness), ("held-out", heldout, heldout_fitness)):
+        if sc:
+            lines.append(f"| {split} | {fit:.4f} | " + " | ".join(f"{sc[k]:.4f}" for k in sorted(sc)) + " |")
+    lines += ["", "## Recipe", "", "```json", json.dumps(json.loads(recipe.to_json()), indent=2, sort_keys=True),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, card: str,
+                       max_shard_size: str = "2GB") -> Path:
+    """Materialize ``recipe`` and write it to ``out`` (which must not exist yet)."""
+    out = out.resolve()
+    if out.exists():
+        raise ReplayError(f"output folder already exists: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    materializer.apply(recipe)
+    try:
+        materializer.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        materializer.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        (tmp / "evomerge_recipe.json").write_text(recipe.to_json() + "\n")
+        _fsync_tree(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    verify_folder(materializer, out)
+    return out
+
+
+@torch.no_grad()
+def verify_folder(materializer: Materializer, folder: Path) -> None:
+    """Reload ``folder`` and check every parameter equals the materialized model's."""
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=materializer.model.dtype,
+                                                    trust_remote_code=False)
+    mine = dict(materializer.model.named_parameters())
+    for key, param in reloaded.named_parameters():
+        if key not in mine or not torch.equal(param.detach().cpu(), mine[key].detach().cpu()):
+            raise ReplayError(f"written model differs from the materialized one at tensor {key}")

@@ -1,0 +1,36 @@
+"""What a worker sends back: typed results, never ``None`` sentinels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation request: a candidate's recipe, on the search or held-out split."""
+
+    candidate_id: int
+    recipe_json: str
+    heldout: bool = False
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str  # one line
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """The outcome of a :class:`Job` with where and how long it took."""
+
+    job: Job
+    outcome: Scored | Failed
+    worker: str
+    materialize_s: float
+    evaluate_s: float
