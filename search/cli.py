@@ -7,7 +7,6 @@ Exit status: 0 on success, 2 on bad usage or config (one line saying what and wh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,10 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
-
-
-class UsageError(ValueError):
-    """Bad usage detected after argument parsing (exit status 2)."""
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -72,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
     from search import commands  # heavy imports only after --help and usage checks
 
+    from search.commands import UsageError
     from search.config import ConfigError
     from search.controller import StudyMismatch
     from evaluators.tasks import TaskError
@@ -96,10 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"evomerge: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
         return 1
-
-
-def print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

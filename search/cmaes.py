@@ -4,7 +4,7 @@ pycma (Hansen's ``cma``) runs unbounded here; the search space clips genomes int
 box and the controller adds a quadratic penalty for the distance outside it, so the
 optimizer's state is a pure function of the genomes and losses it was told. That is what
 makes resume possible without pickles: replaying every stored generation's ``tell``
-reproduces the distribution exactly (Hansen, "The CMA Evolution Strategy: A Tutorial",
+reproduces the distribution up to floating-point rounding (Hansen, "The CMA Evolution Strategy: A Tutorial",
 2016: the update depends only on the ranked samples of each generation).
 
 Asynchrony: proposals are drawn one at a time from the current distribution. A

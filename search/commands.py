@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.cli import UsageError, print_json
 from search.config import SearchConfig, load_config
 from search.controller import Controller, StudyMismatch
 from search.leaderboard import build, render
@@ -24,6 +24,14 @@ from workers.materialize import Materializer
 from workers.recipe import Recipe
 from workers.replay import ReplayError, model_card, write_model_folder
 from workers.sources import read_config, validate_sources
+
+class UsageError(ValueError):
+    """Bad usage detected after argument parsing (exit status 2)."""
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo.yaml"
 

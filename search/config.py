@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluators.tasks import TaskSpec, TaskSuite
 from workers.operators import OPERATORS, get_operator
@@ -39,10 +39,15 @@ class MergeConfig(_Strict):
     seed: int = 0  # seeds random operators (DARE); part of every recipe, so replay is exact
     ranges: dict[str, tuple[float, float]] = {}  # per-parameter search bounds overriding the operator's
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in OPERATORS:
+            raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(OPERATORS))})")
+        return method
+
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
-        if self.method not in OPERATORS:
-            raise ValueError(f"unknown merge method {self.method!r} (known: {', '.join(sorted(OPERATORS))})")
         known = get_operator(self.method).param_names
         for name, (low, high) in self.ranges.items():
             if name not in known:

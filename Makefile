@@ -1,0 +1,33 @@
+# evomerge: `make demo` runs the built-in demo, `make test` runs the test suite.
+# Both create .venv and install the project the first time (and again when its
+# dependencies change). torch is pinned by constraints.txt so pip never swaps in a
+# CUDA build on a CPU machine: edit it for your accelerator.
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,postgres]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/evomerge demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/candidate_time.py
+
+clean:
+	rm -rf $(VENV) evomerge-demo

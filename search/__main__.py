@@ -1,0 +1,7 @@
+"""``python -m search``: the evomerge CLI."""
+
+import sys
+
+from search.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny real models built on the fly, and the shipped demo assets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
+
+
+def char_tokenizer():  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("0123456789+-=")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, noise: float = 0.0,
+                    base_seed: int = 0) -> Path:
+    """A random tiny Llama (+ char tokenizer); ``noise`` perturbs the ``base_seed`` model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(base_seed)
+    model = LlamaForCausalLM(cfg)
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "base": save_tiny_model(root / "base"),
+        "a": save_tiny_model(root / "a", seed=1, noise=0.05),
+        "b": save_tiny_model(root / "b", seed=2, noise=0.05),
+        "wide": save_tiny_model(root / "wide", hidden=48),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two lm-eval YAML tasks over small local JSONL files, with search and held-out splits."""
+    root = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    (root / "data").mkdir()
+    for name, op in (("tiny_add", "+"), ("tiny_sub", "-")):
+        for split in ("search", "heldout"):
+            with open(root / "data" / f"{name}_{split}.jsonl", "w") as f:
+                for _ in range(12):
+                    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+                    f.write(json.dumps({"question": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)}) + "\n")
+        (root / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    search: data/{name}_search.jsonl\n    heldout: data/{name}_heldout.jsonl\n"
+            "test_split: search\noutput_type: loglikelihood\ndoc_to_text: \"{{question}}\"\n"
+            "doc_to_target: \"{{answer}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return root
+
+
+def write_config(path: Path, models: dict[str, Path], tasks: Path, **overrides: object) -> Path:
+    """A search config over ``models`` (first = base) and the tiny tasks."""
+    import yaml
+
+    names = list(models)
+    cfg: dict[str, object] = {
+        "study": "t",
+        "models": [{"name": n, "path": str(p)} for n, p in models.items()],
+        "base_model": names[0],
+        "merge": {"method": "dare_ties"},
+        "optimizer": {"popsize": 4},
+        "evaluation": {"task_paths": [str(tasks)], "tasks": [{"name": "tiny_add"}, {"name": "tiny_sub"}],
+                       "search_split": "search", "heldout_split": "heldout", "heldout_top_k": 2},
+        "budget": {"max_trials": 12},
+        "workers": {"count": 2},
+    }
+    for key, value in overrides.items():
+        cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
