@@ -165,7 +165,7 @@ class Controller:
                     evaluated_now += 1
                 self._heartbeat()
                 if progress:
-                    progress.update(done, self.best_fitness(), len(self.pool.busy_jobs()), len(self.pool.slots))
+                    progress.update(done, self.best_fitness(), self.pool.active(), len(self.pool.slots))
         finally:
             self._abandon_in_flight()
             self.repo.release_lease(self.study_id, self.owner)
@@ -233,9 +233,9 @@ class Controller:
             return self._fail(cand, number, str(exc), result.worker)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
                            result.evaluate_s)
-        self.ledger.complete(number, value, {"scores": result.outcome.scores, "worker": result.worker,
-                                             "materialize_s": round(result.materialize_s, 4),
-                                             "evaluate_s": round(result.evaluate_s, 4)})
+        self.ledger.complete(number, value, {"result": {
+            "scores": result.outcome.scores, "worker": result.worker,
+            "materialize_s": round(result.materialize_s, 4), "evaluate_s": round(result.evaluate_s, 4)}})
         if cand.origin == "cma":
             self._tell(self.repo.candidate(cand.id))
         return 1
