@@ -1,0 +1,97 @@
+"""Failures in the middle of a search: a worker killed, scores that are not numbers."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from search.commands import prepare
+from search.config import load_config
+from search.controller import Controller
+from search.ledger import Ledger
+from search.pool import WorkerPool
+from storage.repository import Repository
+from tests.conftest import write_config
+from workers.actor import WorkerSpec
+
+
+def _controller(cfg_path: Path, db: Path) -> tuple[Controller, Repository, int]:
+    cfg = load_config(cfg_path)
+    prep = prepare(cfg)
+    url = f"sqlite:///{db}"
+    repo = Repository(url)
+    study = repo.create_study(cfg.study, cfg.model_dump_json())
+    spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite())
+    controller = Controller(cfg, repo, Ledger(url, cfg.study), prep.space,
+                            lambda: WorkerPool(spec, cfg.workers.count, 1, 0), study.id)
+    return controller, repo, study.id
+
+
+@pytest.fixture(scope="module")
+def ray_session():  # type: ignore[no-untyped-def]
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_models: dict[str, Path],
+                                                       tiny_tasks: Path, ray_session: None) -> None:
+    import ray
+
+    cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a", "b")}, tiny_tasks,
+                       budget={"max_trials": 14}, workers={"count": 2, "max_attempts": 3})
+    controller, repo, study_id = _controller(cfg, tmp_path / "k.db")
+    killed: list[str] = []
+
+    def killer() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pool = controller.pool
+            done = sum(1 for c in repo.candidates(study_id) if c.state == "complete")
+            if pool is not None and done >= 3 and pool.slots[0].jobs:
+                ray.kill(pool.slots[0].actor, no_restart=True)
+                killed.append("yes")
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = controller.run(14, None)
+    thread.join()
+    controller.close()
+    assert killed and summary.done == 14
+    cands = repo.candidates(study_id)
+    assert all(c.state == "complete" for c in cands)
+    retried = [c for c in cands if c.attempt > 1]
+    assert retried, "the killed worker's job was not retried"
+    for cand in retried:
+        outcomes = [o for _, split, _, o in repo.attempts(cand.id) if split == "search"]
+        assert outcomes[-1] == "ok" and any(o and o.startswith("worker died") for o in outcomes[:-1])
+    with sqlite3.connect(tmp_path / "k.db") as conn:
+        states = dict(conn.execute("select state, count(*) from trials group by state").fetchall())
+        reasons = [json.loads(v) for (v,) in conn.execute(
+            "select value_json from trial_user_attributes where key='fail_reason'")]
+    assert states.get("RUNNING", 0) == 0 and states["COMPLETE"] == 14 and states["FAIL"] == len(reasons) >= 1
+    assert all("re-queued" in r for r in reasons)
+
+
+def test_nan_scores_fail_trials_with_reason(tmp_path: Path, tiny_models: dict[str, Path], tiny_tasks: Path,
+                                            ray_session: None) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks,
+                       budget={"max_trials": 6},
+                       evaluation={"task_paths": [str(tiny_tasks)], "tasks": [{"name": "tiny_add", "metric": "nope"}]})
+    controller, repo, study_id = _controller(cfg, tmp_path / "n.db")
+    summary = controller.run(6, None)
+    controller.close()
+    assert summary.done == 6 and summary.best_candidate is None
+    cands = repo.candidates(study_id)
+    assert {c.state for c in cands} == {"failed"}
+    assert all(c.error == "non-finite score for task 'tiny_add'" and c.fitness is None for c in cands)
+    with sqlite3.connect(tmp_path / "n.db") as conn:
+        states = dict(conn.execute("select state, count(*) from trials group by state").fetchall())
+    assert states == {"FAIL": 6}
