@@ -8,9 +8,11 @@ reproduces the distribution up to floating-point rounding (Hansen, "The CMA Evol
 2016: the update depends only on the ranked samples of each generation).
 
 Asynchrony: proposals are drawn one at a time from the current distribution. A
-generation is told as soon as ``popsize`` of its proposals have results; proposals still
-running then belong to an old distribution and their results are kept in the ledger but
-not told. So no worker waits for a slow candidate of its generation.
+generation is told as soon as ``popsize`` results have come in, so no worker waits for a
+slow candidate. A result whose proposal came from the previous distribution (it was still
+running when its generation was told) counts toward the current generation: the
+distributions differ by one update, a small bias that asynchronous evolution strategies
+commonly accept, and it saves the evaluation. Older results are kept in the ledger only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ with warnings.catch_warnings():
     import cma
 
 K = TypeVar("K")
+MAX_AGE = 1  # generations a result may lag behind and still be told
 
 
 def default_popsize(dim: int) -> int:
@@ -87,9 +90,9 @@ class AsyncCMA(Generic[K]):
         """Record a result (lower is better; ``inf`` for a failure).
 
         Returns the keys of the generation just told, in order, when this result completes
-        it; results of older generations are ignored (returns None).
+        it; results more than ``MAX_AGE`` generations old are ignored (returns None).
         """
-        if generation != self._current.index:
+        if not 0 <= self._current.index - generation <= MAX_AGE:
             return None
         self._current.results.append((key, np.asarray(x, dtype=float), loss))
         if len(self._current.results) < self.popsize:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from evaluators.fitness import ScoreError, fitness
-from search.cmaes import AsyncCMA, default_popsize
+from search.cmaes import MAX_AGE, AsyncCMA, default_popsize
 from search.config import SearchConfig
 from search.ledger import Ledger
 from search.pool import Crash, WorkerPool
@@ -67,8 +67,8 @@ def baseline_recipes(cfg: SearchConfig, space: SearchSpace) -> list[tuple[str, R
                                      for m in cfg.models]
     experts = cfg.experts
     out.append(("untuned", Recipe(kind="merge", method="linear", base=cfg.base_model, models=experts,
-                                  params={"weight": {m: (1.0,) for m in experts}}, normalize=True,
-                                  label="untuned soup")))
+                                  params={"weight": {m: (round(1 / len(experts), 6),) for m in experts}},
+                                  normalize=False, label="untuned soup")))
     initial = [cfg.optimizer.init] * space.dim
     out.append(("untuned", space.decode(initial, label=f"untuned {space.method}")))
     return out
@@ -120,10 +120,10 @@ class Controller:
         for ids in self.repo.generations(self.study_id):
             self.cma.replay([by_id[i].genes or () for i in ids], [self._loss(by_id[i]) for i in ids])
             told.update(ids)
-        # Results of the current generation that finished before the stop count again.
+        # Results that finished before the stop but were not yet told count again.
         for c in cands:
-            if (c.origin == "cma" and c.id not in told and c.generation == self.cma.generation
-                    and c.state in ("complete", "failed")):
+            if (c.origin == "cma" and c.id not in told and c.generation is not None
+                    and 0 <= self.cma.generation - c.generation <= MAX_AGE and c.state in ("complete", "failed")):
                 self._tell(c)
 
     def _loss(self, cand: CandidateRecord) -> float:
@@ -233,9 +233,11 @@ class Controller:
             return self._fail(cand, number, str(exc), result.worker)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
                            result.evaluate_s)
-        self.ledger.complete(number, value, {"result": {
-            "scores": result.outcome.scores, "worker": result.worker,
-            "materialize_s": round(result.materialize_s, 4), "evaluate_s": round(result.evaluate_s, 4)}})
+        # One attribute per task score, so the dashboard's trial table shows them as columns.
+        self.ledger.complete(number, value, {
+            **{f"score.{task}": score for task, score in result.outcome.scores.items()},
+            "worker": result.worker,
+            "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4)}})
         if cand.origin == "cma":
             self._tell(self.repo.candidate(cand.id))
         return 1

@@ -24,7 +24,8 @@ class Progress:
             return
         self._last = now
         rate = (done - self.start_done) / max(now - self.started, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        # The first results include worker start-up: no ETA until a few have come in.
+        eta = (self.total - done) / rate if done - self.start_done >= 4 else float("nan")
         width = 24
         filled = int(width * min(done / max(self.total, 1), 1.0))
         bar = "#" * filled + "." * (width - filled)

@@ -105,13 +105,23 @@ def test_async_cma_converges_and_replays_exactly() -> None:
     assert es2.sigma == pytest.approx(replay_es.sigma, rel=1e-9) and es2.generation == replay_es.generation
 
 
-def test_results_of_old_generations_are_not_told() -> None:
+def test_late_results_count_once_then_expire() -> None:
     es: AsyncCMA[int] = AsyncCMA([0.5, 0.5], 0.2, popsize=4, seed=1)
-    first = [es.ask() for _ in range(5)]
+    first = [es.ask() for _ in range(6)]
     for i, p in enumerate(first[:4]):
         out = es.tell(p.generation, i, p.x, _sphere(p.x))
     assert out == [0, 1, 2, 3] and es.generation == 1
+    # One generation late: still told, toward generation 1.
     assert es.tell(first[4].generation, 4, first[4].x, 0.0) is None
+    second = [es.ask() for _ in range(3)]
+    assert [p.generation for p in second] == [1, 1, 1]
+    told = None
+    for i, p in enumerate(second):
+        told = es.tell(p.generation, 10 + i, p.x, _sphere(p.x))
+    assert told == [4, 10, 11, 12] and es.generation == 2
+    # Two generations late: ignored.
+    assert es.tell(first[5].generation, 5, first[5].x, 0.0) is None
+    assert es.generation == 2
 
 
 def test_failures_rank_last() -> None:

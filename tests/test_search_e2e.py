@@ -1,0 +1,217 @@
+"""The whole service as a user runs it: search -> status -> replay -> resume, with real
+Ray, real lm-eval and real SQLite, on the shipped demo models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO, ROOT, write_config
+
+DEMO_MODELS = {"base": DEMO / "models" / "base", "cipher_a": DEMO / "models" / "cipher_a",
+               "cipher_b": DEMO / "models" / "cipher_b"}
+TASKS = ("cipher_a", "cipher_b", "cipher_mix")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def demo_config(path: Path, max_trials: int, limit: int = 40, **overrides: object) -> Path:
+    cfg = write_config(path, DEMO_MODELS, DEMO / "tasks", budget={"max_trials": max_trials}, **overrides)
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluation"]["tasks"] = [{"name": t} for t in TASKS]
+    data["evaluation"]["limit"] = limit
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def evomerge(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = demo_config(tmp / "search.yaml", max_trials=13)
+    evomerge("search", str(cfg), "--storage", f"sqlite:///{tmp / 's.db'}", "--workers", "2", cwd=tmp)
+    return tmp, tmp / "s.db"
+
+
+def test_search_records_every_trial(searched: tuple[Path, Path]) -> None:
+    _, db = searched
+    states = query(db, "select state, count(*) from evomerge_candidates group by state")
+    assert dict(states) == {"complete": 13}
+    origins = [o for (o,) in query(db, "select origin from evomerge_candidates order by id")]
+    assert origins[:5] == ["source"] * 3 + ["untuned"] * 2 and set(origins[5:]) == {"cma"}
+    trials = query(db, "select t.state, count(*) from trials t join studies s using(study_id) "
+                       "where s.study_name = 't' group by t.state")
+    assert dict(trials) == {"COMPLETE": 13}
+    # Each CMA generation told exactly popsize (4) candidates, in order, all of them CMA ones.
+    gens = query(db, "select \"index\", candidate_ids_json from evomerge_generations order by \"index\"")
+    assert [g for g, _ in gens] == list(range(len(gens))) and len(gens) >= 1
+    cma_ids = {i for (i,) in query(db, "select id from evomerge_candidates where origin = 'cma'")}
+    for _, ids in gens:
+        assert len(json.loads(ids)) == 4 and set(json.loads(ids)) <= cma_ids
+    # Timings, worker and attempt are recorded; identical recipes share no evaluation twice.
+    rows = query(db, "select materialize_s, evaluate_s, worker, attempt from evomerge_candidates")
+    assert all(m is not None and e > 0 and w and a == 1 for m, e, w, a in rows)
+    hashes = [h for (h,) in query(db, "select recipe_hash from evomerge_candidates where duplicate_of is null")]
+    assert len(hashes) == len(set(hashes))
+
+
+def test_status_shows_leaderboard_with_heldout(searched: tuple[Path, Path]) -> None:
+    tmp, db = searched
+    board = json.loads(evomerge("status", "--storage", f"sqlite:///{db}", "--json", cwd=tmp).stdout)
+    assert board["done"] == 13 and board["failed"] == 0
+    origins = {r["origin"] for r in board["rows"]}
+    assert {"source", "untuned", "cma"} <= origins
+    fitness = [r["fitness"] for r in board["rows"]]
+    assert fitness == sorted(fitness, reverse=True)
+    heldout = [r for r in board["rows"] if r["heldout"] is not None]
+    # Every baseline and the top-2 evolved candidates were re-scored on the held-out split.
+    assert sum(r["origin"] != "cma" for r in heldout) == 5 and sum(r["origin"] == "cma" for r in heldout) == 2
+    text = evomerge("status", "--storage", f"sqlite:///{db}", cwd=tmp).stdout
+    assert "ho:cipher_mix" in text and "source cipher_a" in text
+
+
+def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
+    tmp, db = searched
+    out = tmp / "best"
+    evomerge("replay", "--storage", f"sqlite:///{db}", "--out", str(out), cwd=tmp)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.harness import Evaluator
+    from search.config import SearchConfig
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    (config_json,) = query(db, "select config_json from evomerge_studies")[0]
+    cfg = SearchConfig.model_validate_json(config_json)
+    best_scores, best_fit = query(db, "select scores_json, fitness from evomerge_candidates "
+                                      "where state='complete' order by fitness desc, id asc limit 1")[0]
+    scores = Evaluator(cfg.suite(), model, tokenizer, batch_size=64).score()
+    assert scores == pytest.approx(json.loads(best_scores), abs=1e-9)
+    card = (out / "README.md").read_text()
+    assert f"{best_fit:.4f}" in card and '"method"' in card
+    # A second replay of the same recipe is byte-identical.
+    out2 = tmp / "best2"
+    evomerge("replay", "--storage", f"sqlite:///{db}", "--out", str(out2), cwd=tmp)
+    for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert (out / file).read_bytes() == (out2 / file).read_bytes(), file
+
+
+def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
+    tmp, db = searched
+    cfg = tmp / "search.yaml"
+    evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--max-trials", "17", cwd=tmp)
+    assert query(db, "select count(*) from evomerge_candidates where state='complete'") == [(17,)]
+    # A changed study definition is refused, not mixed in.
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data["merge"]["method"] = "ties"
+    other = tmp / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "search", "search", str(other), "--storage", f"sqlite:///{db}"],
+                          cwd=tmp, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "different config" in proc.stderr
+
+
+def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
+    cfg = demo_config(tmp_path / "k.yaml", max_trials=40, limit=100)
+    db = tmp_path / "k.db"
+    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if db.exists():
+                try:
+                    done = query(db, "select count(*) from evomerge_candidates where state='complete'")[0][0]
+                    running = query(db, "select count(*) from evomerge_candidates where state='running'")[0][0]
+                except sqlite3.OperationalError:
+                    continue  # tables not created yet
+                if done >= 12 and running >= 1:
+                    break
+        else:
+            pytest.fail("search made no progress")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    interrupted = {i for (i,) in query(db, "select id from evomerge_candidates where state='running'")}
+    gens_before = query(db, "select count(*) from evomerge_generations")[0][0]
+    assert interrupted
+    assert query(db, "select count(*) from trials where state='RUNNING'")[0][0] >= 1
+
+    evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2", cwd=tmp_path)
+    assert query(db, "select count(*) from trials where state='RUNNING'") == [(0,)]
+    states = dict(query(db, "select state, count(*) from evomerge_candidates group by state"))
+    assert states.get("running", 0) == 0 and states.get("queued", 0) == 0
+    assert states.get("complete", 0) + states.get("failed", 0) == 40
+    for cid in interrupted:
+        (state, attempt), = query(db, f"select state, attempt from evomerge_candidates where id={cid}")
+        assert state == "complete" and attempt == 2
+        outcomes = [o for (o,) in query(db, f"select outcome from evomerge_attempts where candidate_id={cid} "
+                                            "and split='search' order by id")]
+        assert outcomes == ["abandoned: controller stopped", "ok"]
+    # The optimizer continued: generations are contiguous and each told candidate finished.
+    gens = [json.loads(ids) for (ids,) in query(db, "select candidate_ids_json from evomerge_generations "
+                                                    "order by \"index\"")]
+    assert len(gens) > gens_before >= 1
+    told = [i for g in gens for i in g]
+    assert len(told) == len(set(told))
+
+
+def test_dashboard_serves_the_study_with_params_and_scores(searched: tuple[Path, Path]) -> None:
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    tmp, db = searched
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--storage", f"sqlite:///{db}",
+                             "--port", str(port)], cwd=tmp, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        body = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                    body = json.loads(resp.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None, "dashboard did not come up"
+        names = {s["study_name"]: s["study_id"] for s in body["study_summaries"]}
+        assert {"t", "t:heldout"} <= set(names)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{names['t']}?after=0", timeout=10) as resp:
+            study = json.loads(resp.read())
+        evolved = [t for t in study["trials"] if any(a["key"] == "origin" and a["value"] == "cma"
+                                                     for a in t["user_attrs"])]
+        assert evolved
+        trial = evolved[0]
+        assert {p["name"] for p in trial["params"]} == {"cipher_a.density", "cipher_a.weight",
+                                                        "cipher_b.density", "cipher_b.weight"}
+        keys = {a["key"] for a in trial["user_attrs"]}
+        assert {"recipe"} | {f"score.{t}" for t in TASKS} <= keys
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/", timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
