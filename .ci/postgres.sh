@@ -15,7 +15,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get install -y -qq postgresql >&2
 fi
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-port=${EVOMERGE_TEST_PG_PORT:-54329}
+port=${EVOMERGE_TEST_PG_PORT:-$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 data=$(mktemp -d /tmp/evomerge-pg.XXXXXX)
 password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 printf '%s\n' "$password" > "$data.pw"
