@@ -87,6 +87,8 @@ class Controller:
         self.popsize = cfg.optimizer.popsize or default_popsize(space.dim)
         self.queue: deque[int] = deque()
         self.cma: AsyncCMA[int] | None = None
+        self._unfinished: dict[str, int] = {}  # recipe hash -> candidate being evaluated (or re-queued)
+        self._waiting: dict[int, list[tuple[int, int]]] = {}  # that candidate -> (twin id, trial number)
         self._beat = 0.0
 
     # --- setup and recovery ----------------------------------------------------------
@@ -155,13 +157,14 @@ class Controller:
                 self.pool = self.pool or self._pool_factory()
                 self.pool.wait_ready()
             while self.pool is not None:
-                while self.pool.idle() and done + len(self.pool.busy_jobs()) < max_trials \
+                while self.pool.idle() and done + self._in_flight() < max_trials \
                         and time.monotonic() < deadline:
                     done += self._dispatch_next()
                 if not self.pool.busy_jobs():
                     break
                 for result in self.pool.wait(HEARTBEAT_S):
-                    done += self._handle(result)
+                    finished = self._handle(result)
+                    done += finished
                     evaluated_now += 1
                 self._heartbeat()
                 if progress:
@@ -173,8 +176,12 @@ class Controller:
         return RunSummary(done, evaluated_now, best.id if best else None, best.fitness if best else None,
                           self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
 
+    def _in_flight(self) -> int:
+        assert self.pool is not None
+        return len(self.pool.busy_jobs()) + sum(len(w) for w in self._waiting.values())
+
     def _dispatch_next(self) -> int:
-        """Send the next candidate to an idle worker; returns 1 if it finished at once (duplicate)."""
+        """Start the next candidate; returns how many candidates finished at once (duplicates)."""
         assert self.pool is not None and self.cma is not None
         if self.queue:
             cand = self.repo.candidate(self.queue.popleft())
@@ -184,19 +191,30 @@ class Controller:
             cid = self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash, "cma",
                                           proposal.generation, proposal.x)
             cand = self.repo.candidate(cid)
-            twin = self.repo.completed_with_hash(self.study_id, recipe.content_hash)
-            if twin is not None:  # identical recipe: reuse its evaluation
-                number = self._open_trial(cand)
-                self.repo.start_attempt(cand.id, number, "search")
-                self.repo.end_attempt(cand.id, "search", None, f"duplicate of candidate {twin.id}")
-                self.repo.complete(cand.id, twin.scores or {}, twin.fitness or 0.0, None, 0.0, 0.0, twin.id)
-                self.ledger.complete(number, twin.fitness or 0.0, {"duplicate_of": twin.id})
-                self._tell(self.repo.candidate(cand.id))
-                return 1
         number = self._open_trial(cand)
         attempt = self.repo.start_attempt(cand.id, number, "search")
+        # Identical recipes are evaluated once: reuse a finished twin, or wait for a running one.
+        twin = self.repo.completed_with_hash(self.study_id, cand.recipe_hash)
+        if twin is not None and twin.id != cand.id:
+            return self._finish_duplicate(cand.id, number, twin)
+        running = self._unfinished.get(cand.recipe_hash)
+        if running is not None and running != cand.id:
+            self._waiting.setdefault(running, []).append((cand.id, number))
+            return 0
+        self._unfinished[cand.recipe_hash] = cand.id
         self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt))
         return 0
+
+    def _finish_duplicate(self, cid: int, number: int, twin: CandidateRecord) -> int:
+        self.repo.end_attempt(cid, "search", None, f"duplicate of candidate {twin.id}")
+        if twin.state != "complete" or twin.fitness is None:
+            return self._fail(self.repo.candidate(cid), number, f"duplicate of failed candidate {twin.id}", None)
+        self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id)
+        self.ledger.complete(number, twin.fitness, {"duplicate_of": twin.id})
+        cand = self.repo.candidate(cid)
+        if cand.origin == "cma":
+            self._tell(cand)
+        return 1
 
     def _open_trial(self, cand: CandidateRecord) -> int:
         recipe = Recipe.from_json(cand.recipe_json)
@@ -211,7 +229,7 @@ class Controller:
         return self.ledger.open_trial(params, bounds, attrs)
 
     def _handle(self, result: TrialResult | Crash) -> int:
-        """Record one search result; returns 1 when its candidate is finished."""
+        """Record one search result; returns how many candidates it finished (with waiting twins)."""
         cand = self.repo.candidate(result.job.candidate_id)
         number = cand.trial_number
         assert number is not None
@@ -222,15 +240,15 @@ class Controller:
                 self.repo.requeue(cand.id, result.reason)
                 self.queue.appendleft(cand.id)
                 return 0
-            return self._fail(cand, number, f"{result.reason} (attempt {cand.attempt})", None)
+            return self._fail(cand, number, f"{result.reason} (attempt {cand.attempt})", None) + self._release(cand)
         self.repo.end_attempt(cand.id, "search", result.worker,
                               "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
         if isinstance(result.outcome, Failed):
-            return self._fail(cand, number, result.outcome.reason, result.worker)
+            return self._fail(cand, number, result.outcome.reason, result.worker) + self._release(cand)
         try:
             value = fitness(result.outcome.scores, self.cfg.suite().tasks)
         except ScoreError as exc:
-            return self._fail(cand, number, str(exc), result.worker)
+            return self._fail(cand, number, str(exc), result.worker) + self._release(cand)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
                            result.evaluate_s)
         # One attribute per task score, so the dashboard's trial table shows them as columns.
@@ -240,7 +258,13 @@ class Controller:
             "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4)}})
         if cand.origin == "cma":
             self._tell(self.repo.candidate(cand.id))
-        return 1
+        return 1 + self._release(cand)
+
+    def _release(self, cand: CandidateRecord) -> int:
+        """A finished candidate settles the identical ones that waited for it."""
+        self._unfinished.pop(cand.recipe_hash, None)
+        twin = self.repo.candidate(cand.id)
+        return sum(self._finish_duplicate(cid, number, twin) for cid, number in self._waiting.pop(cand.id, []))
 
     def _fail(self, cand: CandidateRecord, number: int, reason: str, worker: str | None) -> int:
         self.repo.fail(cand.id, reason, worker)
@@ -261,14 +285,16 @@ class Controller:
         """On an orderly stop (Ctrl-C, error): nothing stays RUNNING."""
         if self.pool is None:
             return
-        for job in self.pool.busy_jobs():
-            if job.heldout:
-                continue
-            cand = self.repo.candidate(job.candidate_id)
+        waiting = [cid for group in self._waiting.values() for cid, _ in group]
+        running = [job.candidate_id for job in self.pool.busy_jobs() if not job.heldout]
+        for cid in running + waiting:
+            cand = self.repo.candidate(cid)
             self.repo.end_attempt(cand.id, "search", None, "abandoned: controller stopped")
             self.repo.requeue(cand.id, "controller stopped during evaluation")
             if cand.trial_number is not None:
                 self.ledger.fail(cand.trial_number, "controller stopped; candidate re-queued")
+        self._waiting.clear()
+        self._unfinished.clear()
 
     # --- results -----------------------------------------------------------------------
 
