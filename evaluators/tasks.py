@@ -88,10 +88,6 @@ def task_config(spec: TaskSpec, suite: TaskSuite, split: str | None) -> dict[str
     return cfg
 
 
-def split_task_name(name: str, split: str | None, heldout: bool) -> str:
-    return f"{name}__{split}" if heldout else name
-
-
 def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
     """lm-eval Task objects for the search (or held-out) split, keyed by our task name."""
     from lm_eval.api.task import ConfigurableTask
@@ -107,7 +103,8 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
         if cfg is None:
             builtin.append(spec)
             continue
-        cfg["task"] = split_task_name(spec.name, split, heldout)
+        if heldout:  # a distinct lm-eval name, so nothing keyed by task name mixes the splits
+            cfg["task"] = f"{spec.name}__{split}"
         try:
             built[spec.name] = ConfigurableTask(config=cfg)
         except Exception as exc:

@@ -1,0 +1,25 @@
+"""The shipped configs validate, and what defines a study is separated from run settings."""
+
+from __future__ import annotations
+
+from tests.conftest import ROOT
+from search.config import load_config
+
+
+def test_shipped_configs_validate() -> None:
+    ref = load_config(ROOT / "examples" / "reference.yaml")
+    assert ref.merge.method == "dare_ties" and ref.experts == ("math", "code")
+    assert ref.models[0].path == "meta-llama/Llama-3.1-8B"  # a hub id stays a hub id
+    assert ref.models[1].path == str((ROOT / "examples" / "models" / "llama-math").resolve())
+    demo = load_config(ROOT / "examples" / "demo.yaml")  # a link to demo/demo.yaml
+    assert demo.models[0].path == str(ROOT / "demo" / "models" / "base")
+    assert [t.name for t in demo.evaluation.tasks] == ["cipher_a", "cipher_b", "cipher_mix"]
+
+
+def test_identity_ignores_budget_and_workers() -> None:
+    demo = load_config(ROOT / "examples" / "demo.yaml")
+    more = demo.model_copy(update={"budget": demo.budget.model_copy(update={"max_trials": 5}),
+                                   "workers": demo.workers.model_copy(update={"count": 7})})
+    assert more.identity_json() == demo.identity_json()
+    other = demo.model_copy(update={"merge": demo.merge.model_copy(update={"seed": 1})})
+    assert other.identity_json() != demo.identity_json()
