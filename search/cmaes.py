@@ -44,6 +44,14 @@ class Proposal:
     x: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class Told(Generic[K]):
+    """A generation the distribution was just updated with."""
+
+    index: int
+    keys: list[K]
+
+
 @dataclass
 class _Generation(Generic[K]):
     index: int
@@ -86,11 +94,11 @@ class AsyncCMA(Generic[K]):
             self._batch = [np.asarray(x) for x in self._es.ask()]
         return Proposal(self._current.index, tuple(float(v) for v in self._batch.pop(0)))
 
-    def tell(self, generation: int, key: K, x: Sequence[float], loss: float) -> list[K] | None:
-        """Record a result (lower is better; ``inf`` for a failure).
+    def tell(self, generation: int, key: K, x: Sequence[float], loss: float) -> Told[K] | None:
+        """Record a result (lower is better; ``inf`` for a failure) of a proposal of ``generation``.
 
-        Returns the keys of the generation just told, in order, when this result completes
-        it; results more than ``MAX_AGE`` generations old are ignored (returns None).
+        Returns the generation just told (its index and keys, in order) when this result
+        completes it; results more than ``MAX_AGE`` generations old are ignored.
         """
         if not 0 <= self._current.index - generation <= MAX_AGE:
             return None
@@ -99,8 +107,9 @@ class AsyncCMA(Generic[K]):
             return None
         told = self._current.results[: self.popsize]
         self._update([x for _, x, _ in told], [f for _, _, f in told])
-        self._current, self._batch = _Generation(self._current.index + 1), []
-        return [k for k, _, _ in told]
+        index = self._current.index
+        self._current, self._batch = _Generation(index + 1), []
+        return Told(index, [k for k, _, _ in told])
 
     def replay(self, genomes: Sequence[Sequence[float]], losses: Sequence[float]) -> None:
         """Re-apply a stored generation's update (resume)."""

@@ -135,8 +135,8 @@ class Controller:
     def _tell(self, cand: CandidateRecord) -> None:
         assert self.cma is not None and cand.generation is not None and cand.genes is not None
         told = self.cma.tell(cand.generation, cand.id, cand.genes, self._loss(cand))
-        if told is not None:
-            self.repo.add_generation(self.study_id, cand.generation, told)
+        if told is not None:  # stored under the optimizer's index: a late result joins a later one
+            self.repo.add_generation(self.study_id, told.index, told.keys)
 
     # --- the loop --------------------------------------------------------------------
 
