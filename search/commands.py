@@ -199,7 +199,8 @@ def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
     assert record is not None
     folder = replay(repo, cfg.study, study_id, record.config_json, None, model_dir)
     print(f"\nbest recipe replayed to {folder}")
-    print(f"inspect: evomerge status --storage {url}    dashboard: evomerge dashboard --storage {url}")
+    exe = sys.argv[0] if sys.argv[0].endswith("evomerge") else "evomerge"
+    print(f"leaderboard: {exe} status --storage {url}\ndashboard:   {exe} dashboard --storage {url}")
     return 0
 
 
