@@ -85,6 +85,8 @@ class Controller:
         self.pool: WorkerPool | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.popsize = cfg.optimizer.popsize or default_popsize(space.dim)
+        self.tasks = cfg.suite().tasks
+        self.best_fitness: float | None = None  # kept in memory for the progress line
         self.queue: deque[int] = deque()
         self.cma: AsyncCMA[int] | None = None
         self._unfinished: dict[str, int] = {}  # recipe hash -> candidate being evaluated (or re-queued)
@@ -153,6 +155,7 @@ class Controller:
             self._rebuild_optimizer(cands)
             self.queue = deque(c.id for c in cands if c.state == "queued")
             done = sum(1 for c in cands if c.state in ("complete", "failed"))
+            self.best_fitness = max((c.fitness for c in cands if c.fitness is not None), default=None)
             if done < max_trials:
                 self.pool = self.pool or self._pool_factory()
                 self.pool.wait_ready()
@@ -168,7 +171,7 @@ class Controller:
                     evaluated_now += 1
                 self._heartbeat()
                 if progress:
-                    progress.update(done, self.best_fitness(), self.pool.active(), len(self.pool.slots))
+                    progress.update(done, self.best_fitness, self.pool.active(), len(self.pool.slots))
         finally:
             self._abandon_in_flight()
             self.repo.release_lease(self.study_id, self.owner)
@@ -246,11 +249,12 @@ class Controller:
         if isinstance(result.outcome, Failed):
             return self._fail(cand, number, result.outcome.reason, result.worker) + self._release(cand)
         try:
-            value = fitness(result.outcome.scores, self.cfg.suite().tasks)
+            value = fitness(result.outcome.scores, self.tasks)
         except ScoreError as exc:
             return self._fail(cand, number, str(exc), result.worker) + self._release(cand)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
                            result.evaluate_s)
+        self.best_fitness = value if self.best_fitness is None else max(self.best_fitness, value)
         # One attribute per task score, so the dashboard's trial table shows them as columns.
         self.ledger.complete(number, value, {
             **{f"score.{task}": score for task, score in result.outcome.scores.items()},
@@ -302,10 +306,6 @@ class Controller:
         done = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.fitness is not None]
         return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
 
-    def best_fitness(self) -> float | None:
-        best = self.best()
-        return best.fitness if best else None
-
     def rescore_heldout(self) -> int:
         """Score the baselines and the top-k evolved candidates on the held-out split."""
         if self.cfg.evaluation.heldout_split is None:
@@ -336,7 +336,7 @@ class Controller:
         if isinstance(result, Crash) or not isinstance(result.outcome, Scored):
             return 0
         try:
-            value = fitness(result.outcome.scores, self.cfg.suite().tasks)
+            value = fitness(result.outcome.scores, self.tasks)
         except ScoreError:
             return 0
         self.repo.set_heldout(cid, result.outcome.scores, value)
