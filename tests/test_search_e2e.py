@@ -133,28 +133,45 @@ def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
+def _start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """A search in a subprocess, returned once some candidates are done and some running."""
+    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if not db.exists():
+            continue
+        try:
+            done = query(db, "select count(*) from evomerge_candidates where state='complete'")[0][0]
+            running = query(db, "select count(*) from evomerge_candidates where state='running'")[0][0]
+        except sqlite3.OperationalError:
+            continue  # tables not created yet
+        if done >= 12 and running >= 1:
+            return proc
+    proc.kill()
+    pytest.fail("search made no progress")
+
+
+def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
+    cfg = demo_config(tmp_path / "i.yaml", max_trials=40, limit=100)
+    db = tmp_path / "i.db"
+    proc = _start_and_wait_for_progress(cfg, db, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"resumes with the same command" in err
+    assert query(db, "select count(*) from evomerge_candidates where state='running'") == [(0,)]
+    assert query(db, "select count(*) from trials where state='RUNNING'") == [(0,)]
+    requeued = query(db, "select count(*) from evomerge_candidates where state='queued'")[0][0]
+    assert requeued >= 1
+
+
 def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
     cfg = demo_config(tmp_path / "k.yaml", max_trials=40, limit=100)
     db = tmp_path / "k.db"
-    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            time.sleep(0.2)
-            if db.exists():
-                try:
-                    done = query(db, "select count(*) from evomerge_candidates where state='complete'")[0][0]
-                    running = query(db, "select count(*) from evomerge_candidates where state='running'")[0][0]
-                except sqlite3.OperationalError:
-                    continue  # tables not created yet
-                if done >= 12 and running >= 1:
-                    break
-        else:
-            pytest.fail("search made no progress")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    proc = _start_and_wait_for_progress(cfg, db, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
     interrupted = {i for (i,) in query(db, "select id from evomerge_candidates where state='running'")}
     gens_before = query(db, "select count(*) from evomerge_generations")[0][0]
     assert interrupted
