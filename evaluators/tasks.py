@@ -40,6 +40,35 @@ class TaskSuite:
     fewshot: int | None = None
 
 
+def _reusable_task_class() -> type:
+    from lm_eval.api.task import ConfigurableTask
+
+    class ReusableTask(ConfigurableTask):  # type: ignore[misc]
+        """A ConfigurableTask that renders its requests once per worker.
+
+        lm-eval rebuilds every request on each ``evaluate`` call, compiling the Jinja
+        templates anew per document: on the demo that was 75 % of a candidate's evaluation.
+        Prompts do not depend on the model, so later calls only clear the responses the
+        previous model left on the instances (``resps`` and ``filtered_resps``).
+        """
+
+        _built_for: tuple[object, ...] | None = None
+
+        def build_all_requests(self, *, limit: int | None = None, **kwargs: object) -> None:
+            key = (limit, kwargs.get("rank"), kwargs.get("world_size"), kwargs.get("samples") is None,
+                   kwargs.get("system_instruction"), kwargs.get("apply_chat_template"),
+                   kwargs.get("fewshot_as_multiturn"))
+            if self._built_for == key and self._instances:
+                for instance in self._instances:
+                    instance.resps.clear()
+                    instance.filtered_resps.clear()
+                return
+            super().build_all_requests(limit=limit, **kwargs)
+            self._built_for = key
+
+    return ReusableTask
+
+
 def find_local_task(name: str, task_paths: tuple[Path, ...]) -> tuple[dict[str, Any], Path] | None:
     """The YAML config of task ``name`` in ``task_paths``, with the file it came from."""
     for folder in task_paths:
@@ -90,7 +119,6 @@ def task_config(spec: TaskSpec, suite: TaskSuite, split: str | None) -> dict[str
 
 def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
     """lm-eval Task objects for the search (or held-out) split, keyed by our task name."""
-    from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks import TaskManager
 
     split = suite.heldout_split if heldout else suite.search_split
@@ -106,7 +134,7 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
         if heldout:  # a distinct lm-eval name, so nothing keyed by task name mixes the splits
             cfg["task"] = f"{spec.name}__{split}"
         try:
-            built[spec.name] = ConfigurableTask(config=cfg)
+            built[spec.name] = _reusable_task_class()(config=cfg)
         except Exception as exc:
             raise TaskError(f"task {spec.name!r}: cannot be built: {' '.join(str(exc).split())[:300]}") from None
     if builtin:
