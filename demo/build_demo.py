@@ -206,7 +206,7 @@ def build(out: Path, recipe: TrainingRecipe) -> dict[str, dict[str, float]]:
     trained = {"base": base, "cipher_a": expert(train_a, train_b, recipe.seed + 1),
                "cipher_b": expert(train_b, train_a, recipe.seed + 2)}
     for name, model in trained.items():
-        model.save_pretrained(out / "models" / name, safe_serialization=True)
+        model.save_pretrained(out / "models" / name)  # transformers 5 always writes safetensors
         tok.save_pretrained(out / "models" / name)
     data = out / "tasks" / "data"
     data.mkdir(parents=True, exist_ok=True)

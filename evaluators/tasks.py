@@ -140,13 +140,15 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
     if builtin:
         manager = TaskManager()  # indexes lm-eval's built-in tasks: slow, so only when needed
         for spec in builtin:
-            overrides: dict[str, Any] = {"task": spec.name}
-            if split is not None:
-                overrides["test_split"] = split
-            try:
-                loaded = manager.load_task_or_group([overrides])
+            try:  # a dict naming a registered task does not override it in lm-eval 0.4: load by name
+                loaded = manager.load_task_or_group([spec.name])
             except Exception as exc:
-                raise TaskError(f"task {spec.name!r}: not found in {[str(p) for p in suite.task_paths]} "
-                                f"nor among lm-eval's tasks ({type(exc).__name__})") from None
-            built[spec.name] = next(iter(loaded.values()))
+                raise TaskError(f"task {spec.name!r}: not in {[str(p) for p in suite.task_paths]}, and lm-eval "
+                                f"could not load it: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+            task = next(iter(loaded.values()))
+            if split is not None:  # the dataset holds every split; the task reads config.test_split
+                task.config.test_split = split
+                if heldout:
+                    task.config.task = f"{spec.name}__{split}"
+            built[spec.name] = task
     return built

@@ -64,7 +64,7 @@ def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, ca
     shutil.rmtree(tmp, ignore_errors=True)
     materializer.apply(recipe)
     try:
-        materializer.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        materializer.model.save_pretrained(tmp, max_shard_size=max_shard_size)
         materializer.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         (tmp / "evomerge_recipe.json").write_text(recipe.to_json() + "\n")
