@@ -114,6 +114,8 @@ def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
     evomerge("replay", "--storage", f"sqlite:///{db}", "--out", str(out2), cwd=tmp)
     for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (out / file).read_bytes() == (out2 / file).read_bytes(), file
+        assert (out / file).stat().st_mode & 0o777 == 0o644
+    assert not list(tmp.glob(".best*.partial-*"))  # no temporary folder left behind
 
 
 def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:

@@ -42,8 +42,11 @@ def model_card(recipe: Recipe, study: str, trial: int | None, scores: dict[str, 
 
 
 def _fsync_tree(folder: Path) -> None:
+    """Flush every file and the folder; files made readable like any model download
+    (safetensors writes its file 0600)."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
+            path.chmod(0o644)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     fd = os.open(folder, os.O_RDONLY)
