@@ -11,7 +11,7 @@ from pathlib import Path
 
 from search.config import SearchConfig, load_config
 from search.controller import Controller, StudyMismatch
-from search.leaderboard import build, render
+from search.leaderboard import best_candidate, build, render
 from search.ledger import Ledger
 from search.pool import WorkerPool
 from search.progress import Progress
@@ -135,7 +135,6 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
 
 
 def _pick(cands: list[CandidateRecord], trial: int | None) -> CandidateRecord:
-    done = [c for c in cands if c.state == "complete" and c.fitness is not None]
     if trial is not None:
         match = [c for c in cands if c.trial_number == trial]
         if not match:
@@ -143,9 +142,10 @@ def _pick(cands: list[CandidateRecord], trial: int | None) -> CandidateRecord:
         if match[0].state != "complete":
             raise UsageError(f"trial {trial} did not complete ({match[0].state}: {match[0].error})")
         return match[0]
-    if not done:
+    best = best_candidate(cands)
+    if best is None:
         raise UsageError("the study has no completed trial yet")
-    return max(done, key=lambda c: (c.fitness, -c.id))
+    return best
 
 
 def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path) -> Path:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from evaluators.fitness import ScoreError, fitness
 from search.cmaes import MAX_AGE, AsyncCMA, default_popsize
 from search.config import SearchConfig
+from search.leaderboard import best_candidate
 from search.ledger import Ledger
 from search.pool import Crash, WorkerPool
 from search.progress import Progress
@@ -303,8 +304,7 @@ class Controller:
     # --- results -----------------------------------------------------------------------
 
     def best(self) -> CandidateRecord | None:
-        done = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.fitness is not None]
-        return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
+        return best_candidate(self.repo.candidates(self.study_id))
 
     def rescore_heldout(self) -> int:
         """Score the baselines and the top-k evolved candidates on the held-out split."""

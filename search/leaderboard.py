@@ -34,6 +34,12 @@ class Board:
         return asdict(self)
 
 
+def best_candidate(cands: list[CandidateRecord]) -> CandidateRecord | None:
+    """The best completed candidate by search fitness (the earliest on a tie), or None."""
+    done = [c for c in cands if c.state == "complete" and c.fitness is not None]
+    return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
+
+
 def build(study: str, cands: list[CandidateRecord], top: int) -> Board:
     """Top ``top`` evolved candidates plus every baseline, ranked by search fitness."""
     complete = [c for c in cands if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
