@@ -8,6 +8,7 @@ tasks by name. The same task is built for the search split and the held-out spli
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class TaskSuite:
     fewshot: int | None = None
 
 
+@functools.cache  # one class, created on first use so lm-eval is imported only by workers
 def _reusable_task_class() -> type:
     from lm_eval.api.task import ConfigurableTask
 
@@ -55,7 +57,7 @@ def _reusable_task_class() -> type:
         _built_for: tuple[object, ...] | None = None
 
         def build_all_requests(self, *, limit: int | None = None, **kwargs: object) -> None:
-            key = (limit, kwargs.get("rank"), kwargs.get("world_size"), kwargs.get("samples") is None,
+            key = (limit, kwargs.get("rank"), kwargs.get("world_size"), _frozen(kwargs.get("samples")),
                    kwargs.get("system_instruction"), kwargs.get("apply_chat_template"),
                    kwargs.get("fewshot_as_multiturn"))
             if self._built_for == key and self._instances:
@@ -67,6 +69,10 @@ def _reusable_task_class() -> type:
             self._built_for = key
 
     return ReusableTask
+
+
+def _frozen(samples: object) -> tuple[int, ...] | None:
+    return None if samples is None else tuple(samples)  # type: ignore[call-overload]
 
 
 def find_local_task(name: str, task_paths: tuple[Path, ...]) -> tuple[dict[str, Any], Path] | None:
