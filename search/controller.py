@@ -98,12 +98,21 @@ class Controller:
 
     def _recover(self) -> None:
         """Account for what a dead controller left: fail its trials, re-queue its candidates."""
+        self._requeue_running(give_up_after_max=True)
+
+    def _requeue_running(self, give_up_after_max: bool) -> None:
+        """Fail every RUNNING trial and put every running candidate back in the queue.
+
+        The database, not the pool, says what is running: a result already taken from a
+        worker but not yet recorded is re-queued too. ``give_up_after_max`` fails
+        candidates whose attempts are spent (a candidate that keeps killing controllers).
+        """
         self.ledger.fail_running("controller stopped while this trial ran; its candidate was re-queued")
         for cand in self.repo.candidates(self.study_id):
             if cand.state != "running":
                 continue
             self.repo.end_attempt(cand.id, "search", cand.worker, "abandoned: controller stopped")
-            if cand.attempt >= self.cfg.workers.max_attempts:
+            if give_up_after_max and cand.attempt >= self.cfg.workers.max_attempts:
                 self.repo.fail(cand.id, f"abandoned after {cand.attempt} attempts")
             else:
                 self.repo.requeue(cand.id, "controller stopped during evaluation")
@@ -288,16 +297,7 @@ class Controller:
 
     def _abandon_in_flight(self) -> None:
         """On an orderly stop (Ctrl-C, error): nothing stays RUNNING."""
-        if self.pool is None:
-            return
-        waiting = [cid for group in self._waiting.values() for cid, _ in group]
-        running = [job.candidate_id for job in self.pool.busy_jobs() if not job.heldout]
-        for cid in running + waiting:
-            cand = self.repo.candidate(cid)
-            self.repo.end_attempt(cand.id, "search", None, "abandoned: controller stopped")
-            self.repo.requeue(cand.id, "controller stopped during evaluation")
-            if cand.trial_number is not None:
-                self.ledger.fail(cand.trial_number, "controller stopped; candidate re-queued")
+        self._requeue_running(give_up_after_max=False)
         self._waiting.clear()
         self._unfinished.clear()
 
