@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import SearchConfig, load_config
+from search.config import ConfigError, SearchConfig, load_config
 from search.controller import Controller, StudyMismatch
 from search.leaderboard import best_candidate, build, render
 from search.ledger import Ledger
@@ -53,9 +53,12 @@ def prepare(cfg: SearchConfig) -> Prepared:
             task_config(spec, suite, suite.heldout_split)
     num_layers = int(read_config(cfg.base_model, folders[cfg.base_model]).num_hidden_layers)
     m = cfg.merge
-    space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers,
-                              m.group_size if m.granularity == "layer_group" else None,
-                              m.normalize, m.seed, m.ranges)
+    space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers, layout=m.granularity,
+                              group_size=m.layout_group_size, points=m.points, transforms=m.transforms,
+                              normalize=m.normalize, seed=m.seed, ranges=m.ranges, fixed=m.fixed)
+    if space.dim == 0:
+        raise ConfigError(f"merge.method {m.method}: nothing to search (every parameter is fixed); give a "
+                          "parameter a range, or add a transform such as lines")
     return Prepared(cfg, folders, space)
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluators.tasks import TaskSpec, TaskSuite
-from workers.operators import OPERATORS, get_operator
+from workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
 from workers.sources import SourceModel
 
 
@@ -33,11 +33,15 @@ class ModelEntry(_Strict):
 
 class MergeConfig(_Strict):
     method: str = "dare_ties"
-    granularity: Literal["model", "layer_group"] = "model"
+    # genes per expert model, per group of layers, per module type, or anchors across depth
+    granularity: Literal["model", "layer_group", "module", "depth"] = "model"
     group_size: int = Field(2, ge=1)  # layers per gene group when granularity is layer_group
+    points: int = Field(3, ge=2)  # anchors across depth when granularity is depth
+    transforms: list[str] = []  # task-vector transforms applied after the method, e.g. [lines]
     normalize: bool = False
-    seed: int = 0  # seeds random operators (DARE); part of every recipe, so replay is exact
+    seed: int = 0  # seeds random operators (DARE, DELLA); part of every recipe, so replay is exact
     ranges: dict[str, tuple[float, float]] = {}  # per-parameter search bounds overriding the operator's
+    fixed: dict[str, float] = {}  # parameters held at a value instead of searched
 
     @field_validator("method")
     @classmethod
@@ -46,15 +50,40 @@ class MergeConfig(_Strict):
             raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(OPERATORS))})")
         return method
 
+    @field_validator("transforms")
+    @classmethod
+    def _known_transforms(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in TRANSFORMS:
+                raise ValueError(f"unknown transform {name!r} (known: {', '.join(sorted(TRANSFORMS))})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a transform is listed twice in {names}")
+        return names
+
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
-        known = get_operator(self.method).param_names
+        op = get_operator(self.method)
+        if self.transforms and not op.task_vector:
+            raise ValueError(f"transforms {self.transforms} act on task vectors; {self.method} is not a "
+                             "task-vector method")
+        known = list(op.param_names) + [p.name for t in self.transforms for p in get_transform(t).params]
         for name, (low, high) in self.ranges.items():
             if name not in known:
-                raise ValueError(f"ranges: {self.method} has no parameter {name!r} (it has {list(known)})")
+                raise ValueError(f"ranges: {self.method} has no parameter {name!r} (it has {known})")
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"ranges.{name}: need finite low < high, got [{low}, {high}]")
+        for name, value in self.fixed.items():
+            if name not in known:
+                raise ValueError(f"fixed: {self.method} has no parameter {name!r} (it has {known})")
+            if name in self.ranges:
+                raise ValueError(f"fixed.{name}: also given a search range; choose one")
+            if not math.isfinite(value):
+                raise ValueError(f"fixed.{name}: need a finite value, got {value}")
         return self
+
+    @property
+    def layout_group_size(self) -> int | None:
+        return self.group_size if self.granularity == "layer_group" else None
 
 
 class OptimizerConfig(_Strict):

@@ -233,8 +233,7 @@ class Controller:
         recipe = Recipe.from_json(cand.recipe_json)
         params: dict[str, float] = {}
         bounds: dict[str, tuple[float, float]] = {}
-        if cand.origin == "cma" or (recipe.kind == "merge" and recipe.method == self.space.method
-                                    and recipe.models == self.space.experts):
+        if cand.origin == "cma" or self.space.belongs(recipe):
             params = self.space.params_of(recipe)
             bounds = {n: (g.low, g.high) for n, g in zip(self.space.names(), self.space.genes)}
         attrs = {"candidate_id": cand.id, "origin": cand.origin, "recipe": recipe.summary(),

@@ -1,9 +1,11 @@
 """The parameter-space (PS) search space: a vector of genes in the unit box <-> a Recipe.
 
-Genes are built from the merge operator's declared parameters: for each expert, each
-parameter, each gene group (one group per model, or per layer group plus one for
-embeddings/norms/head). The optimizer works in the unit box; a gene g maps to
-low + g·(high − low) of its parameter's range.
+Genes come from the declared parameters of the merge operator and its transforms
+(:mod:`workers.registry`): a per-expert parameter gives one gene per expert and layout
+value, a shared one a gene per layout value, a transform's parameter one gene. Parameters
+that are pinned (or not searched by default and given no range) keep a fixed value and
+are written into every recipe, so a recipe alone describes its model. The optimizer works
+in the unit box; a gene g maps to low + g·(high − low) of its parameter's range.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.materialize import num_gene_groups
-from workers.operators import get_operator
+from workers.layout import LayoutKind, num_values
+from workers.operators import get_operator, get_transform
 from workers.recipe import Recipe
+from workers.registry import ParamSpec
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
 
 
 @dataclass(frozen=True)
 class Gene:
-    model: str
+    model: str | None  # None for a parameter shared by all experts
     param: str
     group: int
     low: float
     high: float
 
     def name(self, groups: int) -> str:
-        return f"{self.model}.{self.param}" + (f"[{self.group}]" if groups > 1 else "")
+        head = f"{self.model}.{self.param}" if self.model else self.param
+        return head + (f"[{self.group}]" if groups > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,49 @@ class SearchSpace:
     """The genes of one study and their mapping to recipes."""
 
     method: str
+    transforms: tuple[str, ...]
     base: str
     experts: tuple[str, ...]
+    layout: LayoutKind
     groups: int
     group_size: int | None
     normalize: bool
     seed: int
     genes: tuple[Gene, ...]
+    fixed: tuple[tuple[str, float], ...]  # parameters held constant, in declaration order
 
     @classmethod
-    def build(cls, method: str, base: str, experts: Sequence[str], num_layers: int, group_size: int | None,
-              normalize: bool, seed: int, ranges: Mapping[str, tuple[float, float]]) -> "SearchSpace":
+    def build(cls, method: str, base: str, experts: Sequence[str], num_layers: int, *,
+              layout: LayoutKind = "model", group_size: int | None = None, points: int = 3,
+              transforms: Sequence[str] = (), normalize: bool = False, seed: int = 0,
+              ranges: Mapping[str, tuple[float, float]] | None = None,
+              fixed: Mapping[str, float] | None = None) -> "SearchSpace":
+        ranges, fixed = dict(ranges or {}), dict(fixed or {})
         op = get_operator(method)
-        groups = num_gene_groups(num_layers, group_size)
-        genes = tuple(
-            Gene(model, p.name, g, *ranges.get(p.name, (p.low, p.high)))
-            for model in experts for p in op.params for g in range(groups))
-        return cls(method, base, tuple(experts), groups, group_size, normalize, seed, genes)
+        op.check_experts(len(experts))
+        groups = num_values(layout, num_layers, group_size, points)
+        genes: list[Gene] = []
+        pinned: list[tuple[str, float]] = []
+
+        def searched(p: ParamSpec) -> bool:
+            return p.name not in fixed and (p.searched or p.name in ranges)
+
+        for p in op.params:
+            if not searched(p):
+                pinned.append((p.name, float(fixed.get(p.name, p.default))))
+        for model in experts:
+            genes += [Gene(model, p.name, g, *ranges.get(p.name, (p.low, p.high)))
+                      for p in op.params if p.per_expert and searched(p) for g in range(groups)]
+        genes += [Gene(None, p.name, g, *ranges.get(p.name, (p.low, p.high)))
+                  for p in op.params if not p.per_expert and searched(p) for g in range(groups)]
+        for name in transforms:
+            for p in get_transform(name).params:
+                if searched(p):
+                    genes.append(Gene(None, p.name, 0, *ranges.get(p.name, (p.low, p.high))))
+                else:
+                    pinned.append((p.name, float(fixed.get(p.name, p.default))))
+        return cls(method, tuple(transforms), base, tuple(experts), layout, groups,
+                   group_size if layout == "layer_group" else None, normalize, seed, tuple(genes), tuple(pinned))
 
     @property
     def dim(self) -> int:
@@ -62,27 +92,46 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [g.name(self.groups) for g in self.genes]
 
+    def _per_expert(self) -> set[str]:
+        return {p.name for p in get_operator(self.method).params if p.per_expert}
+
     def decode(self, unit: Sequence[float], label: str = "") -> Recipe:
         """The recipe of a genome; genes outside the unit box are clipped to it."""
         x = np.clip(np.asarray(unit, dtype=float), 0.0, 1.0)
         params: dict[str, dict[str, list[float]]] = {}
+        shared: dict[str, list[float]] = {}
         for gene, value in zip(self.genes, x, strict=True):
             real = round(gene.low + float(value) * (gene.high - gene.low), DECIMALS)
-            params.setdefault(gene.param, {}).setdefault(gene.model, []).append(real)
+            target = shared.setdefault(gene.param, []) if gene.model is None else \
+                params.setdefault(gene.param, {}).setdefault(gene.model, [])
+            target.append(real)
+        per_expert = self._per_expert()
+        for name, value in self.fixed:
+            if name in per_expert:
+                params[name] = {m: [value] for m in self.experts}
+            else:
+                shared[name] = [value]
         return Recipe(kind="merge", method=self.method, base=self.base, models=self.experts,
                       params={p: {m: tuple(v) for m, v in per.items()} for p, per in params.items()},
-                      group_size=self.group_size, normalize=self.normalize, seed=self.seed, label=label)
+                      shared={p: tuple(v) for p, v in shared.items()}, transforms=self.transforms,
+                      layout=self.layout, group_size=self.group_size, normalize=self.normalize,
+                      seed=self.seed, label=label)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """The unit-box genome of a recipe of this space."""
-        if recipe.kind != "merge" or recipe.method != self.method or recipe.models != self.experts:
+        if (recipe.kind != "merge" or recipe.method != self.method or recipe.models != self.experts
+                or recipe.transforms != self.transforms):
             raise ValueError("recipe does not belong to this search space")
         out = []
         for gene in self.genes:
-            values = recipe.params[gene.param][gene.model]
+            values = recipe.shared[gene.param] if gene.model is None else recipe.params[gene.param][gene.model]
             value = values[gene.group] if len(values) > 1 else values[0]
             out.append((value - gene.low) / (gene.high - gene.low))
         return np.asarray(out)
+
+    def belongs(self, recipe: Recipe) -> bool:
+        return (recipe.kind == "merge" and recipe.method == self.method and recipe.models == self.experts
+                and recipe.transforms == self.transforms)
 
     def params_of(self, recipe: Recipe) -> dict[str, float]:
         """Gene name -> real parameter value (what Optuna and the dashboard show)."""

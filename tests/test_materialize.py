@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from workers.materialize import Materializer, layer_index
+from workers.layout import layer_index
+from workers.materialize import Materializer
 from workers.recipe import Recipe
 
 
@@ -15,7 +16,8 @@ def test_layer_groups_apply_their_own_genes(tiny_models: dict[str, Path]) -> Non
     storage_before = {k: p.data_ptr() for k, p in mat.params.items()}
     # 2 layers, groups of 1: genes [layer0, layer1, non-layer] = weights [1, 0, 0.5].
     recipe = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a",),
-                    params={"weight": {"a": (1.0, 0.0, 0.5)}}, group_size=1)
+                    params={"weight": {"a": (1.0, 0.0, 0.5)}}, shared={"scale": (1.0,)},
+                    layout="layer_group", group_size=1)
     mat.apply(recipe)
     base, expert = mat.sources["base"], mat.sources["a"]
     for key, param in mat.params.items():
@@ -32,7 +34,8 @@ def test_source_recipe_and_seeded_dare(tiny_models: dict[str, Path]) -> None:
     for key, param in mat.params.items():
         assert torch.equal(param.detach(), mat.sources["b"][key])
     recipe = Recipe(kind="merge", method="dare_ties", base="base", models=("a", "b"),
-                    params={"density": {"a": (0.3,), "b": (0.6,)}, "weight": {"a": (0.8,), "b": (0.9,)}}, seed=5)
+                    params={"density": {"a": (0.3,), "b": (0.6,)}, "weight": {"a": (0.8,), "b": (0.9,)}},
+                    shared={"scale": (1.0,)}, seed=5)
     mat.apply(recipe)
     first = {k: p.detach().clone() for k, p in mat.params.items()}
     mat.apply(Recipe(kind="source", source="a"))

@@ -9,13 +9,14 @@ from hypothesis import strategies as st
 
 from search.cmaes import AsyncCMA, default_popsize
 from search.space import SearchSpace
-from workers.materialize import gene_group, num_gene_groups
+from workers.layout import num_values, value_for
 from workers.recipe import Recipe
 
 
 def _space(group_size: int | None = None) -> SearchSpace:
-    return SearchSpace.build("dare_ties", "base", ["add", "sub"], num_layers=4, group_size=group_size,
-                             normalize=False, seed=3, ranges={"weight": (0.0, 2.0)})
+    return SearchSpace.build("dare_ties", "base", ["add", "sub"], num_layers=4,
+                             layout="layer_group" if group_size else "model", group_size=group_size,
+                             seed=3, ranges={"weight": (0.0, 2.0)})
 
 
 def test_genes_come_from_operator_declarations() -> None:
@@ -61,10 +62,33 @@ def test_recipe_validation() -> None:
 
 
 def test_gene_groups_by_layer() -> None:
-    assert num_gene_groups(4, None) == 1 and num_gene_groups(5, 2) == 4
-    assert gene_group("model.layers.3.mlp.up_proj.weight", 5, 2) == 1
-    assert gene_group("model.embed_tokens.weight", 5, 2) == 3
-    assert gene_group("model.layers.3.mlp.up_proj.weight", 5, None) == 0
+    assert num_values("model", 4) == 1 and num_values("layer_group", 5, 2) == 4
+    values = (0.1, 0.2, 0.3, 0.9)
+    assert value_for(values, "model.layers.3.mlp.up_proj.weight", 5, "layer_group", 2) == 0.2
+    assert value_for(values, "model.embed_tokens.weight", 5, "layer_group", 2) == 0.9
+    assert value_for((0.4,), "model.layers.3.mlp.up_proj.weight", 5, "layer_group", 2) == 0.4
+
+
+def test_fixed_and_unsearched_parameters_ride_in_every_recipe() -> None:
+    space = SearchSpace.build("ties", "base", ["add", "sub"], num_layers=4, fixed={"density": 0.3})
+    assert space.names() == ["add.weight", "sub.weight"]  # scale is not searched by default
+    recipe = space.decode([0.5, 1.0])
+    assert recipe.params["density"] == {"add": (0.3,), "sub": (0.3,)} and recipe.shared == {"scale": (1.0,)}
+    searched_scale = SearchSpace.build("ties", "base", ["add"], num_layers=4, ranges={"scale": (0.5, 1.5)})
+    assert searched_scale.names() == ["add.density", "add.weight", "scale"]
+    lines = SearchSpace.build("model_stock", "base", ["add", "sub"], num_layers=4, transforms=["lines"])
+    assert lines.names() == ["alpha", "beta"] and lines.decode([0.0, 1.0]).shared == {"alpha": (0.0,), "beta": (1.0,)}
+    module = SearchSpace.build("slerp", "base", ["add"], num_layers=4, layout="module")
+    assert module.names() == ["t[0]", "t[1]", "t[2]"]
+    depth = SearchSpace.build("task_arithmetic", "base", ["add"], num_layers=4, layout="depth", points=4)
+    assert depth.dim == 4 and depth.decode([0.0, 0.25, 0.5, 1.0]).params["weight"]["add"] == (0.0, 0.25, 0.5, 1.0)
+
+
+def test_schema_1_recipes_still_load() -> None:
+    old = ('{"schema_version":1,"kind":"merge","method":"ties","base":"b","models":["x"],'
+           '"params":{"weight":{"x":[1.0,0.5]}},"group_size":1,"normalize":false,"seed":0,"label":""}')
+    recipe = Recipe.from_json(old)
+    assert recipe.schema_version == 2 and recipe.layout == "layer_group" and recipe.group_size == 1
 
 
 def _sphere(x: tuple[float, ...]) -> float:

@@ -7,47 +7,16 @@ into the existing storage, so an evaluator holding the model (lm-eval's HFLM) se
 
 from __future__ import annotations
 
-import re
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.operators import get_operator
+from workers.layout import depth_fraction, tensor_seed, value_for
+from workers.operators import check_recipe, get_operator, get_transform
 from workers.recipe import Recipe
 from workers.sources import SourceError, load_tensors
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """Decoder layer of a tensor (``model.layers.3.mlp...`` -> 3), or None outside layers."""
-    match = _LAYER.search(tensor_name)
-    return int(match.group(1)) if match else None
-
-
-def num_gene_groups(num_layers: int, group_size: int | None) -> int:
-    """Gene groups per parameter and expert: 1 per model, else layer groups + 1 non-layer group."""
-    if group_size is None:
-        return 1
-    return -(-num_layers // group_size) + 1
-
-
-def gene_group(tensor_name: str, num_layers: int, group_size: int | None) -> int:
-    """Which gene group governs a tensor (the last group holds embeddings, norms, head)."""
-    if group_size is None:
-        return 0
-    layer = layer_index(tensor_name)
-    if layer is None:
-        return num_gene_groups(num_layers, group_size) - 1
-    return layer // group_size
-
-
-def tensor_seed(recipe_seed: int, tensor_name: str) -> int:
-    """A per-tensor seed: random masks do not depend on the order tensors are visited."""
-    return (recipe_seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**63)
 
 
 class Materializer:
@@ -77,23 +46,37 @@ class Materializer:
             return
         for name in (recipe.base or "", *recipe.models):
             self._check_known(name)
+        check_recipe(recipe)
         for key, param in self.params.items():
-            merged = self.merge_tensor(recipe, key)
-            if not bool(torch.isfinite(merged).all()):
+            self.merge_tensor(recipe, key, out=param.data)
+            # one cheap reduction; NaN/inf anywhere makes the sum non-finite
+            if not bool(torch.isfinite(param.data.sum())) and not bool(torch.isfinite(param.data).all()):
                 raise FloatingPointError(f"merged tensor {key} holds NaN or inf")
-            param.copy_(merged)
 
-    def merge_tensor(self, recipe: Recipe, key: str) -> torch.Tensor:
-        """The merged value of one tensor under ``recipe``."""
+    def merge_tensor(self, recipe: Recipe, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged value of one tensor under ``recipe`` (written into ``out`` if given)."""
         op = get_operator(recipe.method or "")
-        group = gene_group(key, self.num_layers, recipe.group_size)
-        values = {p: [recipe.value(p, m, group) for m in recipe.models] for p in op.param_names}
+        kwargs: dict[str, object] = {}
+        for spec in op.params:
+            if spec.per_expert:
+                kwargs[spec.name] = tuple(self._value(recipe, recipe.params[spec.name][m], key)
+                                          for m in recipe.models)
+            else:
+                kwargs[spec.name] = self._value(recipe, recipe.shared[spec.name], key)
         generator = None
         if op.random:
             generator = torch.Generator(device=self.device).manual_seed(tensor_seed(recipe.seed, key))
         base = self.sources[recipe.base or ""][key]
         experts = [self.sources[m][key] for m in recipe.models]
-        return op.fn(base, experts, normalize=recipe.normalize, generator=generator, **values)
+        merged = op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
+        for name in recipe.transforms:
+            transform = get_transform(name)
+            values = {p.name: recipe.shared[p.name][0] for p in transform.params}
+            merged = transform.fn(merged, base, depth_fraction(key, self.num_layers), **values)
+        return merged
+
+    def _value(self, recipe: Recipe, values: tuple[float, ...], key: str) -> float:
+        return value_for(values, key, self.num_layers, recipe.layout, recipe.group_size)
 
     def _check_known(self, name: str) -> None:
         if name not in self.sources:

@@ -1,71 +1,63 @@
 """Merge operators: one pure tensor function per method, registered by name.
 
-Each operator merges one tensor: ``base`` (θ_b) and the experts' tensors (θ_i) with
-per-expert parameters (one float per expert for this tensor). Operators declare their
-parameters with bounds; the search space is built from those declarations alone.
+Each operator merges one tensor: ``base`` (θ_b) and the experts' tensors (θ_i), with the
+parameters' values for this tensor (a tuple per expert for per-expert parameters, a float
+for shared ones). It returns the merged tensor, written into ``out`` when given (the
+worker passes the model's own parameter, so no temporary of the tensor's size is made
+for the linear methods). Inputs are never modified.
 
-Notation follows ../shared/DESIGN.md §2: δ_i = θ_i − θ_b, weight w_i, density d_i.
+Notation follows ../shared/DESIGN.md §2: δ_i = θ_i − θ_b, weight w_i, density d_i. Where
+mergekit implements the same method, the deterministic results agree with it to float32
+rounding; the random ones agree in expectation and keep rate (see :mod:`workers.sparsify`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from workers import sparsify
+from workers.recipe import Recipe
+from workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
+                              register, register_transform)
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """A per-expert parameter of an operator, searchable within [low, high]."""
-
-    name: str
-    low: float
-    high: float
-    default: float
-    doc: str
-
-
-@dataclass(frozen=True)
-class Operator:
-    """A registered merge method."""
-
-    name: str
-    fn: Callable[..., Tensor]
-    params: tuple[ParamSpec, ...]
-    random: bool  # draws random masks: needs a seeded generator
-    doc: str
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
-
-OPERATORS: dict[str, Operator] = {}
+__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "get_operator",
+           "get_transform"]
 
 WEIGHT = ParamSpec("weight", 0.0, 1.0, 0.5, "scale of the expert's contribution")
 DENSITY = ParamSpec("density", 0.0, 1.0, 0.5, "fraction of the task vector kept")
+GAMMA = ParamSpec("gamma", 0.0, 0.2, 0.01, "fraction of largest-magnitude outliers removed (Breadcrumbs)")
+EPSILON = ParamSpec("epsilon", 0.0, 0.5, 0.15, "spread of DELLA's keep probabilities around the density")
+SCALE = ParamSpec("scale", 0.0, 2.0, 1.0, "global scale of the merged task vector (mergekit's lambda)",
+                  per_expert=False, searched=False)
+T = ParamSpec("t", 0.0, 1.0, 0.5, "interpolation position: 0 is the base, 1 the expert", per_expert=False)
+SELECT = ParamSpec("select", 0.0, 1.0, 0.5, "layer swapping: the expert with the highest select above "
+                   "0.5 supplies the tensor, else the base")
+
+_CHUNK = 1 << 18  # elements per step of the streaming linear combination: fits in L2 cache
 
 
-def register(name: str, *params: ParamSpec, random: bool = False) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` as merge method ``name`` with its searchable parameters."""
-
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        OPERATORS[name] = Operator(name, fn, tuple(params), random, (fn.__doc__ or "").strip())
-        return fn
-
-    return wrap
-
-
-def get_operator(name: str) -> Operator:
-    try:
-        return OPERATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown merge method {name!r} (known: {', '.join(sorted(OPERATORS))})") from None
+def _combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None) -> Tensor:
+    """Σ c_j·t_j in one streaming pass: each input read once, ``out`` written once."""
+    first = terms[0][0]
+    result = torch.empty_like(first) if out is None else out
+    flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
+    for start in range(0, flat_out.numel(), _CHUNK):
+        piece = flat_out[start:start + _CHUNK]
+        tensor, coeff = flats[0]
+        torch.mul(tensor[start:start + _CHUNK], coeff, out=piece)
+        for tensor, coeff in flats[1:]:
+            piece.add_(tensor[start:start + _CHUNK], alpha=coeff)
+    return result
 
 
-# --- building blocks ---------------------------------------------------------------
+def _emit(result: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def _column(values: Sequence[float], like: Tensor) -> Tensor:
@@ -73,91 +65,272 @@ def _column(values: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Keep the top ``density`` fraction of |δ| (TIES trim); exactly round(d·n) entries."""
-    n = delta.numel()
-    k = int(round(density * n))
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    if k > 0:
-        mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
-    return mask.view_as(delta)
+def _guarded(total: float) -> float:
+    return total if abs(total) >= 1e-8 else 1.0
 
 
-def dare_drop(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """DARE: drop each entry with probability 1 − d, rescale survivors by 1/d (Yu et al. 2024)."""
-    if density >= 1.0:
-        return delta
-    if density <= 0.0:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
-    return torch.where(keep, delta / density, torch.zeros_like(delta))
+def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[float], scale: float,
+                       normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
+    """θ_b + λ·merge(w_i·δ_i): a plain (optionally normalized) sum, or TIES sign consensus."""
+    stack = torch.stack(list(deltas))
+    weights = _column(weight, stack)
+    weighted = stack.mul_(weights)
+    if consensus:
+        mixed = sparsify.disjoint_merge(weighted, weights, normalize)
+    else:
+        mixed = weighted.sum(dim=0)
+        if normalize:
+            mixed /= _guarded(sum(weight))
+    if scale != 1.0:
+        mixed *= scale
+    return _emit(mixed.add_(base), out)
 
 
-def sign_consensus(deltas: Tensor, weights: Tensor, normalize: bool) -> Tensor:
-    """TIES elect + disjoint merge over stacked (pruned) task vectors.
-
-    The elected sign per entry is that of Σ w_i δ_i; only entries agreeing with it
-    contribute. With ``normalize`` the sum is divided by the agreeing weights (mergekit's
-    default); without it, weights act as free scales (Sakana found amplification helps).
-    """
-    weighted = deltas * weights
-    elected = torch.sign(weighted.sum(dim=0))
-    agree = torch.sign(deltas) == elected
-    merged = (weighted * agree).sum(dim=0)
-    if normalize:
-        divisor = (weights * agree).sum(dim=0)
-        merged = merged / torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return merged
+# --- linear family -----------------------------------------------------------------
 
 
-def _weighted_sum(deltas: Tensor, weights: Tensor, normalize: bool) -> Tensor:
-    merged = (deltas * weights).sum(dim=0)
-    if normalize:
-        total = float(weights.sum())
-        merged = merged / (total if abs(total) > 1e-8 else 1.0)
-    return merged
-
-
-# --- operators ---------------------------------------------------------------------
-
-
-@register("linear", WEIGHT)
+@register("linear", WEIGHT, task_vector=False)
 def linear(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], normalize: bool = True,
-           generator: torch.Generator | None = None) -> Tensor:
-    """Model soup: Σ w_i θ_i (divided by Σ w_i when normalized). The base is not used."""
-    stack = torch.stack(list(experts))
-    return _weighted_sum(stack, _column(weight, stack), normalize)
+           out: Tensor | None = None, **_: object) -> Tensor:
+    """Model soup (Wortsman et al. 2022): Σ w_i θ_i, divided by Σ w_i when normalized.
+    The base only donates the architecture; list it among the models to weight it."""
+    total = _guarded(sum(weight)) if normalize else 1.0
+    return _combine([(e, w / total) for e, w in zip(experts, weight)], out)
 
 
-@register("task_arithmetic", WEIGHT)
-def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float],
-                    normalize: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """Task arithmetic (Ilharco et al. 2023): θ_b + Σ w_i δ_i."""
-    deltas = torch.stack([e - base for e in experts])
-    return base + _weighted_sum(deltas, _column(weight, deltas), normalize)
+@register("task_arithmetic", WEIGHT, SCALE)
+def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], scale: float = 1.0,
+                    normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2023): θ_b + λ Σ w_i δ_i, computed in one pass as
+    (1 − Σc_i)·θ_b + Σ c_i·θ_i with c_i = λ·w_i (/ Σ w_i when normalized)."""
+    total = _guarded(sum(weight)) if normalize else 1.0
+    coeffs = [scale * w / total for w in weight]
+    return _combine([(base, 1.0 - sum(coeffs)), *zip(experts, coeffs)], out)
 
 
-@register("ties", DENSITY, WEIGHT)
+# --- sparsified task vectors ---------------------------------------------------------
+
+
+@register("ties", DENSITY, WEIGHT, SCALE)
 def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
-         normalize: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """TIES (Yadav et al. 2023): trim to top-d_i |δ_i|, elect sign, disjoint merge."""
-    deltas = torch.stack([(e - base) * magnitude_mask(e - base, d) for e, d in zip(experts, density)])
-    return base + sign_consensus(deltas, _column(weight, deltas), normalize)
+         scale: float = 1.0, normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
+    """TIES (Yadav et al. 2023): trim each δ_i to its top-d_i magnitudes, elect the sign of
+    Σ w_i δ_i, sum the agreeing entries (normalized: their weighted mean)."""
+    deltas = [(e - base) for e in experts]
+    deltas = [d.mul_(sparsify.magnitude_mask(d, k)) for d, k in zip(deltas, density)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
 
 
-@register("dare_linear", DENSITY, WEIGHT, random=True)
+@register("dare_linear", DENSITY, WEIGHT, SCALE, random=True)
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
-                normalize: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """DARE then task arithmetic: θ_b + Σ w_i DARE(δ_i, d_i)."""
-    deltas = torch.stack([dare_drop(e - base, d, generator) for e, d in zip(experts, density)])
-    return base + _weighted_sum(deltas, _column(weight, deltas), normalize)
+                scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
+                out: Tensor | None = None, **_: object) -> Tensor:
+    """DARE (Yu et al. 2024) then task arithmetic: θ_b + λ Σ w_i DARE(δ_i, d_i)."""
+    deltas = [sparsify.dare(e - base, d, generator) for e, d in zip(experts, density)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
 
 
-@register("dare_ties", DENSITY, WEIGHT, random=True)
+@register("dare_ties", DENSITY, WEIGHT, SCALE, random=True)
 def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
-              normalize: bool = False, generator: torch.Generator | None = None) -> Tensor:
+              scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
+              out: Tensor | None = None, **_: object) -> Tensor:
     """DARE then TIES sign election: Sakana's parameter-space setting."""
-    deltas = torch.stack([dare_drop(e - base, d, generator) for e, d in zip(experts, density)])
-    return base + sign_consensus(deltas, _column(weight, deltas), normalize)
+    deltas = [sparsify.dare(e - base, d, generator) for e, d in zip(experts, density)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+
+
+@register("breadcrumbs", DENSITY, GAMMA, WEIGHT, SCALE)
+def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], gamma: Sequence[float],
+                weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
+                out: Tensor | None = None, **_: object) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): mask both the top-γ outliers and the
+    smallest entries of each δ_i, then task arithmetic."""
+    deltas = [e - base for e in experts]
+    deltas = [d.mul_(sparsify.breadcrumbs_mask(d, k, g)) for d, k, g in zip(deltas, density, gamma)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
+
+
+@register("breadcrumbs_ties", DENSITY, GAMMA, WEIGHT, SCALE)
+def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float],
+                     gamma: Sequence[float], weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
+                     out: Tensor | None = None, **_: object) -> Tensor:
+    """Model Breadcrumbs masks, then TIES sign election."""
+    deltas = [e - base for e in experts]
+    deltas = [d.mul_(sparsify.breadcrumbs_mask(d, k, g)) for d, k, g in zip(deltas, density, gamma)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+
+
+@register("della", DENSITY, EPSILON, WEIGHT, SCALE, random=True)
+def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
+          weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
+          generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
+    """DELLA (Deep et al. 2024): MAGPRUNE drop with magnitude-ranked keep probabilities in
+    [d − ε, d + ε] and 1/p rescale, then TIES sign election and fusion."""
+    deltas = [sparsify.della(e - base, d, eps, generator) for e, d, eps in zip(experts, density, epsilon)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+
+
+@register("della_linear", DENSITY, EPSILON, WEIGHT, SCALE, random=True)
+def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
+                 weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
+                 generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
+    """DELLA's MAGPRUNE drop, then task arithmetic (no sign election)."""
+    deltas = [sparsify.della(e - base, d, eps, generator) for e, d, eps in zip(experts, density, epsilon)]
+    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
+
+
+# --- masks from agreement -----------------------------------------------------------
+
+TALL = ParamSpec("tall", 0.0, 1.0, 0.4, "TALL mask threshold λ_t: expert t claims an entry where "
+                 "|w_t δ_t| > λ_t·|τ − w_t δ_t|")
+AGREE = ParamSpec("k", 0.0, 4.0, 2.0, "Consensus: entries claimed by fewer experts are dropped (rounded)",
+                  per_expert=False, searched=False)
+RATIO = ParamSpec("ratio", 0.02, 0.5, 0.1, "PCB: fraction of entries kept after balancing", per_expert=False)
+PCB_WEIGHT = ParamSpec("weight", 0.0, 2.0, 1.0, "PCB: scale λ_i of the expert's balanced task vector")
+_PCB_CLIP = 0.01  # PCB clips the 1 % smallest and largest magnitudes per task (official pcb_ES code)
+
+
+@register("consensus", TALL, WEIGHT, AGREE, SCALE)
+def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float], weight: Sequence[float],
+              k: float = 2.0, scale: float = 1.0, normalize: bool = False, out: Tensor | None = None,
+              **_: object) -> Tensor:
+    """Consensus merging with TALL masks (Wang et al. 2024, eqs. 5 and 8): τ = Σ w_i δ_i; expert
+    t claims the entries where |w_t δ_t| > λ_t·|τ − w_t δ_t|; entries claimed by fewer than k
+    experts are dropped: θ_b + λ·(mask ⊙ τ). With all w_i = 1 this is the paper's form."""
+    weighted = [(e - base).mul_(w) for e, w in zip(experts, weight)]
+    total = torch.stack(weighted).sum(dim=0)
+    votes = torch.zeros_like(total, dtype=torch.int32)
+    for u, lam in zip(weighted, tall):
+        votes += u.abs() > (total - u).abs_().mul_(lam)
+    total = total.mul_(votes >= math.floor(k + 0.5))
+    if normalize:
+        total /= _guarded(sum(weight))
+    return _emit(total.mul_(scale).add_(base), out)
+
+
+def _minmax(x: Tensor) -> Tensor:
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low) if bool(high > low) else torch.zeros_like(x)
+
+
+def _kth(x: Tensor, index: int) -> Tensor:
+    """The value at 0-based position ``index`` of ``x`` sorted ascending (a selection, no sort)."""
+    return torch.kthvalue(x, index + 1).values
+
+
+@register("pcb", RATIO, PCB_WEIGHT, SCALE)
+def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequence[float], scale: float = 1.0,
+        out: Tensor | None = None, **_: object) -> Tensor:
+    """PCB merging (Du et al. 2024, §3, as in the official pcb_ES code), per tensor: clip each
+    |δ_i| to its 1–99 % quantiles; intra-balance exp(n·minmax(|δ_i|)²); inter-balance
+    Σ_j tanh(δ̂_i ⊙ δ̂_j) with δ̂ the signed min-max magnitudes; keep the top ``ratio`` of the
+    product, min-max rescaled to scores s_i; θ_b + λ·Σ w_i s_i δ̃_i / Σ s_i. The merge is a
+    weighted mean by construction, so ``normalize`` does not apply."""
+    n, numel = len(experts), base.numel()
+    clipped, signed = [], []
+    for e in experts:
+        delta = (e - base).flatten()
+        magnitude = delta.abs()
+        low, high = int(numel * _PCB_CLIP), int(numel * (1 - _PCB_CLIP)) - 1
+        if high > low:
+            magnitude = magnitude.clamp(_kth(magnitude, low), _kth(magnitude, high))
+        sign = torch.sign(delta)
+        clipped.append(sign * magnitude)
+        signed.append(sign * _minmax(magnitude))
+    cut = int(numel * (1 - ratio))
+    merged, total = torch.zeros_like(clipped[0]), torch.zeros_like(clipped[0])
+    for i in range(n):
+        if cut >= numel:
+            continue  # keeps nothing
+        intra = torch.exp(n * signed[i].square())
+        inter = sum((torch.tanh(signed[i] * signed[j]) for j in range(n)), torch.zeros_like(intra))
+        balance = intra * inter
+        score = _minmax(balance.clamp_(min=_kth(balance, cut)))
+        merged += score * clipped[i] * weight[i]
+        total += score
+    merged = merged.div_(total.clamp_(min=1e-12)).view_as(base)
+    return _emit(merged.mul_(scale).add_(base), out)
+
+
+# --- geometry ------------------------------------------------------------------------
+
+
+@register("slerp", T, task_vector=False, experts=(1, 1))
+def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | None = None,
+          **_: object) -> Tensor:
+    """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
+    sin((1−t)Ω)/sin Ω·θ_b + sin(tΩ)/sin Ω·θ_1 with cos Ω the cosine of the two; linear
+    interpolation when they are nearly parallel (|cos Ω| > 0.9995, mergekit's threshold)."""
+    v0, v1 = base.reshape(-1), experts[0].reshape(-1)
+    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    n0 = n0 if n0 > 1e-8 else torch.ones_like(n0)
+    n1 = n1 if n1 > 1e-8 else torch.ones_like(n1)
+    dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1.0, 1.0))
+    if abs(dot) > 0.9995:
+        c0, c1 = 1.0 - t, t
+    else:
+        omega = math.acos(dot)
+        c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return _combine([(base, c0), (experts[0], c1)], out)
+
+
+@register("model_stock", task_vector=False, experts=(2, None))
+def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None = None, **_: object) -> Tensor:
+    """Model Stock (Jang et al. 2024, eq. 6): t = N·cos θ / (1 + (N−1)·cos θ) with cos θ the
+    mean pairwise cosine of the task vectors (whole tensor); θ = t·mean(θ_i) + (1−t)·θ_b.
+    Where 1 + (N−1)·cos θ vanishes the base is kept. No parameters to search."""
+    deltas = [(e - base).reshape(-1) for e in experts]
+    cosines = []
+    for i, a in enumerate(deltas):
+        for b in deltas[i + 1:]:
+            norms = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+            cosines.append(max(-1.0, min(1.0, float((a * b).sum()) / max(norms, 1e-6))))
+    cos = sum(cosines) / len(cosines)
+    n = len(experts)
+    denominator = 1 + (n - 1) * cos
+    t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
+    return _combine([(base, 1.0 - t), *((e, t / n) for e in experts)], out)
+
+
+@register("swap", SELECT, task_vector=False)
+def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], out: Tensor | None = None,
+         **_: object) -> Tensor:
+    """Layer swapping (Bandarkar et al. 2024): each tensor is copied whole from one source,
+    the expert with the highest ``select`` if it exceeds 0.5, else the base. With genes per
+    layer group (``granularity: layer_group``, ``group_size: 1``) this is a per-layer choice."""
+    best = max(range(len(experts)), key=lambda i: select[i])
+    chosen = experts[best] if select[best] > 0.5 else base
+    return chosen.clone() if out is None else out.copy_(chosen)
+
+
+# --- transforms ------------------------------------------------------------------------
+
+
+@register_transform("lines", ParamSpec("alpha", 0.0, 1.0, 0.5, "LiNeS scale of the shallowest layer's task "
+                                       "vector", per_expert=False),
+                    ParamSpec("beta", 0.0, 1.0, 0.5, "LiNeS increase of the scale towards the last layer",
+                              per_expert=False))
+def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: float) -> Tensor:
+    """LiNeS (Wang et al. 2025, eq. 2): scale the merged task vector of a layer at depth
+    ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Embeddings count as
+    depth 0, the final norm and head as depth 1 (:func:`workers.layout.depth_fraction`)."""
+    return merged.sub_(base).mul_(alpha + beta * depth).add_(base)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse a merge recipe its operator cannot run: wrong expert count, missing parameters,
+    or a transform on a method that is not task arithmetic over a base (ValueError, one line)."""
+    op = get_operator(recipe.method or "")
+    op.check_experts(len(recipe.models))
+    for spec in op.params:
+        have = spec.name in (recipe.params if spec.per_expert else recipe.shared)
+        if not have:
+            where = "params" if spec.per_expert else "shared"
+            raise ValueError(f"recipe for {op.name} lacks {where} parameter {spec.name!r}")
+    for name in recipe.transforms:
+        transform = get_transform(name)
+        if not op.task_vector:
+            raise ValueError(f"transform {name} needs a task-vector method, not {op.name}")
+        for spec in transform.params:
+            if spec.name not in recipe.shared:
+                raise ValueError(f"recipe lacks shared parameter {spec.name!r} of transform {name}")

@@ -9,36 +9,52 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-SCHEMA_VERSION = 1
+from workers.layout import LayoutKind
+
+SCHEMA_VERSION = 2
 
 
 class Recipe(BaseModel):
     """One candidate.
 
     ``kind="source"`` is a source model evaluated as it is (the leaderboard's baselines).
-    ``kind="merge"`` applies the operator ``method`` to ``base`` and the expert ``models``;
-    ``params[param][model]`` holds one value per gene group: a single value when genes
-    are per model, else one per layer group followed by one for the non-layer tensors
-    (embeddings, final norm, head).
+    ``kind="merge"`` applies the operator ``method`` to ``base`` and the expert ``models``,
+    then the ``transforms`` (e.g. LiNeS) in order. ``params[param][model]`` holds an
+    expert's values of a per-expert parameter, ``shared[param]`` those of a parameter with
+    one value per merge; ``layout`` says which value governs which tensor
+    (:mod:`workers.layout`); a single value is a constant.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     kind: Literal["source", "merge"]
     source: str | None = None
     method: str | None = None
     base: str | None = None
     models: tuple[str, ...] = ()
     params: dict[str, dict[str, tuple[float, ...]]] = {}
-    group_size: int | None = None  # layers per gene group; None = one gene per model
+    shared: dict[str, tuple[float, ...]] = {}
+    transforms: tuple[str, ...] = ()
+    layout: LayoutKind = "model"
+    group_size: int | None = None  # layers per group under the layer_group layout
     normalize: bool = False
     seed: int = 0
     label: str = ""  # human label such as "untuned merge"; not part of the identity
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Schema 1 had no layout: a group size meant layer groups."""
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = {**data, "schema_version": SCHEMA_VERSION}
+            if data.get("group_size") is not None:
+                data["layout"] = "layer_group"
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -48,12 +64,17 @@ class Recipe(BaseModel):
             return self
         if not self.method or not self.base or not self.models:
             raise ValueError("a merge recipe names its method, base and expert models")
+        if self.layout == "layer_group" and not (self.group_size and self.group_size >= 1):
+            raise ValueError("a layer_group layout needs group_size >= 1")
         for name, per_model in self.params.items():
             if set(per_model) != set(self.models):
                 raise ValueError(f"parameter {name!r} must give values for exactly {list(self.models)}")
             lengths = {len(v) for v in per_model.values()}
             if len(lengths) != 1 or 0 in lengths:
                 raise ValueError(f"parameter {name!r} has ragged or empty gene groups")
+        for name, values in self.shared.items():
+            if not values:
+                raise ValueError(f"parameter {name!r} has no value")
         return self
 
     def to_json(self) -> str:
@@ -71,11 +92,6 @@ class Recipe(BaseModel):
         blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def value(self, param: str, model: str, group: int) -> float:
-        """The value of ``param`` for expert ``model`` in gene group ``group``."""
-        values = self.params[param][model]
-        return values[0] if len(values) == 1 else values[group]
-
     def summary(self) -> str:
         """A short human-readable line for leaderboards."""
         if self.kind == "source":
@@ -83,11 +99,16 @@ class Recipe(BaseModel):
         parts = []
         for model in self.models:
             vals = " ".join(
-                f"{p[0]}={_fmt(self.params[p][model])}" for p in sorted(self.params)
+                f"{_SHORT.get(p, p)}={_fmt(self.params[p][model])}" for p in sorted(self.params)
             )
             parts.append(f"{model}({vals})")
+        parts += [f"{p}={_fmt(v)}" for p, v in sorted(self.shared.items())]
         head = f"{self.label}: " if self.label else ""
-        return f"{head}{self.method} " + " ".join(parts)
+        method = "+".join((self.method or "", *self.transforms))
+        return f"{head}{method} " + " ".join(parts)
+
+
+_SHORT = {"weight": "w", "density": "d"}
 
 
 def _fmt(values: tuple[float, ...]) -> str:
