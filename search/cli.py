@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the only study in the storage)")
     p.add_argument("--trial", type=int, help="Optuna trial number (default: the best by search fitness)")
+    p.add_argument("--out", help="model folder to create (must not exist)")
+    p.add_argument("--mergekit-yaml", metavar="PATH", help="also (or only) write the equivalent mergekit config")
+
+    p = sub.add_parser("merge", help="merge once, without a search, from an evomerge merge file or a mergekit YAML")
+    p.add_argument("config", help="merge file (models + recipe) or mergekit config (merge_method, models, ...)")
     p.add_argument("--out", required=True, help="model folder to create (must not exist)")
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")

@@ -12,6 +12,8 @@ from pathlib import Path
 from search.config import ConfigError, SearchConfig, load_config
 from search.controller import Controller, StudyMismatch
 from search.leaderboard import best_candidate, build, render
+from search.merge_file import load_merge_file
+from search.mergekit_compat import MergekitConfigError, to_mergekit
 from search.ledger import Ledger
 from search.pool import WorkerPool
 from search.progress import Progress
@@ -23,7 +25,7 @@ from workers.actor import WorkerSpec
 from workers.materialize import Materializer
 from workers.recipe import Recipe
 from workers.replay import ReplayError, model_card, write_model_folder
-from workers.sources import read_config, validate_sources
+from workers.sources import SourceModel, read_config, validate_sources
 
 class UsageError(ValueError):
     """Bad usage detected after argument parsing (exit status 2)."""
@@ -151,14 +153,18 @@ def _pick(cands: list[CandidateRecord], trial: int | None) -> CandidateRecord:
     return best
 
 
-def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path) -> Path:
-    """Write a candidate of the study as a model folder; returns the folder."""
-    cfg = SearchConfig.model_validate_json(config_json)
+def _replayed(repo: Repository, study_id: int, trial: int | None) -> tuple[CandidateRecord, Recipe]:
     cand = _pick(repo.candidates(study_id), trial)
     if cand.duplicate_of is not None:
         cand = repo.candidate(cand.duplicate_of)
+    return cand, Recipe.from_json(cand.recipe_json)
+
+
+def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path) -> Path:
+    """Write a candidate of the study as a model folder; returns the folder."""
+    cfg = SearchConfig.model_validate_json(config_json)
+    cand, recipe = _replayed(repo, study_id, trial)
     folders = validate_sources(cfg.sources())
-    recipe = Recipe.from_json(cand.recipe_json)
     import torch
 
     materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype))
@@ -170,11 +176,44 @@ def replay(repo: Repository, study: str, study_id: int, config_json: str, trial:
 def cmd_replay(args: argparse.Namespace, url: str) -> int:
     repo = open_repo(url)
     name, study_id, config_json = _study_id(repo, args.study, url)
+    if args.out is None and args.mergekit_yaml is None:
+        raise UsageError("give --out (a model folder), --mergekit-yaml (a mergekit config), or both")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise UsageError(f"--out {out} already exists; choose a new folder")
+    if args.mergekit_yaml:
+        cfg = SearchConfig.model_validate_json(config_json)
+        _, recipe = _replayed(repo, study_id, args.trial)
+        try:
+            text = to_mergekit(recipe, {m.name: m.path for m in cfg.models}, cfg.workers.dtype)
+        except MergekitConfigError as exc:
+            raise UsageError(f"no mergekit config for this recipe: {exc}") from None
+        Path(args.mergekit_yaml).write_text(text)
+        print(f"wrote {args.mergekit_yaml}")
+    if out is not None:
+        print(f"wrote {replay(repo, name, study_id, config_json, args.trial, out)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
+    job = load_merge_file(args.config)
+    for warning in job.warnings:
+        print(f"evomerge: warning: {warning}", file=sys.stderr)
     out = Path(args.out)
     if out.exists():
         raise UsageError(f"--out {out} already exists; choose a new folder")
-    folder = replay(repo, name, study_id, config_json, args.trial, out)
-    print(f"wrote {folder}")
+    recipe = job.recipe
+    base = recipe.base if recipe.kind == "merge" else recipe.source
+    used = dict.fromkeys(n for n in (base, *recipe.models, job.tokenizer_source) if n)
+    folders = validate_sources([SourceModel(n, job.sources[n]) for n in used])
+    import torch
+    from transformers import AutoTokenizer
+
+    materializer = Materializer(folders, base or "", getattr(torch, job.dtype))
+    if job.tokenizer_source:
+        materializer.tokenizer = AutoTokenizer.from_pretrained(folders[job.tokenizer_source])
+    card = model_card(recipe, Path(args.config).stem, None, None, None, None, None)
+    print(f"wrote {write_model_folder(materializer, recipe, out, card)}")
     return 0
 
 
@@ -207,4 +246,4 @@ def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
     return 0
 
 
-__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_dashboard", "ReplayError"]
+__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_merge", "cmd_dashboard", "ReplayError"]

@@ -163,7 +163,7 @@ class SearchConfig(_Strict):
             "evaluation": {"tasks", "search_split", "heldout_split", "limit"}})
 
 
-def _resolve_path(path: str, folder: Path, hub_like: bool) -> str:
+def resolve_path(path: str, folder: Path, hub_like: bool) -> str:
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         local = folder / candidate
@@ -174,7 +174,7 @@ def _resolve_path(path: str, folder: Path, hub_like: bool) -> str:
     return str(candidate.resolve())
 
 
-def _format_error(file: Path, exc: ValidationError) -> str:
+def format_validation_error(file: Path, exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
@@ -202,9 +202,9 @@ def load_config(file: str | Path) -> SearchConfig:
     try:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(file, exc)) from None
+        raise ConfigError(format_validation_error(file, exc)) from None
     folder = file.resolve().parent
-    models = [ModelEntry(name=m.name, path=_resolve_path(m.path, folder, hub_like=True)) for m in cfg.models]
-    paths = [_resolve_path(p, folder, hub_like=False) for p in cfg.evaluation.task_paths]
+    models = [ModelEntry(name=m.name, path=resolve_path(m.path, folder, hub_like=True)) for m in cfg.models]
+    paths = [resolve_path(p, folder, hub_like=False) for p in cfg.evaluation.task_paths]
     evaluation = cfg.evaluation.model_copy(update={"task_paths": paths})
     return cfg.model_copy(update={"models": models, "evaluation": evaluation})

@@ -24,8 +24,8 @@ from workers.recipe import Recipe
 from workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
                               register, register_transform)
 
-__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "get_operator",
-           "get_transform"]
+__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "complete",
+           "get_operator", "get_transform"]
 
 WEIGHT = ParamSpec("weight", 0.0, 1.0, 0.5, "scale of the expert's contribution")
 DENSITY = ParamSpec("density", 0.0, 1.0, 0.5, "fraction of the task vector kept")
@@ -315,6 +315,23 @@ def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: flo
     ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Embeddings count as
     depth 0, the final norm and head as depth 1 (:func:`workers.layout.depth_fraction`)."""
     return merged.sub_(base).mul_(alpha + beta * depth).add_(base)
+
+
+def complete(recipe: Recipe) -> Recipe:
+    """``recipe`` with every parameter it omits set to its declared default."""
+    if recipe.kind != "merge":
+        return recipe
+    op = get_operator(recipe.method or "")
+    params = {k: dict(v) for k, v in recipe.params.items()}
+    shared = dict(recipe.shared)
+    specs = [*op.params, *(p for t in recipe.transforms for p in get_transform(t).params)]
+    for spec in specs:
+        if spec.per_expert:
+            for model in recipe.models:
+                params.setdefault(spec.name, {}).setdefault(model, (spec.default,))
+        else:
+            shared.setdefault(spec.name, (spec.default,))
+    return recipe.model_copy(update={"params": params, "shared": shared})
 
 
 def check_recipe(recipe: Recipe) -> None:

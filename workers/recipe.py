@@ -70,7 +70,7 @@ class Recipe(BaseModel):
             if set(per_model) != set(self.models):
                 raise ValueError(f"parameter {name!r} must give values for exactly {list(self.models)}")
             lengths = {len(v) for v in per_model.values()}
-            if len(lengths) != 1 or 0 in lengths:
+            if 0 in lengths or (len(lengths - {1}) > 1 and self.layout != "depth"):
                 raise ValueError(f"parameter {name!r} has ragged or empty gene groups")
         for name, values in self.shared.items():
             if not values:

@@ -1,0 +1,78 @@
+"""``evomerge merge``: one merge, no search, from an evomerge merge file or a mergekit YAML.
+
+An evomerge merge file names the source folders and carries a recipe (the same JSON as a
+replayed folder's ``evomerge_recipe.json``)::
+
+    models:
+      - {name: base, path: models/base}
+      - {name: math, path: models/math}
+    recipe: {kind: merge, method: ties, base: base, models: [math],
+             params: {density: {math: [0.5]}, weight: {math: [1.0]}}}
+    dtype: float32          # optional
+    tokenizer_source: base  # optional: the source whose tokenizer is written
+
+Parameters the recipe omits take their declared defaults. A file with ``merge_method``
+at the top is read as a mergekit config (:mod:`search.mergekit_compat`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from search.config import ConfigError, ModelEntry, format_validation_error, resolve_path
+from search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
+from workers.operators import check_recipe, complete
+from workers.recipe import Recipe
+
+
+class MergeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry]
+    recipe: Recipe
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer_source: str | None = None
+
+
+def load_merge_file(file: str | Path) -> MergeJob:
+    """Read and check a merge file of either kind (ConfigError, one line, on any mistake)."""
+    file = Path(file)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"merge file not found: {file}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"merge file {file}: not readable YAML ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"merge file {file}: expected a mapping at the top level")
+    folder = file.resolve().parent
+    if "merge_method" in raw:
+        try:
+            job = from_mergekit(raw, folder)
+        except MergekitConfigError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+    else:
+        try:
+            spec = MergeFile.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(file, exc)) from None
+        names = [m.name for m in spec.models]
+        job = MergeJob({m.name: resolve_path(m.path, folder, hub_like=True) for m in spec.models},
+                       complete(spec.recipe), spec.dtype, spec.tokenizer_source)
+        used = [n for n in ((job.recipe.base, *job.recipe.models) if job.recipe.kind == "merge"
+                            else (job.recipe.source,)) if n]
+        unknown = [n for n in used + [spec.tokenizer_source or names[0]] if n not in names]
+        if unknown:
+            raise ConfigError(f"merge file {file}: recipe names model {unknown[0]!r}, not among models {names}")
+    if job.dtype not in DTYPES:
+        raise ConfigError(f"merge file {file}: dtype {job.dtype!r} is not supported")
+    try:
+        if job.recipe.kind == "merge":
+            check_recipe(job.recipe)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"merge file {file}: {exc}") from None
+    return job
