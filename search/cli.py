@@ -25,6 +25,12 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
                                      "put passwords in the environment (e.g. PGPASSWORD), not here")
 
 
+def _add_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read .bin/.pt checkpoints of sources without safetensors (torch.load with "
+                        "weights_only=True); off by default: pickle files can carry code")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search over model-merge recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--max-trials", type=int, help="total trial budget, counting earlier runs")
     p.add_argument("--timeout", type=float, help="stop dispatching after this many seconds")
+    _add_pickle(p)
 
     p = sub.add_parser("status", help="print a study's leaderboard")
     _add_storage(p)
@@ -56,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=int, help="Optuna trial number (default: the best by search fitness)")
     p.add_argument("--out", help="model folder to create (must not exist)")
     p.add_argument("--mergekit-yaml", metavar="PATH", help="also (or only) write the equivalent mergekit config")
+    _add_pickle(p)
 
     p = sub.add_parser("merge", help="merge once, without a search, from an evomerge merge file or a mergekit YAML")
     p.add_argument("config", help="merge file (models + recipe) or mergekit config (merge_method, models, ...)")
     p.add_argument("--out", required=True, help="model folder to create (must not exist)")
+    _add_pickle(p)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
     _add_storage(p)

@@ -43,11 +43,12 @@ class Prepared:
     cfg: SearchConfig
     folders: dict[str, Path]
     space: SearchSpace
+    allow_pickle: bool = False
 
 
-def prepare(cfg: SearchConfig) -> Prepared:
+def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
     """Check sources and tasks before anything is written (SourceError / TaskError)."""
-    folders = validate_sources(cfg.sources())
+    folders = validate_sources(cfg.sources(), allow_pickle)
     suite = cfg.suite()
     for spec in suite.tasks:
         task_config(spec, suite, suite.search_split)
@@ -61,7 +62,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
     if space.dim == 0:
         raise ConfigError(f"merge.method {m.method}: nothing to search (every parameter is fixed); give a "
                           "parameter a range, or add a transform such as lines")
-    return Prepared(cfg, folders, space)
+    return Prepared(cfg, folders, space, allow_pickle)
 
 
 def open_repo(url: str) -> Repository:
@@ -87,7 +88,8 @@ def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: 
     ledger = Ledger(url, study)
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
-                      "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads)
+                      "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads,
+                      prep.allow_pickle)
     controller = Controller(cfg, repo, ledger, prep.space,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address),
                             record.id)
@@ -108,7 +110,7 @@ def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: 
 
 def cmd_search(args: argparse.Namespace, url: str) -> int:
     cfg = load_config(args.config)
-    prep = prepare(cfg)
+    prep = prepare(cfg, args.allow_pickle)
     study = args.study or cfg.study
     repo, study_id = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
                                 args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
@@ -160,14 +162,16 @@ def _replayed(repo: Repository, study_id: int, trial: int | None) -> tuple[Candi
     return cand, Recipe.from_json(cand.recipe_json)
 
 
-def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path) -> Path:
+def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path,
+           allow_pickle: bool = False) -> Path:
     """Write a candidate of the study as a model folder; returns the folder."""
     cfg = SearchConfig.model_validate_json(config_json)
     cand, recipe = _replayed(repo, study_id, trial)
-    folders = validate_sources(cfg.sources())
+    folders = validate_sources(cfg.sources(), allow_pickle)
     import torch
 
-    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype))
+    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype),
+                                allow_pickle=allow_pickle)
     card = model_card(recipe, study, cand.trial_number, cand.scores, cand.fitness, cand.heldout,
                       cand.heldout_fitness)
     return write_model_folder(materializer, recipe, out, card)
@@ -191,7 +195,7 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
         Path(args.mergekit_yaml).write_text(text)
         print(f"wrote {args.mergekit_yaml}")
     if out is not None:
-        print(f"wrote {replay(repo, name, study_id, config_json, args.trial, out)}")
+        print(f"wrote {replay(repo, name, study_id, config_json, args.trial, out, args.allow_pickle)}")
     return 0
 
 
@@ -205,11 +209,11 @@ def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
     recipe = job.recipe
     base = recipe.base if recipe.kind == "merge" else recipe.source
     used = dict.fromkeys(n for n in (base, *recipe.models, job.tokenizer_source) if n)
-    folders = validate_sources([SourceModel(n, job.sources[n]) for n in used])
+    folders = validate_sources([SourceModel(n, job.sources[n]) for n in used], args.allow_pickle)
     import torch
     from transformers import AutoTokenizer
 
-    materializer = Materializer(folders, base or "", getattr(torch, job.dtype))
+    materializer = Materializer(folders, base or "", getattr(torch, job.dtype), allow_pickle=args.allow_pickle)
     if job.tokenizer_source:
         materializer.tokenizer = AutoTokenizer.from_pretrained(folders[job.tokenizer_source])
     card = model_card(recipe, Path(args.config).stem, None, None, None, None, None)

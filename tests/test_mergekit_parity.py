@@ -5,13 +5,14 @@ keep rate and expectation (random methods, within sampling error)."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from search.cli import main
 from search.merge_file import load_merge_file
@@ -67,11 +68,29 @@ DETERMINISTIC = {
 }
 
 
+def _correlated(tiny_models: dict[str, Path], root: Path) -> dict[str, Path]:
+    """Experts sharing a common direction (cos of task vectors > 0), as fine-tunes of one base
+    are: Model Stock's regime. Where they point apart, mergekit extrapolates (t < 0) and we
+    keep the base, on purpose."""
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    gen = torch.Generator().manual_seed(7)
+    shared = {k: torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    out = dict(tiny_models)
+    for name in ("a", "b"):
+        folder = root / f"corr_{name}"
+        shutil.copytree(tiny_models[name], folder)
+        save_file({k: v + 0.05 * (shared[k] + torch.randn(v.shape, generator=gen)) for k, v in base.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+        out[name] = folder
+    return out
+
+
 @pytest.mark.parametrize("case", sorted(DETERMINISTIC))
 def test_deterministic_methods_match_mergekit(case: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     experts, top = DETERMINISTIC[case]
     method = {"ties_raw": "ties", "module_filters": "task_arithmetic"}.get(case, case)
-    cfg = _config(tiny_models, method, experts, top, base=None if method == "linear" else "base")
+    models = _correlated(tiny_models, tmp_path) if method == "model_stock" else tiny_models
+    cfg = _config(models, method, experts, top, base=None if method == "linear" else "base")
     theirs = _mergekit(cfg, tmp_path / "mk")
     ours = _ours(cfg, tmp_path)
     assert set(theirs) <= set(ours)

@@ -36,6 +36,7 @@ class WorkerSpec:
     device: str = "cpu"
     batch_size: int = 64
     threads: int = 1
+    allow_pickle: bool = False  # read .bin/.pt checkpoints (the user's explicit --allow-pickle)
 
 
 class EvalWorker:
@@ -44,7 +45,8 @@ class EvalWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         torch.set_num_threads(spec.threads)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device)
+        self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device,
+                                         spec.allow_pickle)
         self.evaluator = Evaluator(spec.suite, self.materializer.model, self.materializer.tokenizer,
                                    spec.batch_size, spec.device)
 

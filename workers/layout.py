@@ -48,12 +48,13 @@ def module_kind(tensor_name: str) -> str:
 
 
 def depth_fraction(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits in depth, in [0, 1]: layer ℓ at ℓ/(L−1); every tensor outside the
-    layers at 0 (mergekit's gradients and the LiNeS code both treat them so)."""
+    """Where a tensor sits in depth, in [0, 1]: layer ℓ at ℓ/(L−1) (the only layer of a 1-layer
+    model at 1, as in mergekit); every tensor outside the layers at 0 (mergekit's gradients
+    and the LiNeS code both treat them so)."""
     layer = layer_index(tensor_name)
     if layer is None:
         return 0.0
-    return layer / (num_layers - 1) if num_layers > 1 else 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def num_values(kind: LayoutKind, num_layers: int, group_size: int | None = None, points: int = 1) -> int:

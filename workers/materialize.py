@@ -23,9 +23,10 @@ class Materializer:
     """Holds the source tensors and one working model whose weights each recipe rewrites."""
 
     def __init__(self, folders: Mapping[str, Path], base: str, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", allow_pickle: bool = False) -> None:
         self.device = device
-        self.sources = {name: load_tensors(name, folder, dtype, device) for name, folder in folders.items()}
+        self.sources = {name: load_tensors(name, folder, dtype, device, allow_pickle)
+                        for name, folder in folders.items()}
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             folders[base], dtype=dtype, trust_remote_code=False).to(device).eval()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folders[base])

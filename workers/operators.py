@@ -278,7 +278,9 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
 def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None = None, **_: object) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): t = N·cos θ / (1 + (N−1)·cos θ) with cos θ the
     mean pairwise cosine of the task vectors (whole tensor); θ = t·mean(θ_i) + (1−t)·θ_b.
-    Where 1 + (N−1)·cos θ vanishes the base is kept. No parameters to search."""
+    t is clamped to [0, 1]: when the task vectors point apart (cos θ < 0) mergekit extrapolates
+    away from the experts (t < 0, unbounded near cos θ = −1/(N−1)); we keep the base instead.
+    No parameters to search."""
     deltas = [(e - base).reshape(-1) for e in experts]
     cosines = []
     for i, a in enumerate(deltas):
@@ -288,7 +290,7 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     cos = sum(cosines) / len(cosines)
     n = len(experts)
     denominator = 1 + (n - 1) * cos
-    t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
+    t = 0.0 if abs(denominator) < 1e-6 else min(1.0, max(0.0, n * cos / denominator))
     return _combine([(base, 1.0 - t), *((e, t / n) for e in experts)], out)
 
 
@@ -312,8 +314,9 @@ def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], ou
                               per_expert=False))
 def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: float) -> Tensor:
     """LiNeS (Wang et al. 2025, eq. 2): scale the merged task vector of a layer at depth
-    ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Embeddings count as
-    depth 0, the final norm and head as depth 1 (:func:`workers.layout.depth_fraction`)."""
+    ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Tensors outside the
+    layers (embeddings, final norm, head) get α, as in the LiNeS code
+    (:func:`workers.layout.depth_fraction`)."""
     return merged.sub_(base).mul_(alpha + beta * depth).add_(base)
 
 

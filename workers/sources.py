@@ -1,6 +1,8 @@
 """Source models: locate, inspect and load them safely, and check they can be merged.
 
-Only safetensors are read (no pickle); configs are read without remote code. Every
+Only safetensors are read unless the caller passes ``allow_pickle`` (the CLI's
+``--allow-pickle``): then ``.bin``/``.pt`` checkpoints of a folder without safetensors are
+read with ``torch.load(weights_only=True)``. Configs are read without remote code. Every
 problem is a :class:`SourceError` whose message is one line naming the model and,
 where it applies, the file or tensor.
 """
@@ -58,8 +60,9 @@ def resolve_folder(source: SourceModel) -> Path:
                           f"could not be fetched ({type(exc).__name__})") from None
 
 
-def weight_files(name: str, folder: Path) -> list[Path]:
-    """The safetensors files of a model folder (single file or sharded index)."""
+def weight_files(name: str, folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model folder: safetensors (single or sharded), else pickle
+    checkpoints when ``allow_pickle``."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -74,10 +77,23 @@ def weight_files(name: str, folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise SourceError(f"model {name!r}: {folder} holds only pickle checkpoints (.bin/.pt); "
-                          "evomerge loads safetensors only: convert it first")
+    pickles = sorted([*folder.glob("*.bin"), *folder.glob("*.pt")])
+    if pickles and allow_pickle:
+        return pickles
+    if pickles:
+        raise SourceError(f"model {name!r}: {folder} holds only pickle checkpoints (.bin/.pt); evomerge loads "
+                          "safetensors only unless you pass --allow-pickle (or convert it first)")
     raise SourceError(f"model {name!r}: no *.safetensors weights in {folder}")
+
+
+def _read_pickle(name: str, file: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(file, map_location=device, weights_only=True, mmap=device == "meta")
+    except Exception as exc:
+        raise SourceError(f"model {name!r}: unreadable checkpoint {file}: {_one_line(exc)}") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise SourceError(f"model {name!r}: {file} is not a state dict of tensors")
+    return loaded
 
 
 def read_config(name: str, folder: Path) -> PretrainedConfig:
@@ -89,10 +105,14 @@ def read_config(name: str, folder: Path) -> PretrainedConfig:
         raise SourceError(f"model {name!r}: unreadable config.json in {folder}: {_one_line(exc)}") from None
 
 
-def inspect_tensors(name: str, folder: Path) -> dict[str, TensorInfo]:
+def inspect_tensors(name: str, folder: Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of a model's tensors, read from file headers only."""
     infos: dict[str, TensorInfo] = {}
-    for file in weight_files(name, folder):
+    for file in weight_files(name, folder, allow_pickle):
+        if file.suffix != ".safetensors":
+            for key, tensor in _read_pickle(name, file, "meta").items():
+                infos[key] = TensorInfo(_SAFETENSORS_DTYPE.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
+            continue
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
@@ -103,14 +123,21 @@ def inspect_tensors(name: str, folder: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def load_tensors(name: str, folder: Path, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def load_tensors(name: str, folder: Path, dtype: torch.dtype, device: str = "cpu",
+                 allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a model, cast to ``dtype``; non-finite weights are refused."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(name, folder):
-        try:
-            loaded = load_file(file, device=device)
-        except Exception as exc:
-            raise SourceError(f"model {name!r}: corrupt safetensors file {file}: {_one_line(exc)}") from None
+    for file in weight_files(name, folder, allow_pickle):
+        if file.suffix != ".safetensors":
+            loaded = _read_pickle(name, file, device)
+        else:
+            try:
+                loaded = load_file(file, device=device)
+            except Exception as exc:
+                raise SourceError(f"model {name!r}: corrupt safetensors file {file}: {_one_line(exc)}") from None
         for key, tensor in loaded.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise SourceError(f"model {name!r}: tensor {key} holds NaN or inf")
@@ -135,13 +162,16 @@ def check_compatible(configs: dict[str, PretrainedConfig], tensors: dict[str, di
             if ref_t[key].shape != other_t[key].shape:
                 raise SourceError(f"models {ref!r} and {other!r} differ in shape of {key}: "
                                   f"{list(ref_t[key].shape)} vs {list(other_t[key].shape)}")
+            if ref_t[key].dtype != other_t[key].dtype:
+                raise SourceError(f"models {ref!r} and {other!r} differ in dtype of {key}: "
+                                  f"{ref_t[key].dtype} vs {other_t[key].dtype} (convert one so the sources agree)")
 
 
-def validate_sources(sources: list[SourceModel]) -> dict[str, Path]:
+def validate_sources(sources: list[SourceModel], allow_pickle: bool = False) -> dict[str, Path]:
     """Resolve and check every source from configs and file headers (no weights loaded)."""
     folders = {s.name: resolve_folder(s) for s in sources}
     configs = {n: read_config(n, f) for n, f in folders.items()}
-    tensors = {n: inspect_tensors(n, f) for n, f in folders.items()}
+    tensors = {n: inspect_tensors(n, f, allow_pickle) for n, f in folders.items()}
     check_compatible(configs, tensors)
     return folders
 

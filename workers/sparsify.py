@@ -49,7 +49,16 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     top = min(int(gamma * n), n - kept)
     if top == 0:
         return top_magnitude_mask(delta, kept)
-    return top_magnitude_mask(delta, kept + top) & ~top_magnitude_mask(delta, top)
+    # one ranking for both cuts, so ties in |δ| cannot make the two top-k sets disagree
+    ranked = torch.topk(delta.abs().flatten(), kept + top, sorted=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[ranked[top:]] = True
+    return mask.view_as(delta)
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniforms in float32 whatever the weights' dtype (a bf16 grid would bias the keep rate)."""
+    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
 def dare(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
@@ -59,7 +68,7 @@ def dare(delta: Tensor, density: float, generator: torch.Generator | None) -> Te
         return delta.clone()
     if density <= 0.0:
         return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
+    keep = _uniform(delta, generator) < density
     return torch.where(keep, delta * (1.0 / density), torch.zeros_like(delta))
 
 
@@ -84,7 +93,7 @@ def della(delta: Tensor, density: float, epsilon: float, generator: torch.Genera
     if density <= 0.0:
         return torch.zeros_like(delta)
     probs = della_probabilities(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < probs
+    keep = _uniform(delta, generator) < probs
     return torch.where(keep, delta / probs.clamp(min=torch.finfo(probs.dtype).tiny), torch.zeros_like(delta))
 
 
