@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to create (must not exist)")
     _add_pickle(p)
 
+    sub.add_parser("methods", help="list the merge methods and transforms with their parameters")
+
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")

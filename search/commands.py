@@ -24,6 +24,7 @@ from evaluators.tasks import task_config
 from workers.actor import WorkerSpec
 from workers.materialize import Materializer
 from workers.recipe import Recipe
+from workers.registry import ParamSpec
 from workers.replay import ReplayError, model_card, write_model_folder
 from workers.sources import SourceModel, read_config, validate_sources
 
@@ -221,6 +222,29 @@ def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
     return 0
 
 
+def _first_paragraph(doc: str) -> str:
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def cmd_methods(_args: argparse.Namespace, _url: str | None) -> int:
+    """Every registered method and transform, from their declarations."""
+    from workers.operators import OPERATORS, TRANSFORMS
+
+    def params(specs: tuple[ParamSpec, ...]) -> str:
+        return ", ".join(f"{p.name}{'' if p.per_expert else ' (shared)'} [{p.low:g}, {p.high:g}] "
+                         f"default {p.default:g}{'' if p.searched else ', fixed unless given a range'}"
+                         for p in specs) or "no parameters"
+
+    for op in OPERATORS.values():
+        low, high = op.experts
+        experts = f"{low}" if low == high else f"{low}+" if high is None else f"{low}-{high}"
+        flags = ", random (seeded by the recipe)" if op.random else ""
+        print(f"{op.name}: {_first_paragraph(op.doc)}\n    experts {experts}{flags}; {params(op.params)}")
+    for tr in TRANSFORMS.values():
+        print(f"transform {tr.name}: {_first_paragraph(tr.doc)}\n    {params(tr.params)}")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
     from optuna_dashboard import run_server
 
@@ -250,4 +274,4 @@ def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
     return 0
 
 
-__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_merge", "cmd_dashboard", "ReplayError"]
+__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_merge", "cmd_methods", "cmd_dashboard", "ReplayError"]

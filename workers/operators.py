@@ -310,7 +310,7 @@ def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], ou
 
 @register_transform("lines", ParamSpec("alpha", 0.0, 1.0, 0.5, "LiNeS scale of the shallowest layer's task "
                                        "vector", per_expert=False),
-                    ParamSpec("beta", 0.0, 1.0, 0.5, "LiNeS increase of the scale towards the last layer",
+                    ParamSpec("beta", 0.0, 1.5, 0.5, "LiNeS increase of the scale towards the last layer",
                               per_expert=False))
 def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: float) -> Tensor:
     """LiNeS (Wang et al. 2025, eq. 2): scale the merged task vector of a layer at depth
