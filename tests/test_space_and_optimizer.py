@@ -77,7 +77,7 @@ def test_fixed_and_unsearched_parameters_ride_in_every_recipe() -> None:
     searched_scale = SearchSpace.build("ties", "base", ["add"], num_layers=4, ranges={"scale": (0.5, 1.5)})
     assert searched_scale.names() == ["add.density", "add.weight", "scale"]
     lines = SearchSpace.build("model_stock", "base", ["add", "sub"], num_layers=4, transforms=["lines"])
-    assert lines.names() == ["alpha", "beta"] and lines.decode([0.0, 1.0]).shared == {"alpha": (0.0,), "beta": (1.0,)}
+    assert lines.names() == ["alpha", "beta"] and lines.decode([0.0, 1.0]).shared == {"alpha": (0.0,), "beta": (1.5,)}
     module = SearchSpace.build("slerp", "base", ["add"], num_layers=4, layout="module")
     assert module.names() == ["t[0]", "t[1]", "t[2]"]
     depth = SearchSpace.build("task_arithmetic", "base", ["add"], num_layers=4, layout="depth", points=4)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.layout import depth_fraction, tensor_seed, value_for
-from workers.operators import check_recipe, get_operator, get_transform
+from workers.operators import check_recipe, complete, get_operator, get_transform
 from workers.recipe import Recipe
 from workers.sources import SourceError, load_tensors
 
@@ -47,6 +47,7 @@ class Materializer:
             return
         for name in (recipe.base or "", *recipe.models):
             self._check_known(name)
+        recipe = complete(recipe)  # parameters a recipe omits (e.g. stored before they existed) take defaults
         check_recipe(recipe)
         for key, param in self.params.items():
             self.merge_tensor(recipe, key, out=param.data)
@@ -55,7 +56,7 @@ class Materializer:
                 raise FloatingPointError(f"merged tensor {key} holds NaN or inf")
 
     def merge_tensor(self, recipe: Recipe, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The merged value of one tensor under ``recipe`` (written into ``out`` if given)."""
+        """The merged value of one tensor under a complete ``recipe`` (written into ``out`` if given)."""
         op = get_operator(recipe.method or "")
         kwargs: dict[str, object] = {}
         for spec in op.params:
