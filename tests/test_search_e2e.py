@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import DEMO, ROOT, write_config
 
@@ -116,6 +117,25 @@ def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
         assert (out / file).read_bytes() == (out2 / file).read_bytes(), file
         assert (out / file).stat().st_mode & 0o777 == 0o644
     assert not list(tmp.glob(".best*.partial-*"))  # no temporary folder left behind
+
+
+def test_replay_writes_the_mergekit_config_of_the_best(searched: tuple[Path, Path]) -> None:
+    """--mergekit-yaml alone writes mergekit's config of the best recipe; read back, it is the
+    same recipe (mergekit itself merges it: tests/test_mergekit_parity.py)."""
+    from search.mergekit_compat import from_mergekit
+
+    tmp, db = searched
+    path = tmp / "best-mergekit.yaml"
+    trial, recipe_json = query(db, "select trial_number, recipe_json from evomerge_candidates where "
+                                   "state='complete' and origin='cma' order by fitness desc, id asc limit 1")[0]
+    evomerge("replay", "--storage", f"sqlite:///{db}", "--trial", str(trial), "--mergekit-yaml", str(path), cwd=tmp)
+    text = path.read_text()
+    assert "merge_method: dare_ties" in text and "random masks" in text  # the RNG caveat is stated
+    from workers.recipe import Recipe
+
+    best = Recipe.from_json(recipe_json)
+    back = from_mergekit(yaml.safe_load(text), tmp).recipe
+    assert back.params == best.params and back.shared == best.shared and back.normalize == best.normalize
 
 
 def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
