@@ -60,30 +60,41 @@ def _emit(result: Tensor, out: Tensor | None) -> Tensor:
     return out.copy_(result)
 
 
-def _column(values: Sequence[float], like: Tensor) -> Tensor:
-    """Per-expert scalars shaped to broadcast against a stack of expert tensors."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
-
-
 def _guarded(total: float) -> float:
     return total if abs(total) >= 1e-8 else 1.0
 
 
 def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[float], scale: float,
                        normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
-    """θ_b + λ·merge(w_i·δ_i): a plain (optionally normalized) sum, or TIES sign consensus."""
-    stack = torch.stack(list(deltas))
-    weights = _column(weight, stack)
-    weighted = stack.mul_(weights)
-    if consensus:
-        mixed = sparsify.disjoint_merge(weighted, weights, normalize)
-    else:
-        mixed = weighted.sum(dim=0)
-        if normalize:
-            mixed /= _guarded(sum(weight))
+    """θ_b + λ·merge(w_i·δ_i): a plain (optionally normalized) sum, or TIES sign consensus.
+    ``deltas`` are the caller's temporaries; they are rewritten here."""
+    result = torch.empty_like(base) if out is None else out
+    if not consensus:
+        coeff = scale / (_guarded(sum(weight)) if normalize else 1.0)
+        result.copy_(base)
+        for delta, w in zip(deltas, weight):
+            result.add_(delta, alpha=coeff * w)
+        return result
+    mixed = sparsify.disjoint_merge([d.mul_(w) for d, w in zip(deltas, weight)], weight, normalize)
     if scale != 1.0:
-        mixed *= scale
-    return _emit(mixed.add_(base), out)
+        mixed.mul_(scale)
+    return torch.add(base, mixed, out=result)
+
+
+def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
+    """Inner products ⟨x_i, x_j⟩ of x_i = tensors[i] − base (or tensors[i]), accumulated in float64
+    over cache-sized chunks: exact enough for tens of millions of entries (a float32 norm of a
+    long vector is off by ~1e-3), and no temporary of the tensor's size."""
+    flats = [t.reshape(-1) for t in tensors]
+    flat_base = base.reshape(-1) if base is not None else None
+    n = len(flats)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=flats[0].device)
+    for start in range(0, flats[0].numel(), _CHUNK):
+        rows = torch.stack([f[start:start + _CHUNK] for f in flats]).double()
+        if flat_base is not None:
+            rows -= flat_base[start:start + _CHUNK].double()
+        gram += rows @ rows.T
+    return gram.tolist()
 
 
 # --- linear family -----------------------------------------------------------------
@@ -198,7 +209,9 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
     t claims the entries where |w_t δ_t| > λ_t·|τ − w_t δ_t|; entries claimed by fewer than k
     experts are dropped: θ_b + λ·(mask ⊙ τ). With all w_i = 1 this is the paper's form."""
     weighted = [(e - base).mul_(w) for e, w in zip(experts, weight)]
-    total = torch.stack(weighted).sum(dim=0)
+    total = torch.zeros_like(base)
+    for u in weighted:
+        total += u
     votes = torch.zeros_like(total, dtype=torch.int32)
     for u, lam in zip(weighted, tall):
         votes += u.abs() > (total - u).abs_().mul_(lam)
@@ -260,12 +273,12 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
           **_: object) -> Tensor:
     """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
     sin((1−t)Ω)/sin Ω·θ_b + sin(tΩ)/sin Ω·θ_1 with cos Ω the cosine of the two; linear
-    interpolation when they are nearly parallel (|cos Ω| > 0.9995, mergekit's threshold)."""
-    v0, v1 = base.reshape(-1), experts[0].reshape(-1)
-    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
-    n0 = n0 if n0 > 1e-8 else torch.ones_like(n0)
-    n1 = n1 if n1 > 1e-8 else torch.ones_like(n1)
-    dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1.0, 1.0))
+    interpolation when they are nearly parallel (|cos Ω| > 0.9995, mergekit's threshold).
+    The cosine is accumulated in float64, then one streaming pass writes the result."""
+    gram = _gram(None, [base, experts[0]])
+    n0, n1 = math.sqrt(gram[0][0]), math.sqrt(gram[1][1])
+    n0, n1 = (n0 if n0 > 1e-8 else 1.0), (n1 if n1 > 1e-8 else 1.0)
+    dot = max(-1.0, min(1.0, gram[0][1] / (n0 * n1)))
     if abs(dot) > 0.9995:
         c0, c1 = 1.0 - t, t
     else:
@@ -281,12 +294,12 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     t is clamped to [0, 1]: when the task vectors point apart (cos θ < 0) mergekit extrapolates
     away from the experts (t < 0, unbounded near cos θ = −1/(N−1)); we keep the base instead.
     No parameters to search."""
-    deltas = [(e - base).reshape(-1) for e in experts]
+    gram = _gram(base, experts)
     cosines = []
-    for i, a in enumerate(deltas):
-        for b in deltas[i + 1:]:
-            norms = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
-            cosines.append(max(-1.0, min(1.0, float((a * b).sum()) / max(norms, 1e-6))))
+    for i in range(len(experts)):
+        for j in range(i + 1, len(experts)):
+            norms = math.sqrt(gram[i][i] * gram[j][j])
+            cosines.append(max(-1.0, min(1.0, gram[i][j] / max(norms, 1e-6))))
     cos = sum(cosines) / len(cosines)
     n = len(experts)
     denominator = 1 + (n - 1) * cos

@@ -9,6 +9,8 @@ rescales the whole tensor to its former L1 norm: same expectation in aggregate).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -49,10 +51,12 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     top = min(int(gamma * n), n - kept)
     if top == 0:
         return top_magnitude_mask(delta, kept)
-    # one ranking for both cuts, so ties in |δ| cannot make the two top-k sets disagree
-    ranked = torch.topk(delta.abs().flatten(), kept + top, sorted=True).indices
+    # the band is the kept+top largest minus the top largest *of those*: one selection over the
+    # tensor, a small one over its result, and ties in |δ| cannot make the two cuts disagree
+    values, indices = torch.topk(delta.abs().flatten(), kept + top, sorted=False)
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[ranked[top:]] = True
+    mask[indices] = True
+    mask[indices[torch.topk(values, top, sorted=False).indices]] = False
     return mask.view_as(delta)
 
 
@@ -69,7 +73,7 @@ def dare(delta: Tensor, density: float, generator: torch.Generator | None) -> Te
     if density <= 0.0:
         return torch.zeros_like(delta)
     keep = _uniform(delta, generator) < density
-    return torch.where(keep, delta * (1.0 / density), torch.zeros_like(delta))
+    return (delta * keep).mul_(1.0 / density)
 
 
 def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -93,22 +97,28 @@ def della(delta: Tensor, density: float, epsilon: float, generator: torch.Genera
     if density <= 0.0:
         return torch.zeros_like(delta)
     probs = della_probabilities(delta, density, epsilon)
-    keep = _uniform(delta, generator) < probs
-    return torch.where(keep, delta / probs.clamp(min=torch.finfo(probs.dtype).tiny), torch.zeros_like(delta))
+    keep = _uniform(delta, generator) < probs  # never where p = 0, so dividing by the clamped p is safe
+    return (delta * keep).div_(probs.clamp_(min=torch.finfo(probs.dtype).tiny))
 
 
-def elect_signs(weighted: Tensor) -> Tensor:
-    """TIES elect (Yadav et al. 2023, §3): the sign of Σ_i w_i δ_i per entry, +1 where the sum
-    is zero (mergekit's tie rule). ``weighted`` stacks the experts on dim 0."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+def disjoint_merge(weighted: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
+    """TIES elect + disjoint merge (Yadav et al. 2023, §3) of the weighted task vectors u_i = w_i·δ_i.
 
-
-def disjoint_merge(weighted: Tensor, weights: Tensor, normalize: bool) -> Tensor:
-    """TIES disjoint merge: sum the entries whose sign agrees with the elected one. With
-    ``normalize``, divide by the agreeing experts' weights (the paper's disjoint mean)."""
-    agree = torch.sign(weighted) == elect_signs(weighted)
-    merged = (weighted * agree).sum(dim=0)
+    The elected sign is that of Σ_i u_i, +1 where the sum is zero (mergekit's rule); only
+    entries whose sign agrees contribute (zeros never do). Streamed over the experts with
+    two running sums, P = Σ max(u_i, 0) and N = Σ min(u_i, 0): the elected sum is P where
+    P + N ≥ 0, else N, so no stack of the experts and no per-expert masks are built. With
+    ``normalize`` the result is divided by the agreeing experts' weights (the paper's mean).
+    """
+    positive, negative = torch.zeros_like(weighted[0]), torch.zeros_like(weighted[0])
+    for u in weighted:
+        positive += u.clamp(min=0)
+        negative += u.clamp(max=0)
+    elected_positive = (positive + negative) >= 0
+    merged = torch.where(elected_positive, positive, negative)
     if normalize:
-        divisor = (weights * agree).sum(dim=0)
-        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor = torch.zeros_like(merged)
+        for u, w in zip(weighted, weights):
+            divisor += torch.where(elected_positive, u > 0, u < 0) * w
+        merged /= divisor.masked_fill_(divisor == 0, 1.0)
     return merged
