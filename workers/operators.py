@@ -82,19 +82,25 @@ def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[
 
 
 def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
-    """Inner products ⟨x_i, x_j⟩ of x_i = tensors[i] − base (or tensors[i]), accumulated in float64
-    over cache-sized chunks: exact enough for tens of millions of entries (a float32 norm of a
-    long vector is off by ~1e-3), and no temporary of the tensor's size."""
+    """Inner products ⟨x_i, x_j⟩ of x_i = tensors[i] − base (or tensors[i]), one cache-sized chunk
+    at a time: each chunk's dot products in the working dtype, their sum in Python floats
+    (float64). A float32 reduction over tens of millions of entries is off by ~1e-3; this is
+    exact to float32 rounding of each chunk, and no temporary of the tensor's size is made."""
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
     n = len(flats)
-    gram = torch.zeros(n, n, dtype=torch.float64, device=flats[0].device)
+    gram = [[0.0] * n for _ in range(n)]
     for start in range(0, flats[0].numel(), _CHUNK):
-        rows = torch.stack([f[start:start + _CHUNK] for f in flats]).double()
+        rows = [f[start:start + _CHUNK] for f in flats]
         if flat_base is not None:
-            rows -= flat_base[start:start + _CHUNK].double()
-        gram += rows @ rows.T
-    return gram.tolist()
+            rows = [r - flat_base[start:start + _CHUNK] for r in rows]
+        for i in range(n):
+            for j in range(i, n):
+                gram[i][j] += float(torch.dot(rows[i], rows[j]))
+    for i in range(n):
+        for j in range(i):
+            gram[i][j] = gram[j][i]
+    return gram
 
 
 # --- linear family -----------------------------------------------------------------
