@@ -1,0 +1,106 @@
+"""Layer routing (DFS) on real tiny Llamas: identity, shared weights, per-hop KV-cache slots,
+and the export as an ordinary model whose logits equal the in-memory route's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict, path_text
+
+torch.set_num_threads(1)
+
+
+def _load(folder: Path) -> LlamaForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_models: dict[str, Path]) -> dict[str, LlamaForCausalLM]:
+    return {"A": _load(tiny_models["a"]), "B": _load(tiny_models["b"])}
+
+
+def _ids(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, 16, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# A path that uses A's layer 1 twice and mixes in B, with scales that are not 1.
+MIXED = Route("A", (("A", 0), ("B", 1), ("A", 1), ("A", 1), ("B", 0)), (0.9, 1.2, 0.7, 1.0, 1.3))
+
+
+@torch.no_grad()
+def test_identity_path_reproduces_model_a(sources: dict[str, LlamaForCausalLM]) -> None:
+    router = Router(sources, "A")
+    router.apply(Route("A", (("A", 0), ("A", 1)), (1.0, 1.0)))
+    ids = _ids()
+    assert torch.equal(router.model(ids).logits, sources["A"](ids).logits)
+
+
+@torch.no_grad()
+def test_routing_shares_weights_and_leaves_sources_untouched(sources: dict[str, LlamaForCausalLM]) -> None:
+    ids = _ids(1)
+    before = sources["A"](ids).logits.clone()
+    router = Router(sources, "A")
+    router.apply(MIXED)
+    layers = router.model.model.layers
+    assert layers[3].mlp.inner is sources["A"].model.layers[1].mlp  # shared, wrapped for the next scale
+    assert layers[2].self_attn.q_proj.weight.data_ptr() == sources["A"].model.layers[1].self_attn.q_proj.weight.data_ptr()
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3, 4]
+    assert [layer.self_attn.layer_idx for layer in sources["A"].model.layers] == [0, 1]
+    assert sources["A"].config.num_hidden_layers == 2 and router.model.config.num_hidden_layers == 5
+    router.model(ids)
+    assert torch.equal(sources["A"](ids).logits, before)
+    assert path_text(MIXED, {"A": "A", "B": "B"}) == "A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30"
+
+
+@torch.no_grad()
+def test_cached_generation_equals_full_forward(sources: dict[str, LlamaForCausalLM]) -> None:
+    """Each hop has its own KV-cache slot: decoding token by token with the cache gives the
+    logits of a full forward pass, though A's layer 1 runs at two hops."""
+    router = Router(sources, "A")
+    router.apply(MIXED)
+    model, ids = router.model, _ids(2, batch=1, length=8)
+    full = model(ids).logits
+    out = model(ids[:, :4], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(4, ids.shape[1]):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    greedy = model.generate(ids[:, :3], max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    recompute = model.generate(ids[:, :3], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(greedy, recompute)
+
+
+@torch.no_grad()
+def test_export_is_an_ordinary_model_with_the_same_logits(sources: dict[str, LlamaForCausalLM],
+                                                          tmp_path: Path) -> None:
+    router = Router(sources, "A")
+    router.apply(MIXED)
+    tensors = {n: m.state_dict() for n, m in sources.items()}
+    config = export_config(MIXED, {n: m.config for n, m in sources.items()})
+    state = export_state_dict(MIXED, tensors, tied=bool(sources["A"].config.tie_word_embeddings))
+    exported = LlamaForCausalLM(config).eval()
+    exported.load_state_dict(state, strict=True)
+    exported.save_pretrained(tmp_path / "route")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "route", trust_remote_code=False).eval()
+    assert reloaded.config.num_hidden_layers == len(MIXED.hops)
+    ids = _ids(3)
+    expected = router.model(ids).logits
+    assert float((reloaded(ids).logits - expected).abs().max()) <= 1e-4
+
+
+def test_incompatible_models_and_bad_routes_are_refused(sources: dict[str, LlamaForCausalLM],
+                                                        tiny_models: dict[str, Path]) -> None:
+    wide = _load(tiny_models["wide"])
+    with pytest.raises(RouteError, match="config hidden_size differs"):
+        check_routable({"A": sources["A"].config, "W": wide.config}, "A")
+    with pytest.raises(RouteError, match="empty path"):
+        Route("A", (), ())
+    router = Router(sources, "A")
+    with pytest.raises(RouteError, match="no layer 7 in model 'B'"):
+        router.apply(Route("A", (("A", 0), ("B", 7)), (1.0, 1.0)))

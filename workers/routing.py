@@ -1,0 +1,196 @@
+"""Data-flow-space (DFS) models: a path of decoder layers drawn from several source models.
+
+Akiba et al. (2024, §3.2) evolve which layer of which model runs next. A route is a list of
+hops (model, layer) with one scale per hop; model A (the route's ``head`` model) gives the
+embeddings, final norm, head, rotary embedding and tokenizer.
+
+Scale semantics (Sakana's released runtime, ../shared/DESIGN.md §3): the scale of hop k
+multiplies what hop k−1 adds to the residual stream through its MLP, and the scale of hop
+0 the embeddings. (Scaling a layer's whole input would do nothing useful: RMSNorm is scale
+invariant, so it would only reweight the carried residual.) Two consequences:
+
+- in memory (:class:`Router`), a candidate is a new layer list of per-hop shallow copies
+  of the source layers, sharing their weights; each hop gets its own KV-cache slot
+  (attention ``layer_idx`` = hop) and scales are applied at run time;
+- on export (:func:`export_state_dict`), the same model is an ordinary model of A's
+  architecture with one decoder layer per hop, where hop k's MLP output projection is
+  multiplied by the scale of hop k+1 and the embedding by the scale of hop 0 (untied
+  from the head when they were tied).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from workers.layout import layer_index
+
+# Config fields that must agree for layers of two models to run in one residual stream.
+ROUTE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps",
+                "hidden_act")
+MLP_OUT = ".mlp.down_proj."  # the projection whose output hop k+1's scale multiplies (Llama family)
+
+
+class RouteError(ValueError):
+    """A route that cannot be built or run; one line."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path: ``hops[k]`` = (model, layer), ``scales[k]`` for hop k (see the module docstring)."""
+
+    head: str
+    hops: tuple[tuple[str, int], ...]
+    scales: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.hops:
+            raise RouteError("empty path: a route needs at least one layer")
+        if len(self.scales) != len(self.hops):
+            raise RouteError(f"{len(self.hops)} hops but {len(self.scales)} scales")
+
+
+def check_routable(configs: Mapping[str, PretrainedConfig], head: str) -> None:
+    """Refuse models whose layers cannot share a residual stream (one line naming the field)."""
+    ref = configs[head]
+    for name, cfg in configs.items():
+        for field in ROUTE_FIELDS:
+            a, b = getattr(ref, field, None), getattr(cfg, field, None)
+            if a != b:
+                raise RouteError(f"models {head!r} and {name!r} cannot be routed together: config {field} "
+                                 f"differs ({a} vs {b})")
+
+
+class _Scaled(nn.Module):
+    """A module whose output is multiplied by a constant (a hop scale), sharing the module."""
+
+    def __init__(self, inner: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = scale
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        return self.inner(*args, **kwargs) * self.scale
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters and submodules but with its own registries: assigning a
+    submodule on the copy must not change the source (copy.copy alone shares the dicts)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone
+
+
+def hop_layer(layer: nn.Module, hop: int, mlp_scale: float) -> nn.Module:
+    """Source ``layer`` as hop ``hop``: its own attention object with KV-cache slot ``hop``, and
+    its MLP output scaled by ``mlp_scale`` (the next hop's scale). Weights are shared."""
+    clone = _shallow(layer)
+    attention = _shallow(layer.self_attn)
+    attention.layer_idx = hop
+    clone._modules["self_attn"] = attention
+    if mlp_scale != 1.0:
+        clone._modules["mlp"] = _Scaled(layer.mlp, mlp_scale)
+    return clone
+
+
+class Router:
+    """One routed model per worker, rebuilt per candidate from the sources' layers.
+
+    ``model`` is a fixed object (an evaluator may hold it): :meth:`apply` swaps its layer list,
+    embedding wrapper and config in place.
+    """
+
+    def __init__(self, sources: Mapping[str, PreTrainedModel], head: str) -> None:
+        check_routable({n: m.config for n, m in sources.items()}, head)
+        self.sources = dict(sources)
+        self.head = head
+        a = sources[head]
+        self.model: PreTrainedModel = _shallow(a)  # type: ignore[assignment]
+        self.model.config = copy.deepcopy(a.config)
+        inner = _shallow(a.model)
+        inner.config = self.model.config
+        self.model._modules["model"] = inner
+        self._layers = {n: list(m.model.layers) for n, m in sources.items()}
+
+    def apply(self, route: Route) -> None:
+        """Make ``model`` the route's model."""
+        if route.head != self.head:
+            raise RouteError(f"route's head model {route.head!r} is not this router's {self.head!r}")
+        layers = []
+        for k, (name, index) in enumerate(route.hops):
+            if name not in self._layers or not 0 <= index < len(self._layers[name]):
+                raise RouteError(f"hop {k}: no layer {index} in model {name!r}")
+            next_scale = route.scales[k + 1] if k + 1 < len(route.hops) else 1.0
+            layers.append(hop_layer(self._layers[name][index], k, next_scale))
+        inner = self.model.model
+        inner._modules["layers"] = nn.ModuleList(layers)
+        embed = self.sources[self.head].model.embed_tokens
+        inner._modules["embed_tokens"] = embed if route.scales[0] == 1.0 else _Scaled(embed, route.scales[0])
+        _set_depth(self.model.config, route, {n: m.config for n, m in self.sources.items()})
+
+
+def _set_depth(config: PretrainedConfig, route: Route, sources: Mapping[str, PretrainedConfig]) -> None:
+    config.num_hidden_layers = len(route.hops)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [sources[m].layer_types[i] for m, i in route.hops]
+
+
+def export_state_dict(route: Route, tensors: Mapping[str, Mapping[str, Tensor]], tied: bool) -> dict[str, Tensor]:
+    """The route as the state dict of an ordinary model of the head model's architecture:
+    layer k holds hop k's weights, its MLP output projection scaled by hop k+1's scale, the
+    embedding by hop 0's. ``tied``: the head model ties embedding and head; the export then
+    carries an explicit ``lm_head.weight`` (the unscaled embedding) and must be untied."""
+    head = tensors[route.head]
+    out: dict[str, Tensor] = {k: v for k, v in head.items() if layer_index(k) is None}
+    embed_key = next(k for k in head if k.endswith("embed_tokens.weight"))
+    if route.scales[0] != 1.0:
+        if tied:
+            out["lm_head.weight"] = head[embed_key]
+        out[embed_key] = head[embed_key] * route.scales[0]
+    for k, (name, index) in enumerate(route.hops):
+        scale = route.scales[k + 1] if k + 1 < len(route.hops) else 1.0
+        prefix = f".layers.{index}."
+        found = False
+        for key, value in tensors[name].items():
+            if prefix not in key or layer_index(key) != index:
+                continue
+            found = True
+            new_key = key.replace(prefix, f".layers.{k}.", 1)
+            out[new_key] = value * scale if MLP_OUT in key and scale != 1.0 else value
+        if not found:
+            raise RouteError(f"hop {k}: model {name!r} has no tensors of layer {index}")
+    if not any(MLP_OUT in key for key in out):
+        raise RouteError(f"cannot fold hop scales: no {MLP_OUT.strip('.')} tensors (only Llama-family MLPs)")
+    return out
+
+
+def export_config(route: Route, configs: Mapping[str, PretrainedConfig]) -> PretrainedConfig:
+    """The head model's config with one layer per hop (and untied embeddings when scaled)."""
+    config = copy.deepcopy(configs[route.head])
+    _set_depth(config, route, configs)
+    if getattr(config, "tie_word_embeddings", False) and route.scales[0] != 1.0:
+        config.tie_word_embeddings = False
+    return config
+
+
+def path_text(route: Route, letters: Mapping[str, str] | None = None, decimals: int = 2) -> str:
+    """``A0 A1 B2×0.83 ...``: each hop as model letter + layer, its scale when not 1."""
+    letters = letters or {}
+    parts = []
+    for (name, index), scale in zip(route.hops, route.scales):
+        tag = f"{letters.get(name, name)}{index}"
+        parts.append(tag if abs(scale - 1.0) < 10 ** -decimals else f"{tag}×{scale:.{decimals}f}")
+    return " ".join(parts)
+
+
+def hops_of(layout: Sequence[tuple[str, int]], on: Sequence[bool]) -> tuple[tuple[str, int], ...]:
+    """The path through ``layout`` (the slots in order) keeping the slots that are on."""
+    return tuple(slot for slot, keep in zip(layout, on, strict=True) if keep)
