@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict, path_text
+from workers.recipe import Recipe
+from workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
 
 torch.set_num_threads(1)
 
@@ -53,7 +54,9 @@ def test_routing_shares_weights_and_leaves_sources_untouched(sources: dict[str, 
     assert sources["A"].config.num_hidden_layers == 2 and router.model.config.num_hidden_layers == 5
     router.model(ids)
     assert torch.equal(sources["A"](ids).logits, before)
-    assert path_text(MIXED, {"A": "A", "B": "B"}) == "A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30"
+    recipe = Recipe(kind="route", base="A", models=("A", "B"), route=MIXED.hops, scales=MIXED.scales)
+    assert recipe.path_text() == "A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30"
+    assert recipe.summary() == "route of 5 hops: A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30 (A=A, B=B)"
 
 
 @torch.no_grad()

@@ -22,6 +22,10 @@ class Recipe(BaseModel):
     """One candidate.
 
     ``kind="source"`` is a source model evaluated as it is (the leaderboard's baselines).
+    ``kind="route"`` is a data-flow-space model (:mod:`workers.routing`): ``models`` is the
+    collection (the first, also ``base``, gives embeddings, final norm, head and tokenizer),
+    ``route`` the hops (model, layer), ``scales`` one per hop, and ``members`` the recipes of
+    collection models that are merges themselves (PS+DFS: the evolved PS model).
     ``kind="merge"`` applies the operator ``method`` to ``base`` and the expert ``models``,
     then the ``transforms`` (e.g. LiNeS) in order. ``params[param][model]`` holds an
     expert's values of a per-expert parameter, ``shared[param]`` those of a parameter with
@@ -32,7 +36,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[2] = SCHEMA_VERSION
-    kind: Literal["source", "merge"]
+    kind: Literal["source", "merge", "route"]
     source: str | None = None
     method: str | None = None
     base: str | None = None
@@ -44,6 +48,9 @@ class Recipe(BaseModel):
     group_size: int | None = None  # layers per group under the layer_group layout
     normalize: bool = False
     seed: int = 0
+    route: tuple[tuple[str, int], ...] = ()
+    scales: tuple[float, ...] = ()
+    members: dict[str, "Recipe"] = {}
     label: str = ""  # human label such as "untuned merge"; not part of the identity
 
     @model_validator(mode="before")
@@ -61,6 +68,15 @@ class Recipe(BaseModel):
         if self.kind == "source":
             if not self.source:
                 raise ValueError("a source recipe names its source model")
+            return self
+        if self.kind == "route":
+            if not self.models or self.base != self.models[0]:
+                raise ValueError("a route recipe names its collection of models, the first being its base")
+            if len(self.scales) != len(self.route):
+                raise ValueError(f"a route of {len(self.route)} hops needs as many scales, got {len(self.scales)}")
+            unknown = [m for m, _ in self.route if m not in self.models]
+            if unknown:
+                raise ValueError(f"route hop names model {unknown[0]!r}, not in the collection {list(self.models)}")
             return self
         if not self.method or not self.base or not self.models:
             raise ValueError("a merge recipe names its method, base and expert models")
@@ -96,6 +112,10 @@ class Recipe(BaseModel):
         """A short human-readable line for leaderboards."""
         if self.kind == "source":
             return f"source {self.source}"
+        if self.kind == "route":
+            head = f"{self.label}: " if self.label else ""
+            legend = ", ".join(f"{chr(65 + i)}={m}" for i, m in enumerate(self.models))
+            return f"{head}route of {len(self.route)} hops: {self.path_text()} ({legend})"
         parts = []
         for model in self.models:
             vals = " ".join(
@@ -107,6 +127,19 @@ class Recipe(BaseModel):
         method = "+".join((self.method or "", *self.transforms))
         return f"{head}{method} " + " ".join(parts)
 
+
+    def path_text(self, decimals: int = 2) -> str:
+        """``A0 A1 B2×0.83 ...``: each hop as its model's letter (order of ``models``) and layer,
+        with its scale where it is not 1."""
+        letters = {m: chr(65 + i) for i, m in enumerate(self.models)}
+        parts = []
+        for (model, layer), scale in zip(self.route, self.scales):
+            tag = f"{letters[model]}{layer}"
+            parts.append(tag if abs(scale - 1.0) < 0.5 * 10 ** -decimals else f"{tag}×{scale:.{decimals}f}")
+        return " ".join(parts)
+
+
+Recipe.model_rebuild()
 
 _SHORT = {"weight": "w", "density": "d"}
 

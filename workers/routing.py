@@ -181,16 +181,6 @@ def export_config(route: Route, configs: Mapping[str, PretrainedConfig]) -> Pret
     return config
 
 
-def path_text(route: Route, letters: Mapping[str, str] | None = None, decimals: int = 2) -> str:
-    """``A0 A1 B2×0.83 ...``: each hop as model letter + layer, its scale when not 1."""
-    letters = letters or {}
-    parts = []
-    for (name, index), scale in zip(route.hops, route.scales):
-        tag = f"{letters.get(name, name)}{index}"
-        parts.append(tag if abs(scale - 1.0) < 10 ** -decimals else f"{tag}×{scale:.{decimals}f}")
-    return " ".join(parts)
-
-
 def hops_of(layout: Sequence[tuple[str, int]], on: Sequence[bool]) -> tuple[tuple[str, int], ...]:
     """The path through ``layout`` (the slots in order) keeping the slots that are on."""
     return tuple(slot for slot, keep in zip(layout, on, strict=True) if keep)
