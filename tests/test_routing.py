@@ -34,7 +34,7 @@ MIXED = Route("A", (("A", 0), ("B", 1), ("A", 1), ("A", 1), ("B", 0)), (0.9, 1.2
 
 @torch.no_grad()
 def test_identity_path_reproduces_model_a(sources: dict[str, LlamaForCausalLM]) -> None:
-    router = Router(sources, "A")
+    router = Router.over_models(sources, "A")
     router.apply(Route("A", (("A", 0), ("A", 1)), (1.0, 1.0)))
     ids = _ids()
     assert torch.equal(router.model(ids).logits, sources["A"](ids).logits)
@@ -44,7 +44,7 @@ def test_identity_path_reproduces_model_a(sources: dict[str, LlamaForCausalLM]) 
 def test_routing_shares_weights_and_leaves_sources_untouched(sources: dict[str, LlamaForCausalLM]) -> None:
     ids = _ids(1)
     before = sources["A"](ids).logits.clone()
-    router = Router(sources, "A")
+    router = Router.over_models(sources, "A")
     router.apply(MIXED)
     layers = router.model.model.layers
     assert layers[3].mlp.inner is sources["A"].model.layers[1].mlp  # shared, wrapped for the next scale
@@ -63,7 +63,7 @@ def test_routing_shares_weights_and_leaves_sources_untouched(sources: dict[str, 
 def test_cached_generation_equals_full_forward(sources: dict[str, LlamaForCausalLM]) -> None:
     """Each hop has its own KV-cache slot: decoding token by token with the cache gives the
     logits of a full forward pass, though A's layer 1 runs at two hops."""
-    router = Router(sources, "A")
+    router = Router.over_models(sources, "A")
     router.apply(MIXED)
     model, ids = router.model, _ids(2, batch=1, length=8)
     full = model(ids).logits
@@ -82,7 +82,7 @@ def test_cached_generation_equals_full_forward(sources: dict[str, LlamaForCausal
 @torch.no_grad()
 def test_export_is_an_ordinary_model_with_the_same_logits(sources: dict[str, LlamaForCausalLM],
                                                           tmp_path: Path) -> None:
-    router = Router(sources, "A")
+    router = Router.over_models(sources, "A")
     router.apply(MIXED)
     tensors = {n: m.state_dict() for n, m in sources.items()}
     config = export_config(MIXED, {n: m.config for n, m in sources.items()})
@@ -104,6 +104,33 @@ def test_incompatible_models_and_bad_routes_are_refused(sources: dict[str, Llama
         check_routable({"A": sources["A"].config, "W": wide.config}, "A")
     with pytest.raises(RouteError, match="empty path"):
         Route("A", (), ())
-    router = Router(sources, "A")
+    router = Router.over_models(sources, "A")
     with pytest.raises(RouteError, match="no layer 7 in model 'B'"):
         router.apply(Route("A", (("A", 0), ("B", 7)), (1.0, 1.0)))
+
+
+def test_replay_of_route_and_ps_route_recipes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A route recipe over a source and a merged member replays as an ordinary model whose
+    logits equal the worker's in-memory route (write_model_folder verifies it to 1e-4)."""
+    from workers.candidate_model import CandidateModel
+    from workers.materialize import Materializer
+    from workers.replay import write_model_folder
+
+    mat = Materializer({k: tiny_models[k] for k in ("base", "a", "b")}, "base")
+    ps = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a", "b"),
+                params={"weight": {"a": (0.6,), "b": (0.7,)}}, shared={"scale": (1.0,)})
+    route = Recipe(kind="route", base="ps", models=("ps", "a"), members={"ps": ps},
+                   route=(("ps", 0), ("a", 1), ("ps", 1), ("ps", 1)), scales=(1.1, 0.8, 1.0, 1.2))
+    folder = write_model_folder(mat, route, tmp_path / "route", "card")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert reloaded.config.num_hidden_layers == 4
+    candidate = CandidateModel(mat)
+    candidate.apply(route)
+    ids = _ids(5)
+    with torch.no_grad():
+        assert float((reloaded(ids).logits - candidate.model(ids).logits).abs().max()) <= 1e-4
+        # The identity route of the merged head is the PS model itself.
+        candidate.apply(route.model_copy(update={"route": (("ps", 0), ("ps", 1)), "scales": (1.0, 1.0)}))
+        routed = candidate.model(ids).logits.clone()
+        candidate.apply(ps)
+        assert torch.equal(routed, candidate.model(ids).logits)

@@ -20,6 +20,7 @@ import torch
 
 from evaluators.harness import Evaluator
 from evaluators.tasks import TaskSuite
+from workers.candidate_model import CandidateModel
 from workers.materialize import Materializer
 from workers.recipe import Recipe
 from workers.result import Failed, Job, Scored, TrialResult
@@ -47,6 +48,7 @@ class EvalWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device,
                                          spec.allow_pickle)
+        self.candidate = CandidateModel(self.materializer)  # sources, merges and layer routes
         self.evaluator = Evaluator(spec.suite, self.materializer.model, self.materializer.tokenizer,
                                    spec.batch_size, spec.device)
 
@@ -57,7 +59,7 @@ class EvalWorker:
         """Materialize ``job``'s recipe and score it; errors come back as :class:`Failed`."""
         start = time.perf_counter()
         try:
-            self.materializer.apply(Recipe.from_json(job.recipe_json))
+            self.candidate.apply(Recipe.from_json(job.recipe_json))
         except Exception as exc:  # a bad recipe or a non-finite merge fails this trial only
             return TrialResult(job, Failed(f"materialize: {_one_line(exc)}"), self.name,
                                time.perf_counter() - start, 0.0)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from workers.candidate_model import CandidateModel
 from workers.materialize import Materializer
 from workers.recipe import Recipe
+from workers.routing import Route, export_config, export_state_dict
 
 
 class ReplayError(RuntimeError):
@@ -58,16 +61,31 @@ def _fsync_tree(folder: Path) -> None:
 
 def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, card: str,
                        max_shard_size: str = "2GB") -> Path:
-    """Materialize ``recipe`` and write it to ``out`` (which must not exist yet)."""
+    """Materialize ``recipe`` and write it to ``out`` (which must not exist yet). A route
+    recipe is written as an ordinary model with one layer per hop (:func:`route_model`)."""
+    if recipe.kind == "route":
+        candidate = CandidateModel(materializer)
+        candidate.apply(recipe)
+        try:
+            return _write(route_model(materializer, recipe), materializer, recipe, out, card, max_shard_size,
+                          lambda folder: verify_route(candidate.model, folder))
+        finally:
+            candidate.release()
+    materializer.apply(recipe)
+    return _write(materializer.model, materializer, recipe, out, card, max_shard_size,
+                  lambda folder: verify_folder(materializer, folder))
+
+
+def _write(model: PreTrainedModel, materializer: Materializer, recipe: Recipe, out: Path, card: str,
+           max_shard_size: str, verify: Callable[[Path], None]) -> Path:
     out = out.resolve()
     if out.exists():
         raise ReplayError(f"output folder already exists: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    materializer.apply(recipe)
     try:
-        materializer.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         materializer.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         (tmp / "evomerge_recipe.json").write_text(recipe.to_json() + "\n")
@@ -76,8 +94,23 @@ def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, ca
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    verify_folder(materializer, out)
+    verify(out)
     return out
+
+
+@torch.no_grad()
+def route_model(materializer: Materializer, recipe: Recipe) -> PreTrainedModel:
+    """The route as an ordinary model of the head's architecture: one decoder layer per hop,
+    hop scales folded into the weights (:func:`workers.routing.export_state_dict`)."""
+    candidate = CandidateModel(materializer)
+    tensors = {name: candidate.tensors_of(recipe, name) for name in recipe.models}
+    config = materializer.model.config
+    route = Route(recipe.base or "", recipe.route, recipe.scales)
+    exported = export_config(route, {n: config for n in recipe.models})
+    state = export_state_dict(route, tensors, bool(getattr(config, "tie_word_embeddings", False)))
+    model = AutoModelForCausalLM.from_config(exported, dtype=materializer.model.dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -89,3 +122,15 @@ def verify_folder(materializer: Materializer, folder: Path) -> None:
     for key, param in reloaded.named_parameters():
         if key not in mine or not torch.equal(param.detach().cpu(), mine[key].detach().cpu()):
             raise ReplayError(f"written model differs from the materialized one at tensor {key}")
+
+
+@torch.no_grad()
+def verify_route(routed: PreTrainedModel, folder: Path, tolerance: float = 1e-4) -> None:
+    """Reload ``folder`` with plain transformers and check its logits equal the in-memory
+    route model's on random token ids (max abs difference ≤ ``tolerance``)."""
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=routed.dtype, trust_remote_code=False).eval()
+    vocab = int(reloaded.config.vocab_size)
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(routed.device)
+    diff = float((reloaded.to(routed.device)(ids).logits - routed(ids).logits).abs().max())
+    if not diff <= tolerance:
+        raise ReplayError(f"written route model's logits differ from the in-memory route's by {diff:.2e}")

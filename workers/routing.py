@@ -102,23 +102,36 @@ def hop_layer(layer: nn.Module, hop: int, mlp_scale: float) -> nn.Module:
 
 
 class Router:
-    """One routed model per worker, rebuilt per candidate from the sources' layers.
+    """Turns ``shell`` into route models, one candidate after another.
 
-    ``model`` is a fixed object (an evaluator may hold it): :meth:`apply` swaps its layer list,
-    embedding wrapper and config in place.
+    ``shell`` is a causal LM whose non-layer weights (embeddings, final norm, head) are the
+    head model's; it stays the same object (an evaluator may hold it): :meth:`apply` swaps
+    its layer list, embedding wrapper and depth in place, :meth:`restore` puts its own back.
+    ``stacks[name]`` are the decoder layers of each collection model (shared, never copied).
     """
 
-    def __init__(self, sources: Mapping[str, PreTrainedModel], head: str) -> None:
-        check_routable({n: m.config for n, m in sources.items()}, head)
-        self.sources = dict(sources)
+    def __init__(self, shell: PreTrainedModel, stacks: Mapping[str, Sequence[nn.Module]],
+                 configs: Mapping[str, PretrainedConfig], head: str) -> None:
+        check_routable(configs, head)
+        self.model = shell
         self.head = head
+        self._stacks = {n: list(s) for n, s in stacks.items()}
+        self._configs = dict(configs)
+        inner = shell.model
+        self._own = (inner._modules["layers"], inner._modules["embed_tokens"], shell.config.num_hidden_layers,
+                     copy.copy(getattr(shell.config, "layer_types", None)))
+
+    @classmethod
+    def over_models(cls, sources: Mapping[str, PreTrainedModel], head: str) -> "Router":
+        """A router on a shallow copy of ``sources[head]`` (the sources stay untouched)."""
         a = sources[head]
-        self.model: PreTrainedModel = _shallow(a)  # type: ignore[assignment]
-        self.model.config = copy.deepcopy(a.config)
+        shell: PreTrainedModel = _shallow(a)  # type: ignore[assignment]
+        shell.config = copy.deepcopy(a.config)
         inner = _shallow(a.model)
-        inner.config = self.model.config
-        self.model._modules["model"] = inner
-        self._layers = {n: list(m.model.layers) for n, m in sources.items()}
+        inner.config = shell.config
+        shell._modules["model"] = inner
+        return cls(shell, {n: list(m.model.layers) for n, m in sources.items()},
+                   {n: m.config for n, m in sources.items()}, head)
 
     def apply(self, route: Route) -> None:
         """Make ``model`` the route's model."""
@@ -126,15 +139,41 @@ class Router:
             raise RouteError(f"route's head model {route.head!r} is not this router's {self.head!r}")
         layers = []
         for k, (name, index) in enumerate(route.hops):
-            if name not in self._layers or not 0 <= index < len(self._layers[name]):
+            if name not in self._stacks or not 0 <= index < len(self._stacks[name]):
                 raise RouteError(f"hop {k}: no layer {index} in model {name!r}")
             next_scale = route.scales[k + 1] if k + 1 < len(route.hops) else 1.0
-            layers.append(hop_layer(self._layers[name][index], k, next_scale))
+            layers.append(hop_layer(self._stacks[name][index], k, next_scale))
         inner = self.model.model
         inner._modules["layers"] = nn.ModuleList(layers)
-        embed = self.sources[self.head].model.embed_tokens
+        embed = self._own[1]
         inner._modules["embed_tokens"] = embed if route.scales[0] == 1.0 else _Scaled(embed, route.scales[0])
-        _set_depth(self.model.config, route, {n: m.config for n, m in self.sources.items()})
+        _set_depth(self.model.config, route, self._configs)
+
+    def restore(self) -> None:
+        """Give the shell back its own layers, embedding and depth."""
+        inner = self.model.model
+        inner._modules["layers"], inner._modules["embed_tokens"] = self._own[0], self._own[1]
+        self.model.config.num_hidden_layers = self._own[2]
+        if self._own[3] is not None:
+            self.model.config.layer_types = copy.copy(self._own[3])
+
+
+def build_stack(template: nn.Module, config: PretrainedConfig, tensors: Mapping[str, Tensor]) -> list[nn.Module]:
+    """Decoder layers of one model built around ``tensors`` (its state dict) without copying them:
+    each layer is a ``type(template)(config, i)`` whose parameters are then *assigned* the
+    tensors, so the stack shares their storage."""
+    layers = []
+    count = 1 + max((i for i in map(layer_index, tensors) if i is not None), default=-1)
+    for i in range(count):
+        prefix = f"model.layers.{i}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        with torch.device("meta"):
+            layer = type(template)(config, i)  # type: ignore[call-arg]
+        layer.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):
+            raise RouteError(f"cannot build layer {i} of {type(template).__name__} from tensors (state beyond weights)")
+        layers.append(layer.eval())
+    return layers
 
 
 def _set_depth(config: PretrainedConfig, route: Route, sources: Mapping[str, PretrainedConfig]) -> None:
