@@ -61,7 +61,8 @@ class _Generation(Generic[K]):
 class AsyncCMA(Generic[K]):
     """CMA-ES with one-at-a-time asks and per-generation tells keyed by candidate ids."""
 
-    def __init__(self, x0: Sequence[float], sigma0: float, popsize: int, seed: int, stream: int = 0) -> None:
+    def __init__(self, x0: Sequence[float], sigma0: float, popsize: int, seed: int, stream: int = 0,
+                 diagonal: bool = False) -> None:
         # The sampling RNG belongs to this object: never numpy's global state, which
         # lm-eval and others reseed. ``stream`` separates the draws of resumed runs.
         self._rng = np.random.default_rng([seed, stream])
@@ -69,7 +70,9 @@ class AsyncCMA(Generic[K]):
         self._es = cma.CMAEvolutionStrategy(
             list(x0), sigma0,
             {"popsize": popsize, "seed": seed + 1, "verbose": -9, "randn": self._randn,
-             "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9})
+             "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9,
+             # separable CMA-ES (Ros & Hansen 2008): a diagonal covariance for large genomes
+             "CMA_diagonal": diagonal})
         self._current: _Generation[K] = _Generation(0)
         self._batch: list[np.ndarray] = []
 

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig, load_config
-from search.controller import Controller, StudyMismatch
-from search.leaderboard import best_candidate, build, render
+from search.controller import Controller, Space, StudyMismatch
+from search.leaderboard import best_candidate, build, combine, render
 from search.merge_file import load_merge_file
 from search.mergekit_compat import MergekitConfigError, to_mergekit
 from search.ledger import Ledger
 from search.pool import WorkerPool
 from search.progress import Progress
-from search.space import SearchSpace
+from search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from storage.engine import redacted
 from storage.repository import CandidateRecord, Repository
 from evaluators.tasks import task_config
@@ -26,6 +26,7 @@ from workers.materialize import Materializer
 from workers.recipe import Recipe
 from workers.registry import ParamSpec
 from workers.replay import ReplayError, model_card, write_model_folder
+from workers.routing import RouteError, check_routable
 from workers.sources import SourceModel, read_config, validate_sources
 
 class UsageError(ValueError):
@@ -43,7 +44,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo.yaml"
 class Prepared:
     cfg: SearchConfig
     folders: dict[str, Path]
-    space: SearchSpace
+    space: Space  # the first stage's: PS for ps and ps+dfs, routes for dfs
     allow_pickle: bool = False
 
 
@@ -55,15 +56,13 @@ def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
         task_config(spec, suite, suite.search_split)
         if suite.heldout_split is not None:
             task_config(spec, suite, suite.heldout_split)
-    num_layers = int(read_config(cfg.base_model, folders[cfg.base_model]).num_hidden_layers)
-    m = cfg.merge
-    space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers, layout=m.granularity,
-                              group_size=m.layout_group_size, points=m.points, transforms=m.transforms,
-                              normalize=m.normalize, seed=m.seed, ranges=m.ranges, fixed=m.fixed)
-    if space.dim == 0:
-        raise ConfigError(f"merge.method {m.method}: nothing to search (every parameter is fixed); give a "
-                          "parameter a range, or add a transform such as lines")
-    return Prepared(cfg, folders, space, allow_pickle)
+    if cfg.space == "dfs":
+        try:
+            check_routable({m: read_config(m, folders[m]) for m in collection(cfg)}, collection(cfg)[0])
+        except RouteError as exc:
+            raise ConfigError(f"dfs.models: {exc}") from None
+        return Prepared(cfg, folders, route_space(cfg, folders, {}), allow_pickle)
+    return Prepared(cfg, folders, ps_space(cfg, folders), allow_pickle)
 
 
 def open_repo(url: str) -> Repository:
@@ -77,7 +76,42 @@ def open_repo(url: str) -> Repository:
 
 def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: str | None,
                max_trials: int, timeout_s: float | None) -> tuple[Repository, int]:
-    """Create or resume ``study`` and search; returns the repository and the study id."""
+    """Create or resume ``study`` and search (PS+DFS: both stages); returns the repository and
+    the last stage's study id."""
+    cfg = prep.cfg
+    if cfg.space != "ps+dfs":
+        return _run_study(prep, prep.space, url, study, workers, ray_address, max_trials, timeout_s)
+    if cfg.dfs.ps_study:
+        repo = open_repo(url)
+        record = repo.get_study(cfg.dfs.ps_study)
+        if record is None:
+            raise UsageError(f"dfs.ps_study {cfg.dfs.ps_study!r} is not a study in {redacted(url)}")
+        ps_id = record.id
+    else:
+        repo, ps_id = _run_study(prep, prep.space, url, study, workers, ray_address, max_trials, timeout_s)
+    space = route_space(cfg, prep.folders, {PS_MEMBER: _ps_member(repo, ps_id, dfs_study(study))})
+    return _run_study(prep, space, url, dfs_study(study), workers, ray_address, cfg.dfs.max_trials or max_trials,
+                      timeout_s)
+
+
+def _ps_member(repo: Repository, ps_id: int, dfs_name: str) -> Recipe:
+    """The PS model of a PS+DFS search: the one its DFS study already uses, else the PS study's best."""
+    record = repo.get_study(dfs_name)
+    if record is not None:
+        for cand in repo.candidates(record.id):
+            members = Recipe.from_json(cand.recipe_json).members
+            if PS_MEMBER in members:
+                return members[PS_MEMBER]
+    best = best_candidate(repo.candidates(ps_id))
+    if best is None:
+        raise UsageError("the PS stage has no completed trial: nothing to route over")
+    if best.duplicate_of is not None:
+        best = repo.candidate(best.duplicate_of)
+    return Recipe.from_json(best.recipe_json).model_copy(update={"label": ""})
+
+
+def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int, ray_address: str | None,
+               max_trials: int, timeout_s: float | None) -> tuple[Repository, int]:
     cfg = prep.cfg
     repo = open_repo(url)
     record = repo.get_study(study)
@@ -85,19 +119,19 @@ def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: 
         record = repo.create_study(study, cfg.model_dump_json())
     elif SearchConfig.model_validate_json(record.config_json).identity_json() != cfg.identity_json():
         raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
-                            "(models, merge, optimizer or tasks); use another --study")
+                            "(models, space, merge, dfs, optimizer or tasks); use another --study")
     ledger = Ledger(url, study)
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
                       "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads,
                       prep.allow_pickle)
-    controller = Controller(cfg, repo, ledger, prep.space,
+    controller = Controller(cfg, repo, ledger, space,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address),
                             record.id)
     done_before = sum(1 for c in repo.candidates(record.id) if c.state in ("complete", "failed"))
     progress = Progress(max_trials, done_before)
     print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
-          f"{workers} worker(s), {prep.space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
+          f"{workers} worker(s), {space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
     try:
         summary = controller.run(max_trials, timeout_s, progress)
         progress.close()
@@ -122,9 +156,11 @@ def cmd_search(args: argparse.Namespace, url: str) -> int:
 def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, str]:
     names = repo.study_names()
     if name is None:
-        if len(names) != 1:
+        # a PS+DFS search's second stage is shown with (and replayed from) its first
+        firsts = [n for n in names if not (n.endswith(":dfs") and n.removesuffix(":dfs") in names)]
+        if len(firsts) != 1:
             raise UsageError(f"{redacted(url)} holds {len(names)} studies {names}: name one with --study")
-        name = names[0]
+        name = firsts[0]
     record = repo.get_study(name)
     if record is None:
         raise UsageError(f"no study {name!r} in {redacted(url)} (studies: {names})")
@@ -135,6 +171,9 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
     repo = open_repo(url)
     name, study_id, _ = _study_id(repo, args.study, url)
     board = build(name, repo.candidates(study_id), args.top)
+    dfs = repo.get_study(dfs_study(name))
+    if dfs is not None:  # a PS+DFS search: one leaderboard over both stages
+        board = combine(name, [(f"ps", board), ("dfs", build(dfs.name, repo.candidates(dfs.id), args.top))])
     if args.json:
         print_json(board.to_json())
     else:
@@ -163,6 +202,17 @@ def _replayed(repo: Repository, study_id: int, trial: int | None) -> tuple[Candi
     return cand, Recipe.from_json(cand.recipe_json)
 
 
+def _best_stage(repo: Repository, name: str, study_id: int, trial: int | None) -> tuple[str, int]:
+    """Without --trial, a PS+DFS search replays the best of both stages."""
+    dfs = repo.get_study(dfs_study(name))
+    if trial is not None or dfs is None:
+        return name, study_id
+    ps_best, dfs_best = best_candidate(repo.candidates(study_id)), best_candidate(repo.candidates(dfs.id))
+    if dfs_best is not None and (ps_best is None or (dfs_best.fitness or 0.0) > (ps_best.fitness or 0.0)):
+        return dfs.name, dfs.id
+    return name, study_id
+
+
 def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path,
            allow_pickle: bool = False) -> Path:
     """Write a candidate of the study as a model folder; returns the folder."""
@@ -181,6 +231,7 @@ def replay(repo: Repository, study: str, study_id: int, config_json: str, trial:
 def cmd_replay(args: argparse.Namespace, url: str) -> int:
     repo = open_repo(url)
     name, study_id, config_json = _study_id(repo, args.study, url)
+    name, study_id = _best_stage(repo, name, study_id, args.trial)
     if args.out is None and args.mergekit_yaml is None:
         raise UsageError("give --out (a model folder), --mergekit-yaml (a mergekit config), or both")
     out = Path(args.out) if args.out else None

@@ -86,12 +86,39 @@ class MergeConfig(_Strict):
         return self.group_size if self.granularity == "layer_group" else None
 
 
+class DfsConfig(_Strict):
+    """Data-flow-space (layer routing) search: which models, and how the genome is laid out."""
+
+    models: list[str] = []  # the collection, A first (embeddings, head, tokenizer); default base_model + experts
+    repeats: int = Field(2, ge=1)  # r: the layout of all layers is repeated r times (paper: 3)
+    block: int = Field(1, ge=1)  # layers per slot (1 = single layers)
+    pin_ends: bool = True  # A's first and last layers always start and end the path
+    scales: Literal["per_hop", "none"] = "per_hop"  # one scale gene per slot, or all scales 1
+    scale_range: tuple[float, float] = (0.0, 2.0)
+    max_hops: int | None = Field(None, ge=1)  # default: every slot on
+    memory_gb: float | None = Field(None, gt=0)  # reject paths whose activations + KV cache exceed this
+    max_trials: int | None = Field(None, ge=1)  # ps+dfs: the DFS stage's budget (default budget.max_trials)
+    ps_study: str | None = None  # ps+dfs: take the PS model from this existing study instead of running PS
+
+    @model_validator(mode="after")
+    def _check(self) -> "DfsConfig":
+        low, high = self.scale_range
+        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+            raise ValueError(f"scale_range: need finite 0 <= low < high, got [{low}, {high}]")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: duplicate names in {self.models}")
+        return self
+
+
 class OptimizerConfig(_Strict):
     name: Literal["cma"] = "cma"
     popsize: int | None = Field(None, ge=2)  # default 4 + floor(3 ln n), as in pycma and the paper
     sigma0: float = Field(1 / 6, gt=0, le=1)  # in the unit box (Sakana: 1/6)
     init: float = Field(0.5, ge=0, le=1)  # every gene starts here (Sakana: 0.5)
     seed: int = 0
+    # separable CMA-ES (diagonal covariance): O(n) per update instead of O(n^2) and learns
+    # n times faster per generation; the default for DFS's hundreds of genes (None = auto)
+    diagonal: bool | None = None
 
 
 class TaskEntry(_Strict):
@@ -128,7 +155,9 @@ class SearchConfig(_Strict):
     study: str = Field("evomerge", min_length=1)
     models: list[ModelEntry] = Field(min_length=2)
     base_model: str
+    space: Literal["ps", "dfs", "ps+dfs"] = "ps"
     merge: MergeConfig = MergeConfig()
+    dfs: DfsConfig = DfsConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     evaluation: EvaluationConfig
     budget: BudgetConfig = BudgetConfig()
@@ -141,7 +170,14 @@ class SearchConfig(_Strict):
             raise ValueError(f"models: duplicate names in {names}")
         if self.base_model not in names:
             raise ValueError(f"base_model {self.base_model!r} is not one of the models {names}")
+        if "ps" in names and self.space == "ps+dfs":
+            raise ValueError("models: 'ps' names the PS model of a ps+dfs search; rename that model")
+        allowed = names + (["ps"] if self.space == "ps+dfs" else [])
+        unknown = [m for m in self.dfs.models if m not in allowed]
+        if unknown:
+            raise ValueError(f"dfs.models: {unknown[0]!r} is not one of the models {allowed}")
         return self
+
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -159,7 +195,9 @@ class SearchConfig(_Strict):
     def identity_json(self) -> str:
         """What a study is defined by: a resumed search must not change these."""
         return self.model_dump_json(include={
-            "models": True, "base_model": True, "merge": True, "optimizer": True,
+            "models": True, "base_model": True, "space": True, "merge": True, "optimizer": True,
+            "dfs": {"models", "repeats", "block", "pin_ends", "scales", "scale_range", "max_hops", "memory_gb",
+                    "ps_study"},
             "evaluation": {"tasks", "search_split", "heldout_split", "limit"}})
 
 

@@ -25,6 +25,7 @@ from search.leaderboard import best_candidate
 from search.ledger import Ledger
 from search.pool import Crash, WorkerPool
 from search.progress import Progress
+from search.dfs_space import RouteSpace
 from search.space import SearchSpace
 from storage.repository import CandidateRecord, Repository
 from workers.recipe import Recipe
@@ -62,8 +63,17 @@ def _owner_alive(owner: str) -> bool:
     return True
 
 
-def baseline_recipes(cfg: SearchConfig, space: SearchSpace) -> list[tuple[str, Recipe]]:
-    """The sources themselves, a uniform soup, and the search's method at its initial genes."""
+Space = SearchSpace | RouteSpace
+
+
+def baseline_recipes(cfg: SearchConfig, space: Space) -> list[tuple[str, Recipe]]:
+    """PS: the sources themselves, a uniform soup, and the search's method at its initial genes.
+    DFS: the collection's models as they are (merged members as merges) and model A as a route."""
+    if isinstance(space, RouteSpace):
+        members = dict(space.members)
+        out = [("source", members[m].model_copy(update={"label": f"PS model {m}"}) if m in members
+                else Recipe(kind="source", source=m, label=f"source {m}")) for m in space.models]
+        return out + [("untuned", space.identity(label=f"model {space.models[0]} as a route"))]
     out: list[tuple[str, Recipe]] = [("source", Recipe(kind="source", source=m.name, label=f"source {m.name}"))
                                      for m in cfg.models]
     experts = cfg.experts
@@ -78,7 +88,7 @@ def baseline_recipes(cfg: SearchConfig, space: SearchSpace) -> list[tuple[str, R
 class Controller:
     """Drives one study: ``run`` the search, then ``rescore_heldout`` the leaders."""
 
-    def __init__(self, cfg: SearchConfig, repo: Repository, ledger: Ledger, space: SearchSpace,
+    def __init__(self, cfg: SearchConfig, repo: Repository, ledger: Ledger, space: Space,
                  pool_factory: Callable[[], WorkerPool], study_id: int) -> None:
         self.cfg, self.repo, self.ledger, self.space = cfg, repo, ledger, space
         self.study_id = study_id
@@ -126,10 +136,12 @@ class Controller:
     def _rebuild_optimizer(self, cands: list[CandidateRecord]) -> None:
         """CMA-ES from scratch, then every stored generation told again, in order."""
         by_id = {c.id: c for c in cands}
-        x0 = [self.cfg.optimizer.init] * self.space.dim
+        x0 = self.space.initial(self.cfg.optimizer.init)
         cma_count = sum(1 for c in cands if c.origin == "cma")
+        diagonal = self.cfg.optimizer.diagonal
         self.cma = AsyncCMA(x0, self.cfg.optimizer.sigma0, self.popsize, self.cfg.optimizer.seed,
-                            stream=cma_count)
+                            stream=cma_count,
+                            diagonal=isinstance(self.space, RouteSpace) if diagonal is None else diagonal)
         told: set[int] = set()
         for ids in self.repo.generations(self.study_id):
             self.cma.replay([by_id[i].genes or () for i in ids], [self._loss(by_id[i]) for i in ids])
@@ -214,6 +226,10 @@ class Controller:
         if running is not None and running != cand.id:
             self._waiting.setdefault(running, []).append((cand.id, number))
             return 0
+        reason = self.space.reject(Recipe.from_json(cand.recipe_json))
+        if reason is not None:  # e.g. an empty or too long route: recorded, never evaluated
+            self.repo.end_attempt(cand.id, "search", None, f"rejected: {reason}")
+            return self._fail(cand, number, f"rejected before evaluation: {reason}", None)
         self._unfinished[cand.recipe_hash] = cand.id
         self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt))
         return 0
@@ -235,7 +251,7 @@ class Controller:
         bounds: dict[str, tuple[float, float]] = {}
         if cand.origin == "cma" or self.space.belongs(recipe):
             params = self.space.params_of(recipe)
-            bounds = {n: (g.low, g.high) for n, g in zip(self.space.names(), self.space.genes)}
+            bounds = self.space.bounds()
         attrs = {"candidate_id": cand.id, "origin": cand.origin, "recipe": recipe.summary(),
                  "recipe_hash": cand.recipe_hash, "generation": cand.generation, "attempt": cand.attempt + 1}
         return self.ledger.open_trial(params, bounds, attrs)

@@ -59,6 +59,7 @@ class RouteSpace:
     scale_range: tuple[float, float]
     limits: RouteLimits
     members: tuple[tuple[str, Recipe], ...] = ()  # collection models that are merges (PS+DFS)
+    scale_genes: bool = True  # False: every hop at scale 1, inclusion genes only
 
     @property
     def slots(self) -> tuple[Slot, ...]:
@@ -73,7 +74,7 @@ class RouteSpace:
 
     @property
     def dim(self) -> int:
-        return 2 * len(self.slots)
+        return (2 if self.scale_genes else 1) * len(self.slots)
 
     def _letters(self) -> dict[str, str]:
         return {m: chr(65 + i) for i, m in enumerate(self.models)}
@@ -81,7 +82,8 @@ class RouteSpace:
     def names(self) -> list[str]:
         letters = self._letters()
         slots = self.slots
-        return [f"{s.name(letters[s.model])}.on" for s in slots] + [f"{s.name(letters[s.model])}.scale" for s in slots]
+        scales = [f"{s.name(letters[s.model])}.scale" for s in slots] if self.scale_genes else []
+        return [f"{s.name(letters[s.model])}.on" for s in slots] + scales
 
     def x0(self) -> list[float]:
         """The paper's start: A's layers of the first repetition on, all scales 1."""
@@ -89,31 +91,36 @@ class RouteSpace:
         unit_one = (1.0 - low) / (high - low)
         on = [0.5 + INIT_MARGIN if s.repeat == 0 and s.model == self.models[0] else 0.5 - INIT_MARGIN
               for s in self.slots]
-        return on + [unit_one] * len(self.slots)
+        return on + ([unit_one] * len(self.slots) if self.scale_genes else [])
 
     def decode(self, unit: Sequence[float], label: str = "") -> Recipe:
         """The route of a genome (genes outside the unit box are clipped to it)."""
         x = np.clip(np.asarray(unit, dtype=float), 0.0, 1.0)
         slots = self.slots
-        if len(x) != 2 * len(slots):
-            raise ValueError(f"genome of {len(x)} genes for a space of {2 * len(slots)}")
+        if len(x) != self.dim:
+            raise ValueError(f"genome of {len(x)} genes for a space of {self.dim}")
         low, high = self.scale_range
+        scale_units = x[len(slots):] if self.scale_genes else np.full(len(slots), (1.0 - low) / (high - low))
         hops: list[tuple[str, int]] = []
         scales: list[float] = []
         head, last = self.models[0], self.num_layers[0] - 1
         if self.pin_ends:
             hops.append((head, 0))
             scales.append(1.0)
-        for slot, on, g in zip(slots, x[: len(slots)], x[len(slots):]):
+        for slot, on, g in zip(slots, x[: len(slots)], scale_units):
             if on - 0.5 > 0:  # I_t > 0
                 for k, layer in enumerate(slot.layers):
                     hops.append((slot.model, layer))
-                    scales.append(round(low + float(g) * (high - low), DECIMALS) if k == 0 else 1.0)
+                    scales.append(round(low + float(g) * (high - low), DECIMALS) if k == 0 and self.scale_genes else 1.0)
         if self.pin_ends and last > 0:
             hops.append((head, last))
             scales.append(1.0)
         return Recipe(kind="route", base=head, models=self.models, route=tuple(hops), scales=tuple(scales),
                       members=dict(self.members), label=label)
+
+    def initial(self, init: float) -> list[float]:
+        """The optimizer's starting point (``init`` is the PS setting; routes start from A)."""
+        return self.x0()
 
     def identity(self, label: str = "") -> Recipe:
         """Model A as a route (its layers in order, scales 1)."""

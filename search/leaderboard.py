@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from storage.repository import CandidateRecord
 from workers.recipe import Recipe
@@ -56,6 +56,16 @@ def build(study: str, cands: list[CandidateRecord], top: int) -> Board:
     count = {s: sum(1 for c in cands if c.state == s) for s in ("complete", "failed", "running", "queued")}
     return Board(study, count["complete"] + count["failed"], count["failed"], count["running"],
                  count["queued"], shown)
+
+
+def combine(study: str, stages: list[tuple[str, Board]]) -> Board:
+    """One board over several studies (PS+DFS stages): rows re-ranked by search fitness, each
+    origin prefixed by its stage."""
+    rows = [replace(r, origin=f"{stage}:{r.origin}") for stage, board in stages for r in board.rows]
+    rows.sort(key=lambda r: (-r.fitness, r.origin, r.candidate))
+    rows = [replace(r, rank=i) for i, r in enumerate(rows, 1)]
+    total = {f: sum(getattr(b, f) for _, b in stages) for f in ("done", "failed", "running", "queued")}
+    return Board(study, total["done"], total["failed"], total["running"], total["queued"], rows)
 
 
 def render(board: Board) -> str:

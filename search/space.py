@@ -133,6 +133,17 @@ class SearchSpace:
         return (recipe.kind == "merge" and recipe.method == self.method and recipe.models == self.experts
                 and recipe.transforms == self.transforms)
 
+    def initial(self, init: float) -> list[float]:
+        """The optimizer's starting point: every gene at ``init`` (Sakana: 0.5)."""
+        return [init] * self.dim
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return {n: (g.low, g.high) for n, g in zip(self.names(), self.genes)}
+
+    def reject(self, recipe: Recipe) -> str | None:
+        """Every PS recipe of this space can be evaluated."""
+        return None
+
     def params_of(self, recipe: Recipe) -> dict[str, float]:
         """Gene name -> real parameter value (what Optuna and the dashboard show)."""
         return {n: round(float(g.low + u * (g.high - g.low)), DECIMALS)

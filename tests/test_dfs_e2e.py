@@ -1,0 +1,68 @@
+"""PS+DFS end to end on the demo models, with real Ray, lm-eval and SQLite: a PS study, then a
+DFS study over the PS model and the experts, one leaderboard, and the replay of a route."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.test_search_e2e import demo_config, evomerge, query
+
+
+@pytest.fixture(scope="module")
+def ps_dfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("psdfs")
+    cfg = demo_config(tmp / "psdfs.yaml", max_trials=10, limit=24, space="ps+dfs",
+                      dfs={"repeats": 2, "max_trials": 14, "max_hops": 7})
+    evomerge("search", str(cfg), "--storage", f"sqlite:///{tmp / 'r.db'}", "--workers", "2", cwd=tmp)
+    return tmp, tmp / "r.db"
+
+
+def test_both_stages_are_recorded_in_one_storage(ps_dfs: tuple[Path, Path]) -> None:
+    _, db = ps_dfs
+    studies = dict(query(db, "select name, id from evomerge_studies"))
+    assert set(studies) == {"t", "t:dfs"}
+    rows = query(db, f"select recipe_json, state, origin, error from evomerge_candidates where study_id={studies['t:dfs']}")
+    assert len([r for r in rows if r[1] in ("complete", "failed")]) == 14
+    recipes = [json.loads(r[0]) for r in rows]
+    routes = [r for r in recipes if r["kind"] == "route"]
+    assert routes and all(r["models"] == ["ps", "cipher_a", "cipher_b"] and "ps" in r["members"] for r in routes)
+    ps_best = query(db, f"select recipe_json from evomerge_candidates where study_id={studies['t']} and "
+                        "state='complete' order by fitness desc, id asc limit 1")[0][0]
+    assert all(json.loads(ps_best)["params"] == r["members"]["ps"]["params"] for r in routes)
+    # Too-long paths were refused before evaluation, with their reason recorded.
+    for recipe, state, _, error in rows:
+        hops = len(json.loads(recipe).get("route", []))
+        if json.loads(recipe)["kind"] == "route" and hops > 7:
+            assert state == "failed" and "exceeds dfs.max_hops 7" in error
+
+
+def test_one_leaderboard_shows_paths_and_both_stages(ps_dfs: tuple[Path, Path]) -> None:
+    tmp, db = ps_dfs
+    out = evomerge("status", "--storage", f"sqlite:///{db}", cwd=tmp).stdout
+    assert "ps:source" in out and "dfs:" in out and "route of" in out and "A0" in out
+    board = json.loads(evomerge("status", "--storage", f"sqlite:///{db}", "--json", cwd=tmp).stdout)
+    origins = {r["origin"].split(":")[0] for r in board["rows"]}
+    assert origins == {"ps", "dfs"} and any(r["heldout"] for r in board["rows"] if r["origin"].startswith("dfs"))
+
+
+def test_replay_of_the_best_route_is_an_ordinary_model(ps_dfs: tuple[Path, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tmp, db = ps_dfs
+    trial, recipe_json = query(db, "select c.trial_number, c.recipe_json from evomerge_candidates c join "
+                                   "evomerge_studies s on s.id=c.study_id where s.name='t:dfs' and c.state="
+                                   "'complete' and c.origin='cma' order by c.fitness desc limit 1")[0]
+    out = tmp / "route-model"
+    evomerge("replay", "--storage", f"sqlite:///{db}", "--study", "t:dfs", "--trial", str(trial),
+             "--out", str(out), cwd=tmp)
+    recipe = json.loads(recipe_json)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    assert model.config.num_hidden_layers == len(recipe["route"])
+    assert json.loads((out / "evomerge_recipe.json").read_text())["route"] == recipe["route"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
