@@ -49,6 +49,9 @@ class EvalWorker:
         self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device,
                                          spec.allow_pickle)
         self.candidate = CandidateModel(self.materializer)  # sources, merges and layer routes
+        # Scoring passes never reuse a KV cache: do not build one (each route hop would hold its
+        # own). lm-eval's generation asks for the cache explicitly.
+        self.materializer.model.config.use_cache = False
         self.evaluator = Evaluator(spec.suite, self.materializer.model, self.materializer.tokenizer,
                                    spec.batch_size, spec.device)
 
