@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray workers (default: the demo config's)")
     p.add_argument("--max-trials", type=int, help="trial budget (default: the demo config's)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--routing", action="store_true",
+                   help="also run the layer-routing demos (DFS, and PS+DFS on the PS demo's best model) "
+                        "and show all three in one leaderboard")
 
     p = sub.add_parser("search", help="start a search, or resume it if the study exists")
     p.add_argument("config", help="search config (YAML)")

@@ -136,8 +136,14 @@ class RouteSpace:
         """What Optuna and the dashboard show for a route: its length (the path is an attribute)."""
         return {"hops": float(len(recipe.route))}
 
+    @property
+    def longest(self) -> int:
+        """The longest path this space can decode (every slot on)."""
+        return sum(len(s.layers) for s in self.slots) + (2 if self.pin_ends else 0)
+
     def bounds(self) -> dict[str, tuple[float, float]]:
-        return {"hops": (0.0, float(max(self.limits.max_hops, 1)))}
+        """Optuna's range of the ``hops`` parameter: every decodable path, rejected ones included."""
+        return {"hops": (0.0, float(max(self.longest, 1)))}
 
     def box_violation(self, unit: Sequence[float]) -> float:
         x = np.asarray(unit, dtype=float)

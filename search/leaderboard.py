@@ -61,7 +61,13 @@ def build(study: str, cands: list[CandidateRecord], top: int) -> Board:
 def combine(study: str, stages: list[tuple[str, Board]]) -> Board:
     """One board over several studies (PS+DFS stages): rows re-ranked by search fitness, each
     origin prefixed by its stage."""
-    rows = [replace(r, origin=f"{stage}:{r.origin}") for stage, board in stages for r in board.rows]
+    rows, seen = [], set()
+    for stage, board in stages:
+        for r in board.rows:
+            if r.origin != "cma" and r.recipe in seen:
+                continue  # a baseline already shown by an earlier stage
+            seen.add(r.recipe)
+            rows.append(replace(r, origin=f"{stage}:{r.origin}"))
     rows.sort(key=lambda r: (-r.fitness, r.origin, r.candidate))
     rows = [replace(r, rank=i) for i, r in enumerate(rows, 1)]
     total = {f: sum(getattr(b, f) for _, b in stages) for f in ("done", "failed", "running", "queued")}

@@ -53,8 +53,7 @@ def route_space(cfg: SearchConfig, folders: Mapping[str, Path], members: Mapping
     counts = tuple(int(read_config(m, folders[m]).num_hidden_layers) if m in folders else int(base.num_hidden_layers)
                    for m in models)
     d = cfg.dfs
-    probe = RouteSpace(models, counts, d.repeats, d.block, d.pin_ends, d.scale_range, RouteLimits(1))
-    every = sum(len(s.layers) for s in probe.slots) + (2 if d.pin_ends else 0)
+    every = RouteSpace(models, counts, d.repeats, d.block, d.pin_ends, d.scale_range, RouteLimits(1)).longest
     limits = RouteLimits(d.max_hops or every, d.memory_gb * 2**30 if d.memory_gb else None,
                          _bytes_per_hop(base, cfg))
     return RouteSpace(models, counts, d.repeats, d.block, d.pin_ends, d.scale_range, limits,

@@ -17,7 +17,7 @@ from tests.test_search_e2e import demo_config, evomerge, query
 def ps_dfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("psdfs")
     cfg = demo_config(tmp / "psdfs.yaml", max_trials=10, limit=24, space="ps+dfs",
-                      dfs={"repeats": 2, "max_trials": 14, "max_hops": 7})
+                      dfs={"repeats": 2, "max_trials": 14, "max_hops": 5})
     evomerge("search", str(cfg), "--storage", f"sqlite:///{tmp / 'r.db'}", "--workers", "2", cwd=tmp)
     return tmp, tmp / "r.db"
 
@@ -34,11 +34,10 @@ def test_both_stages_are_recorded_in_one_storage(ps_dfs: tuple[Path, Path]) -> N
     ps_best = query(db, f"select recipe_json from evomerge_candidates where study_id={studies['t']} and "
                         "state='complete' order by fitness desc, id asc limit 1")[0][0]
     assert all(json.loads(ps_best)["params"] == r["members"]["ps"]["params"] for r in routes)
-    # Too-long paths were refused before evaluation, with their reason recorded.
-    for recipe, state, _, error in rows:
-        hops = len(json.loads(recipe).get("route", []))
-        if json.loads(recipe)["kind"] == "route" and hops > 7:
-            assert state == "failed" and "exceeds dfs.max_hops 7" in error
+    # Too-long paths were refused before evaluation, with their reason recorded (the start is
+    # model A's 4 layers; most proposals switch on more than one further slot).
+    long = [(state, error) for recipe, state, _, error in rows if len(json.loads(recipe).get("route", [])) > 5]
+    assert long and all(state == "failed" and "exceeds dfs.max_hops 5" in error for state, error in long)
 
 
 def test_one_leaderboard_shows_paths_and_both_stages(ps_dfs: tuple[Path, Path]) -> None:

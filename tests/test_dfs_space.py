@@ -39,6 +39,8 @@ def test_paths_follow_the_layout_and_pin_ends(data: st.DataObject, pin: bool, bl
         assert recipe.scales[0] == 1.0 and recipe.scales[-1] == 1.0
     on = sum(1 for g in genes[: len(space.slots)] if g > 0.5)
     assert len(path) <= on * block + (2 if pin else 0)
+    low, high = space.bounds()["hops"]  # Optuna must accept every path's length, rejected ones too
+    assert low <= space.params_of(recipe)["hops"] <= high
     assert all(0.0 <= s <= 2.0 for s in recipe.scales)
     assert Recipe.from_json(recipe.to_json()) == recipe
 
@@ -60,6 +62,7 @@ def test_rejections_are_reasons_not_crashes() -> None:
     assert off.route == () and space.reject(off) == "empty path: no slot is on"
     every = space.decode([1.0] * space.dim)
     assert "exceeds dfs.max_hops 5" in (space.reject(every) or "")
+    assert len(every.route) == space.longest and space.bounds()["hops"] == (0.0, float(space.longest))
     roomy = _space(pin=False, max_hops=50, memory=6000.0)
     assert "GiB of activations" in (roomy.reject(roomy.decode([1.0] * roomy.dim)) or "")
     assert roomy.reject(roomy.decode(roomy.x0())) is None
