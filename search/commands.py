@@ -56,11 +56,13 @@ def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
         task_config(spec, suite, suite.search_split)
         if suite.heldout_split is not None:
             task_config(spec, suite, suite.heldout_split)
-    if cfg.space == "dfs":
+    routed = [m for m in collection(cfg) if m in folders]  # the PS model of ps+dfs has the base's config
+    if cfg.space != "ps" and routed:
         try:
-            check_routable({m: read_config(m, folders[m]) for m in collection(cfg)}, collection(cfg)[0])
+            check_routable({m: read_config(m, folders[m]) for m in routed}, routed[0])
         except RouteError as exc:
             raise ConfigError(f"dfs.models: {exc}") from None
+    if cfg.space == "dfs":
         return Prepared(cfg, folders, route_space(cfg, folders, {}), allow_pickle)
     return Prepared(cfg, folders, ps_space(cfg, folders), allow_pickle)
 

@@ -23,3 +23,20 @@ def test_identity_ignores_budget_and_workers() -> None:
     assert more.identity_json() == demo.identity_json()
     other = demo.model_copy(update={"merge": demo.merge.model_copy(update={"seed": 1})})
     assert other.identity_json() != demo.identity_json()
+
+
+def test_demo_routing_studies_prepare() -> None:
+    """`evomerge demo --routing`: a DFS study over the experts and a PS+DFS study over the PS
+    demo's model and the experts; both validate and build their spaces without a search."""
+    from search.commands import _routing_demos, prepare
+    from search.dfs_space import RouteSpace
+    from search.space import SearchSpace
+
+    demo = load_config(ROOT / "demo" / "demo.yaml")
+    (label_a, dfs), (label_b, both) = _routing_demos(demo)
+    assert (label_a, label_b) == ("dfs", "ps+dfs") and dfs.study == "demo-dfs"
+    space = prepare(dfs).space
+    assert isinstance(space, RouteSpace) and space.models == ("cipher_a", "cipher_b")
+    assert space.decode(space.x0()).route == tuple(("cipher_a", i) for i in range(4))
+    assert both.dfs.models == ["ps", "cipher_a", "cipher_b"] and both.dfs.ps_study == "demo"
+    assert isinstance(prepare(both).space, SearchSpace)  # the PS stage is named, not re-run
