@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -222,21 +222,28 @@ def format_validation_error(file: Path, exc: ValidationError) -> str:
     return f"config error in {file}: {where}: {msg}{more}"
 
 
-def load_config(file: str | Path) -> SearchConfig:
-    """Read, validate and resolve a search config."""
-    file = Path(file)
+def read_mapping(file: Path, kind: str) -> dict[str, Any]:
+    """A YAML file holding a mapping at the top level; a ConfigError (one line) otherwise.
+    ``kind`` names the file in messages ("config", "merge file")."""
     try:
         raw = yaml.safe_load(file.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {file}") from None
+        raise ConfigError(f"{kind} file not found: {file}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {file}: {exc}") from None
+        raise ConfigError(f"cannot read {kind} {file}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config error in {file}:{where}: not valid YAML") from None
+        raise ConfigError(f"{kind} error in {file}:{where}: not valid YAML") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config error in {file}: expected a mapping of fields at the top level")
+        raise ConfigError(f"{kind} error in {file}: expected a mapping of fields at the top level")
+    return raw
+
+
+def load_config(file: str | Path) -> SearchConfig:
+    """Read, validate and resolve a search config."""
+    file = Path(file)
+    raw = read_mapping(file, "config")
     try:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as exc:

@@ -20,10 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from search.config import ConfigError, ModelEntry, format_validation_error, resolve_path
+from search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
 from search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
 from workers.operators import check_recipe, complete
 from workers.recipe import Recipe
@@ -41,14 +40,7 @@ class MergeFile(BaseModel):
 def load_merge_file(file: str | Path) -> MergeJob:
     """Read and check a merge file of either kind (ConfigError, one line, on any mistake)."""
     file = Path(file)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"merge file not found: {file}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"merge file {file}: not readable YAML ({type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"merge file {file}: expected a mapping at the top level")
+    raw = read_mapping(file, "merge file")
     folder = file.resolve().parent
     if "merge_method" in raw:
         try:

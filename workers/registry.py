@@ -34,10 +34,10 @@ class ParamSpec:
 class Operator:
     """A registered merge method: one pure function merging one tensor.
 
-    ``fn(base, experts, *, normalize, generator, **params)`` gets the base tensor, the
+    ``fn(base, experts, *, normalize, generator, out, **params)`` gets the base tensor, the
     experts' tensors (same shape and dtype) and the parameters' values for this tensor: a
     tuple per expert for per-expert parameters, a float otherwise. It returns the merged
-    tensor and never modifies its inputs.
+    tensor, written into ``out`` when given, and never modifies its inputs.
     """
 
     name: str
