@@ -28,6 +28,7 @@ class CandidateModel:
         self._routers: dict[str, Router] = {}
         self._router: Router | None = None  # the one whose route is in the model now
         self._weights: str | None = None  # content hash of what the model's own weights hold
+        self._members: dict[str, dict[str, torch.Tensor]] = {}  # merged members' tensors, by recipe hash
 
     def apply(self, recipe: Recipe) -> None:
         if recipe.kind != "route":
@@ -77,8 +78,11 @@ class CandidateModel:
 
     @torch.no_grad()
     def _merged(self, member: Recipe) -> dict[str, torch.Tensor]:
-        """A merged collection model's tensors (computed once; routes share them)."""
+        """A merged collection model's tensors (computed once per worker; routes share them)."""
         full = complete(member)
         if full.kind == "source":
             return self.materializer.sources[full.source or ""]
-        return {key: self.materializer.merge_tensor(full, key) for key in self.materializer.params}
+        if full.content_hash not in self._members:
+            self._members[full.content_hash] = {key: self.materializer.merge_tensor(full, key)
+                                                for key in self.materializer.params}
+        return self._members[full.content_hash]

@@ -67,7 +67,7 @@ def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, ca
         candidate = CandidateModel(materializer)
         candidate.apply(recipe)
         try:
-            return _write(route_model(materializer, recipe), materializer, recipe, out, card, max_shard_size,
+            return _write(route_model(candidate, recipe), materializer, recipe, out, card, max_shard_size,
                           lambda folder: verify_route(candidate.model, folder))
         finally:
             candidate.release()
@@ -99,10 +99,10 @@ def _write(model: PreTrainedModel, materializer: Materializer, recipe: Recipe, o
 
 
 @torch.no_grad()
-def route_model(materializer: Materializer, recipe: Recipe) -> PreTrainedModel:
+def route_model(candidate: CandidateModel, recipe: Recipe) -> PreTrainedModel:
     """The route as an ordinary model of the head's architecture: one decoder layer per hop,
     hop scales folded into the weights (:func:`workers.routing.export_state_dict`)."""
-    candidate = CandidateModel(materializer)
+    materializer = candidate.materializer
     tensors = {name: candidate.tensors_of(recipe, name) for name in recipe.models}
     config = materializer.model.config
     route = Route(recipe.base or "", recipe.route, recipe.scales)
