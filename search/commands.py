@@ -175,7 +175,7 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
     board = build(name, repo.candidates(study_id), args.top)
     dfs = repo.get_study(dfs_study(name))
     if dfs is not None:  # a PS+DFS search: one leaderboard over both stages
-        board = combine(name, [(f"ps", board), ("dfs", build(dfs.name, repo.candidates(dfs.id), args.top))])
+        board = combine(name, [("ps", board), ("dfs", build(dfs.name, repo.candidates(dfs.id), args.top))])
     if args.json:
         print_json(board.to_json())
     else:
