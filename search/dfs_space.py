@@ -15,11 +15,12 @@ on and every other slot off, with scales 1: the search starts from model A, as i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from search.space import box_violation
 from workers.recipe import Recipe
 
 DECIMALS = 4  # scales are rounded so equal genomes hash equally
@@ -146,8 +147,7 @@ class RouteSpace:
         return {"hops": (0.0, float(max(self.longest, 1)))}
 
     def box_violation(self, unit: Sequence[float]) -> float:
-        x = np.asarray(unit, dtype=float)
-        return float(np.sum((x - np.clip(x, 0.0, 1.0)) ** 2))
+        return box_violation(unit)
 
     def reject(self, recipe: Recipe) -> str | None:
         """Why a route must not be evaluated, or None."""
@@ -161,7 +161,3 @@ class RouteSpace:
             return (f"path of {hops} hops needs about {need / 2**30:.2f} GiB of activations and KV cache, "
                     f"over dfs.memory_gb {self.limits.memory_bytes / 2**30:.2f}")
         return None
-
-
-def layer_counts(configs: Mapping[str, object], models: Sequence[str]) -> tuple[int, ...]:
-    return tuple(int(getattr(configs[m], "num_hidden_layers")) for m in models)

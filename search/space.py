@@ -150,6 +150,10 @@ class SearchSpace:
                 for n, g, u in zip(self.names(), self.genes, self.encode(recipe))}
 
     def box_violation(self, unit: Sequence[float]) -> float:
-        """Squared distance of a genome outside the unit box (penalised by the optimizer)."""
-        x = np.asarray(unit, dtype=float)
-        return float(np.sum((x - np.clip(x, 0.0, 1.0)) ** 2))
+        return box_violation(unit)
+
+
+def box_violation(unit: Sequence[float]) -> float:
+    """Squared distance of a genome outside the unit box (penalised by the optimizer)."""
+    x = np.asarray(unit, dtype=float)
+    return float(np.sum((x - np.clip(x, 0.0, 1.0)) ** 2))

@@ -218,8 +218,3 @@ def export_config(route: Route, configs: Mapping[str, PretrainedConfig]) -> Pret
     if getattr(config, "tie_word_embeddings", False) and route.scales[0] != 1.0:
         config.tie_word_embeddings = False
     return config
-
-
-def hops_of(layout: Sequence[tuple[str, int]], on: Sequence[bool]) -> tuple[tuple[str, int], ...]:
-    """The path through ``layout`` (the slots in order) keeping the slots that are on."""
-    return tuple(slot for slot, keep in zip(layout, on, strict=True) if keep)
