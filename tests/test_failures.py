@@ -54,7 +54,10 @@ def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_mode
         while time.time() < deadline and not killed:
             pool = controller.pool
             done = sum(1 for c in repo.candidates(study_id) if c.state == "complete")
-            if pool is not None and done >= 3 and pool.slots[0].jobs:
+            refs = list(pool.slots[0].jobs) if pool is not None else []
+            # The pool forgets a job only when the controller collects it; a finished one may
+            # still be listed, and killing its actor then retries nothing. Kill while one runs.
+            if done >= 3 and refs and ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                 ray.kill(pool.slots[0].actor, no_restart=True)
                 killed.append("yes")
             time.sleep(0.01)
