@@ -38,19 +38,30 @@ SELECT = ParamSpec("select", 0.0, 1.0, 0.5, "layer swapping: the expert with the
                    "0.5 supplies the tensor, else the base")
 
 _CHUNK = 1 << 18  # elements per step of the streaming linear combination: fits in L2 cache
+_HALF = (torch.float16, torch.bfloat16)  # sums over these are accumulated in float32, rounded once
 
 
 def _combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None) -> Tensor:
-    """Σ c_j·t_j in one streaming pass: each input read once, ``out`` written once."""
+    """Σ c_j·t_j in one streaming pass: each input read once, ``out`` written once. In a
+    16-bit dtype each chunk is summed in a float32 buffer and rounded once (bf16 keeps 8
+    mantissa bits: rounding after every term would compound one error per model)."""
     first = terms[0][0]
     result = torch.empty_like(first) if out is None else out
     flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
+    wide = (torch.empty(min(_CHUNK, flat_out.numel()), dtype=torch.float32, device=result.device)
+            if result.dtype in _HALF else None)
     for start in range(0, flat_out.numel(), _CHUNK):
         piece = flat_out[start:start + _CHUNK]
+        acc = piece if wide is None else wide[:piece.numel()]
         tensor, coeff = flats[0]
-        torch.mul(tensor[start:start + _CHUNK], coeff, out=piece)
+        if wide is None:
+            torch.mul(tensor[start:start + _CHUNK], coeff, out=acc)
+        else:
+            acc.copy_(tensor[start:start + _CHUNK]).mul_(coeff)
         for tensor, coeff in flats[1:]:
-            piece.add_(tensor[start:start + _CHUNK], alpha=coeff)
+            acc.add_(tensor[start:start + _CHUNK], alpha=coeff)
+        if wide is not None:
+            piece.copy_(acc)
     return result
 
 
@@ -71,10 +82,7 @@ def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[
     result = torch.empty_like(base) if out is None else out
     if not consensus:
         coeff = scale / (_guarded(sum(weight)) if normalize else 1.0)
-        result.copy_(base)
-        for delta, w in zip(deltas, weight):
-            result.add_(delta, alpha=coeff * w)
-        return result
+        return _combine([(base, 1.0), *((delta, coeff * w) for delta, w in zip(deltas, weight))], result)
     mixed = sparsify.disjoint_merge([d.mul_(w) for d, w in zip(deltas, weight)], weight, normalize)
     if scale != 1.0:
         mixed.mul_(scale)
@@ -83,15 +91,18 @@ def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[
 
 def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
     """Inner products ⟨x_i, x_j⟩ of x_i = tensors[i] − base (or tensors[i]), one cache-sized chunk
-    at a time: each chunk's dot products in the working dtype, their sum in Python floats
-    (float64). A float32 reduction over tens of millions of entries is off by ~1e-3; this is
-    exact to float32 rounding of each chunk, and no temporary of the tensor's size is made."""
+    at a time: each chunk's dot products in the working dtype (float32 for 16-bit tensors), their
+    sum in Python floats (float64). A float32 reduction over tens of millions of entries is off
+    by ~1e-3; this is exact to float32 rounding of each chunk, and no temporary of the tensor's
+    size is made."""
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
     n = len(flats)
     gram = [[0.0] * n for _ in range(n)]
     for start in range(0, flats[0].numel(), _CHUNK):
         rows = [f[start:start + _CHUNK] for f in flats]
+        if rows[0].dtype in _HALF:  # a 16-bit dot product would round its running sum
+            rows = [r.float() for r in rows]
         if flat_base is not None:
             rows = [r - flat_base[start:start + _CHUNK] for r in rows]
         for i in range(n):
