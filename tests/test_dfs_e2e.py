@@ -4,13 +4,15 @@ DFS study over the PS model and the experts, one leaderboard, and the replay of 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.test_search_e2e import demo_config, evomerge, query
+from tests.test_search_e2e import demo_config, evomerge, query, start_and_wait_for_progress
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,30 @@ def test_replay_of_the_best_route_is_an_ordinary_model(ps_dfs: tuple[Path, Path]
     assert json.loads((out / "evomerge_recipe.json").read_text())["route"] == recipe["route"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_kill_9_during_the_dfs_stage_then_resume(tmp_path: Path) -> None:
+    """The controller dies mid-DFS; the same command resumes the DFS study (the finished PS
+    stage is not extended, its best stays the route's member) and completes every candidate."""
+    cfg = demo_config(tmp_path / "k.yaml", max_trials=8, limit=24, space="ps+dfs",
+                      dfs={"repeats": 2, "max_trials": 30})
+    db = tmp_path / "k.db"
+    proc = start_and_wait_for_progress(cfg, db, tmp_path, study="t:dfs", done_at_least=6)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    studies = dict(query(db, "select name, id from evomerge_studies"))
+    ps_rows = query(db, f"select id, state from evomerge_candidates where study_id={studies['t']} order by id")
+    interrupted = {i for (i,) in query(db, "select id from evomerge_candidates where state='running' "
+                                           f"and study_id={studies['t:dfs']}")}
+    assert interrupted and all(state in ("complete", "failed") for _, state in ps_rows)
+
+    evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2", cwd=tmp_path)
+    assert query(db, "select count(*) from trials where state='RUNNING'") == [(0,)]
+    assert query(db, f"select id, state from evomerge_candidates where study_id={studies['t']} order by id") == ps_rows
+    dfs = query(db, f"select id, state, attempt, recipe_json from evomerge_candidates where study_id={studies['t:dfs']}")
+    assert sorted({state for _, state, _, _ in dfs}) <= ["complete", "failed"] and len(dfs) == 30
+    assert all(state == "complete" and attempt == 2 for i, state, attempt, _ in dfs if i in interrupted)
+    ps_best = json.loads(query(db, f"select recipe_json from evomerge_candidates where study_id={studies['t']} and "
+                                   "state='complete' order by fitness desc, id asc limit 1")[0][0])
+    routes = [json.loads(r) for *_, r in dfs if json.loads(r)["kind"] == "route"]
+    assert routes and all(r["members"]["ps"]["params"] == ps_best["params"] for r in routes)

@@ -155,21 +155,25 @@ def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
-def _start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """A search in a subprocess, returned once some candidates are done and some running."""
+def start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path, study: str = "t",
+                                done_at_least: int = 12) -> subprocess.Popen[bytes]:
+    """A search in a subprocess, returned once some of ``study``'s candidates are done and some
+    running."""
     cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    count = ("select count(*) from evomerge_candidates c join evomerge_studies s on s.id = c.study_id "
+             f"where s.name = '{study}' and c.state = ")
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.2)
         if not db.exists():
             continue
         try:
-            done = query(db, "select count(*) from evomerge_candidates where state='complete'")[0][0]
-            running = query(db, "select count(*) from evomerge_candidates where state='running'")[0][0]
+            done = query(db, count + "'complete'")[0][0]
+            running = query(db, count + "'running'")[0][0]
         except sqlite3.OperationalError:
             continue  # tables not created yet
-        if done >= 12 and running >= 1:
+        if done >= done_at_least and running >= 1:
             return proc
     proc.kill()
     pytest.fail("search made no progress")
@@ -178,7 +182,7 @@ def _start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path) -> subprocess.P
 def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
     cfg = demo_config(tmp_path / "i.yaml", max_trials=40, limit=100)
     db = tmp_path / "i.db"
-    proc = _start_and_wait_for_progress(cfg, db, tmp_path)
+    proc = start_and_wait_for_progress(cfg, db, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and b"resumes with the same command" in err
@@ -191,7 +195,7 @@ def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
 def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
     cfg = demo_config(tmp_path / "k.yaml", max_trials=40, limit=100)
     db = tmp_path / "k.db"
-    proc = _start_and_wait_for_progress(cfg, db, tmp_path)
+    proc = start_and_wait_for_progress(cfg, db, tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     interrupted = {i for (i,) in query(db, "select id from evomerge_candidates where state='running'")}
