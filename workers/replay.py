@@ -1,8 +1,9 @@
 """Replay: write a recipe's model as an ordinary Hugging Face model folder, atomically.
 
-The folder is assembled in a temporary sibling, every file fsync'ed, then renamed into
-place, so a crash never leaves a folder that looks complete. After the rename the model
-is reloaded and compared tensor by tensor with what was materialized.
+The folder is assembled in a temporary sibling, every file fsync'ed, reloaded and compared
+tensor by tensor with what was materialized, and only then renamed into place: whenever the
+process dies, the output folder is either absent or complete and verified. Partial siblings
+left by a process that died are removed by the next write to the same folder.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def _fsync_tree(folder: Path) -> None:
             path.chmod(0o644)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -82,7 +87,8 @@ def _write(model: PreTrainedModel, materializer: Materializer, recipe: Recipe, o
     if out.exists():
         raise ReplayError(f"output folder already exists: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_dead_partials(out)
+    tmp = out.parent / f"{_PARTIAL.format(name=out.name)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -90,12 +96,36 @@ def _write(model: PreTrainedModel, materializer: Materializer, recipe: Recipe, o
         (tmp / "README.md").write_text(card)
         (tmp / "evomerge_recipe.json").write_text(recipe.to_json() + "\n")
         _fsync_tree(tmp)
+        verify(tmp)
         os.rename(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    verify(out)
     return out
+
+
+_PARTIAL = ".{name}.partial-"  # + the writer's pid
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Delete partial siblings of ``out`` whose writer no longer runs (killed mid-write); a
+    writer still alive (another replay to the same folder) keeps its own."""
+    prefix = _PARTIAL.format(name=out.name)
+    for partial in out.parent.glob(f"{prefix}*"):
+        pid = partial.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @torch.no_grad()
