@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from workers.operators import OPERATORS
+from workers.sparsify import della_probabilities
 
 SHAPE = (700, 512)  # 358 400 entries: more than one chunk of the streaming combination
 WEIGHTS = (0.3, 0.25, 0.2, 0.15, 0.35, 0.4)
@@ -86,3 +87,16 @@ def test_slerp_angle_and_sum_in_float32(dtype: torch.dtype) -> None:
     terms = [math.sin((1 - t) * omega) / math.sin(omega) * base.double(),
              math.sin(t * omega) / math.sin(omega) * expert.double()]
     _within_one_ulp(_run("slerp", base, [expert], t=t), terms)
+
+
+def test_della_ranks_stay_integers_in_bf16() -> None:
+    """Keep probabilities rise linearly with the rank of |δ| in its row: in bf16 rank 300 and
+    rank 301 would be the same number; computed in float32 each of the row's ranks is distinct."""
+    delta = torch.randn(3, 1000, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    probs = della_probabilities(delta, 0.5, 0.4)
+    assert probs.dtype == torch.float32
+    for row, p in zip(delta.float(), probs):
+        assert len(set(p.tolist())) == row.numel()  # one level per rank (ties in |δ| broken arbitrarily)
+        by_probability = row.abs()[p.argsort()]
+        assert bool((by_probability[1:] >= by_probability[:-1]).all())  # larger |δ|, larger probability
+        assert float(p.max()) == pytest.approx(0.9) and float(p.min()) == pytest.approx(0.1)

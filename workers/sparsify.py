@@ -79,12 +79,13 @@ def dare(delta: Tensor, density: float, generator: torch.Generator | None) -> Te
 def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA's MAGPRUNE keep probabilities (Deep et al. 2024, §3.1): within each row, entries
     ranked by |δ| get probabilities spread linearly over [d − ε, d + ε], larger |δ| kept more
-    often. 1-D tensors are one row. Clamped to [0, 1]."""
+    often. 1-D tensors are one row. Clamped to [0, 1]; float32 whatever ``delta``'s dtype."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     cols = rows.shape[1]
     order = rows.abs().argsort(dim=1)
-    ranks = torch.empty_like(rows)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=rows.dtype, device=rows.device).expand_as(order).contiguous())
+    # float32 ranks: a bf16 rank stops being an integer above 256 (rows have thousands)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=torch.float32, device=rows.device).expand_as(order).contiguous())
     spread = ranks / (cols - 1) if cols > 1 else torch.zeros_like(ranks)
     probs = (density - epsilon) + 2.0 * epsilon * spread
     return probs.clamp(0.0, 1.0).reshape(delta.shape)
