@@ -71,6 +71,11 @@ class AsyncCMA(Generic[K]):
             list(x0), sigma0,
             {"popsize": popsize, "seed": seed + 1, "verbose": -9, "randn": self._randn,
              "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, "tolflatfitness": 10**9,
+             # pycma mirrors samples for popsize < 6 and injects "selective mirrors" of the
+             # worst ones into the next ask; results told out of order (and our tell of
+             # stored genomes) orphan those injections. Plain sampling keeps the state a
+             # function of the told generations alone.
+             "CMA_mirrors": 0,
              # separable CMA-ES (Ros & Hansen 2008): a diagonal covariance for large genomes
              "CMA_diagonal": diagonal})
         self._current: _Generation[K] = _Generation(0)
