@@ -208,7 +208,7 @@ def bench_replay(mat: Materializer, folders: dict[str, Path], op: str, workdir: 
     mat.apply(recipe)
     apply_s = time.perf_counter() - start
     start = time.perf_counter()
-    verify_folder(mat, out / "ours")
+    verify_folder(mat.model, out / "ours")
     verify_s = time.perf_counter() - start
     start = time.perf_counter()
     run_merge_disk(text, out / "mk_api")

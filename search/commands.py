@@ -9,9 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import ConfigError, SearchConfig, load_config
+from search.config import ConfigError, SearchConfig, load_config, stored_config
 from search.controller import Controller, Space, StudyMismatch
-from search.leaderboard import best_candidate, build, combine, render
+from search.leaderboard import Board, best_candidate, build, combine, render
 from search.merge_file import load_merge_file
 from search.mergekit_compat import MergekitConfigError, to_mergekit
 from search.ledger import Ledger
@@ -119,7 +119,7 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     record = repo.get_study(study)
     if record is None:
         record = repo.create_study(study, cfg.model_dump_json())
-    elif SearchConfig.model_validate_json(record.config_json).identity_json() != cfg.identity_json():
+    elif stored_config(record.config_json, study).identity_json() != cfg.identity_json():
         raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
                             "(models, space, merge, dfs, optimizer or tasks); use another --study")
     ledger = Ledger(url, study)
@@ -149,10 +149,22 @@ def cmd_search(args: argparse.Namespace, url: str) -> int:
     cfg = load_config(args.config)
     prep = prepare(cfg, args.allow_pickle)
     study = args.study or cfg.study
-    repo, study_id = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
-                                args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
-    print(render(build(study, repo.candidates(study_id), 10)))
+    repo, _ = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
+                         args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
+    ps_name = (cfg.dfs.ps_study or study) if cfg.space == "ps+dfs" else study
+    print(render(_leaderboard(repo, study, ps_name, 10)))
     return 0
+
+
+def _leaderboard(repo: Repository, name: str, ps_name: str, top: int) -> Board:
+    """Study ``name``'s leaderboard; when the storage holds its DFS stage ``<name>:dfs``, one
+    board over that and the PS stage ``ps_name`` (``name`` itself unless dfs.ps_study named
+    another study)."""
+    ps, dfs = repo.get_study(ps_name), repo.get_study(dfs_study(name))
+    if dfs is None:
+        return build(name, repo.candidates(ps.id) if ps is not None else [], top)
+    stages = [("ps", build(ps.name, repo.candidates(ps.id), top))] if ps is not None else []
+    return combine(name, [*stages, ("dfs", build(dfs.name, repo.candidates(dfs.id), top))])
 
 
 def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, str]:
@@ -171,11 +183,8 @@ def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, s
 
 def cmd_status(args: argparse.Namespace, url: str) -> int:
     repo = open_repo(url)
-    name, study_id, _ = _study_id(repo, args.study, url)
-    board = build(name, repo.candidates(study_id), args.top)
-    dfs = repo.get_study(dfs_study(name))
-    if dfs is not None:  # a PS+DFS search: one leaderboard over both stages
-        board = combine(name, [("ps", board), ("dfs", build(dfs.name, repo.candidates(dfs.id), args.top))])
+    name, _, _ = _study_id(repo, args.study, url)
+    board = _leaderboard(repo, name, name, args.top)
     if args.json:
         print_json(board.to_json())
     else:
@@ -218,7 +227,7 @@ def _best_stage(repo: Repository, name: str, study_id: int, trial: int | None) -
 def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path,
            allow_pickle: bool = False) -> Path:
     """Write a candidate of the study as a model folder; returns the folder."""
-    cfg = SearchConfig.model_validate_json(config_json)
+    cfg = stored_config(config_json, study)
     cand, recipe = _replayed(repo, study_id, trial)
     folders = validate_sources(cfg.sources(), allow_pickle)
     import torch
@@ -240,7 +249,7 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
     if out is not None and out.exists():
         raise UsageError(f"--out {out} already exists; choose a new folder")
     if args.mergekit_yaml:
-        cfg = SearchConfig.model_validate_json(config_json)
+        cfg = stored_config(config_json, name)
         _, recipe = _replayed(repo, study_id, args.trial)
         try:
             text = to_mergekit(recipe, {m.name: m.path for m in cfg.models}, cfg.workers.dtype)

@@ -212,14 +212,28 @@ def resolve_path(path: str, folder: Path, hub_like: bool) -> str:
     return str(candidate.resolve())
 
 
+def stored_config(config_json: str, study: str) -> SearchConfig:
+    """The config a study was started with, as stored in its database row."""
+    try:
+        return SearchConfig.model_validate_json(config_json)
+    except ValidationError as exc:
+        raise ConfigError(f"the stored config of study {study!r} does not validate (written by another "
+                          f"evomerge version?): {_describe(exc)}") from None
+
+
 def format_validation_error(file: Path, exc: ValidationError) -> str:
+    return f"config error in {file}: {_describe(exc)}"
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first error as "field.path: why" (and how many more)."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"config error in {file}: {where}: {msg}{more}"
+    return f"{where}: {msg}{more}"
 
 
 def read_mapping(file: Path, kind: str) -> dict[str, Any]:
@@ -248,6 +262,10 @@ def load_config(file: str | Path) -> SearchConfig:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(file, exc)) from None
+    # Checked for configs read from a file only: a study stored before this rule still replays.
+    if cfg.space == "ps+dfs" and cfg.dfs.models and "ps" not in cfg.dfs.models:
+        raise ConfigError(f"config error in {file}: dfs.models: a ps+dfs search routes over its PS model; add "
+                          f"'ps' to {list(cfg.dfs.models)} (first, to use its embeddings and head) or leave it out")
     folder = file.resolve().parent
     models = [ModelEntry(name=m.name, path=resolve_path(m.path, folder, hub_like=True)) for m in cfg.models]
     paths = [resolve_path(p, folder, hub_like=False) for p in cfg.evaluation.task_paths]

@@ -34,6 +34,8 @@ def _assert_usage_error(proc: subprocess.CompletedProcess[str], *fragments: str)
     ({"colour": "blue"}, ["colour", "unknown field"]),
     ({"base_model": "nobody"}, ["base_model 'nobody' is not one of the models"]),
     ({"merge": {"method": "ties", "ranges": {"gamma": [0, 1]}}}, ["ties has no parameter 'gamma'"]),
+    ({"space": "ps+dfs", "dfs": {"models": ["a", "base"]}}, ["dfs.models", "add 'ps'"]),
+    ({"space": "dfs", "dfs": {"models": ["a", "ghost"]}}, ["dfs.models", "'ghost' is not one of the models"]),
 ])
 def test_bad_config(tmp_path: Path, tiny_models: dict[str, Path], tiny_tasks: Path,
                     patch: dict[str, object], fragments: list[str]) -> None:
@@ -113,3 +115,14 @@ def test_source_checks(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SourceError, match=f"tensor {key} holds NaN"):
         load_tensors("nan", nan, torch.float32)
+
+
+def test_stored_config_that_no_longer_validates(tmp_path: Path) -> None:
+    """A study row whose config this version cannot read (another version wrote it): replay
+    says so in one line, exit 2, and writes nothing."""
+    from storage.repository import Repository
+
+    Repository(f"sqlite:///{tmp_path / 's.db'}").create_study("old", '{"study": "old", "models": [], "colour": 1}')
+    proc = run_cli("replay", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "m"), cwd=tmp_path)
+    _assert_usage_error(proc, "stored config of study 'old' does not validate", "models")
+    assert not (tmp_path / "m").exists()

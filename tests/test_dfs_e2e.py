@@ -20,7 +20,8 @@ def ps_dfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("psdfs")
     cfg = demo_config(tmp / "psdfs.yaml", max_trials=10, limit=24, space="ps+dfs",
                       dfs={"repeats": 2, "max_trials": 14, "max_hops": 5})
-    evomerge("search", str(cfg), "--storage", f"sqlite:///{tmp / 'r.db'}", "--workers", "2", cwd=tmp)
+    proc = evomerge("search", str(cfg), "--storage", f"sqlite:///{tmp / 'r.db'}", "--workers", "2", cwd=tmp)
+    (tmp / "search.out").write_text(proc.stdout)
     return tmp, tmp / "r.db"
 
 
@@ -46,6 +47,9 @@ def test_one_leaderboard_shows_paths_and_both_stages(ps_dfs: tuple[Path, Path]) 
     tmp, db = ps_dfs
     out = evomerge("status", "--storage", f"sqlite:///{db}", cwd=tmp).stdout
     assert "ps:source" in out and "dfs:" in out and "route of" in out and "A0" in out
+    # the search itself ends with the same board over both stages, totals included
+    searched = (tmp / "search.out").read_text()
+    assert searched.splitlines()[0] == out.splitlines()[0] and "ps:source" in searched and "dfs:cma" in searched
     board = json.loads(evomerge("status", "--storage", f"sqlite:///{db}", "--json", cwd=tmp).stdout)
     origins = {r["origin"].split(":")[0] for r in board["rows"]}
     assert origins == {"ps", "dfs"} and any(r["heldout"] for r in board["rows"] if r["origin"].startswith("dfs"))

@@ -134,3 +134,34 @@ def test_replay_of_route_and_ps_route_recipes(tiny_models: dict[str, Path], tmp_
         routed = candidate.model(ids).logits.clone()
         candidate.apply(ps)
         assert torch.equal(routed, candidate.model(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_replays_in_16_bit_workers_dtype(dtype: torch.dtype, tiny_models: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """bf16/fp16 workers: the folder holds the hop scales folded into 16-bit weights (one
+    rounding each) and passes the logits check, which still refuses a route whose scales
+    differ from what was exported."""
+    from safetensors.torch import load_file
+
+    from workers.candidate_model import CandidateModel
+    from workers.materialize import Materializer
+    from workers.replay import ReplayError, verify_route, write_model_folder
+
+    mat = Materializer({k: tiny_models[k] for k in ("base", "a", "b")}, "base", dtype)
+    route = Recipe(kind="route", base="a", models=("a", "b"), route=(("a", 0), ("b", 1), ("a", 1), ("a", 1)),
+                   scales=(1.0, 0.6, 1.0, 1.3))
+    folder = write_model_folder(mat, route, tmp_path / "route", "card")
+    written = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    source_b = load_file(tiny_models["b"] / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"  # hop 1 = b's layer 1, output scaled by hop 2's 1.0
+    assert written.get_parameter(key).dtype == dtype and torch.equal(written.get_parameter(key), source_b[key].to(dtype))
+    folded = "model.layers.0.mlp.down_proj.weight"  # hop 0 = a's layer 0, output × hop 1's 0.6
+    source_a = load_file(tiny_models["a"] / "model.safetensors")
+    assert torch.equal(written.get_parameter(folded), source_a[folded].to(dtype) * 0.6)
+
+    candidate = CandidateModel(mat)
+    candidate.apply(route.model_copy(update={"scales": (1.0, 0.3, 1.0, 1.3)}))  # not what was written
+    with pytest.raises(ReplayError, match="logits differ"):
+        verify_route(candidate.model, written, folder)
+    candidate.release()
