@@ -10,7 +10,6 @@ where it applies, the file or tensor.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +173,6 @@ def validate_sources(sources: list[SourceModel], allow_pickle: bool = False) -> 
     tensors = {n: inspect_tensors(n, f, allow_pickle) for n, f in folders.items()}
     check_compatible(configs, tensors)
     return folders
-
-
-def parameter_count(infos: dict[str, TensorInfo]) -> int:
-    return sum(math.prod(i.shape) for i in infos.values())
 
 
 def _one_line(exc: BaseException) -> str:
