@@ -6,12 +6,16 @@ non-layer weights are set to the route's head model (a source, or a merge such a
 model in PS+DFS) once, then each route only swaps the layer list. Layer stacks of the
 other collection models share the loaded source tensors; a collection model that is a
 merge is materialized once per worker.
+
+Every collection model has the working model's own config (the sources of one worker have
+one architecture, checked when they are loaded). A route never rewrites that object: the
+router gives the model a config of its own per route and puts the own one back on release.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from workers.materialize import Materializer
 from workers.operators import complete
@@ -25,6 +29,7 @@ class CandidateModel:
     def __init__(self, materializer: Materializer) -> None:
         self.materializer = materializer
         self.model: PreTrainedModel = materializer.model
+        self.config: PretrainedConfig = materializer.model.config  # the model's own, never a route's
         self._routers: dict[str, Router] = {}
         self._router: Router | None = None  # the one whose route is in the model now
         self._weights: str | None = None  # content hash of what the model's own weights hold
@@ -57,15 +62,13 @@ class CandidateModel:
             self.release()
             mat = self.materializer
             template = mat.model.model.layers[0]
-            stacks, configs = {}, {}
+            stacks = {}
             for name in recipe.models:
-                configs[name] = mat.model.config
                 if name == recipe.base:
                     stacks[name] = list(mat.model.model.layers)  # the model's own layers hold the head
-                elif name in recipe.members:
-                    stacks[name] = build_stack(template, mat.model.config, self._merged(recipe.members[name]))
                 else:
-                    stacks[name] = build_stack(template, mat.model.config, mat.sources[name])
+                    stacks[name] = build_stack(template, self.config, self.tensors_of(recipe, name))
+            configs = {name: self.config for name in recipe.models}
             self._routers[key] = Router(mat.model, stacks, configs, recipe.base or "")
         return self._routers[key]
 

@@ -33,7 +33,7 @@ from workers.layout import layer_index
 # Config fields that must agree for layers of two models to run in one residual stream.
 ROUTE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps",
-                "hidden_act")
+                "hidden_act", "sliding_window")  # sliding_window: the mask is the head's, the window the layer's
 MLP_OUT = ".mlp.down_proj."  # the projection whose output hop k+1's scale multiplies (Llama family)
 
 
@@ -118,8 +118,7 @@ class Router:
         self._stacks = {n: list(s) for n, s in stacks.items()}
         self._configs = dict(configs)
         inner = shell.model
-        self._own = (inner._modules["layers"], inner._modules["embed_tokens"], shell.config.num_hidden_layers,
-                     copy.copy(getattr(shell.config, "layer_types", None)))
+        self._own = (inner._modules["layers"], inner._modules["embed_tokens"], shell.config)
 
     @classmethod
     def over_models(cls, sources: Mapping[str, PreTrainedModel], head: str) -> "Router":
@@ -147,15 +146,15 @@ class Router:
         inner._modules["layers"] = nn.ModuleList(layers)
         embed = self._own[1]
         inner._modules["embed_tokens"] = embed if route.scales[0] == 1.0 else _Scaled(embed, route.scales[0])
-        _set_depth(self.model.config, route, self._configs)
+        # The route's own config object: the shell's config may be shared (the collection's
+        # configs, layers built from it), so it is swapped, never rewritten.
+        self.model.config = inner.config = route_config(self._own[2], route, self._configs)
 
     def restore(self) -> None:
-        """Give the shell back its own layers, embedding and depth."""
+        """Give the shell back its own layers, embedding and config."""
         inner = self.model.model
         inner._modules["layers"], inner._modules["embed_tokens"] = self._own[0], self._own[1]
-        self.model.config.num_hidden_layers = self._own[2]
-        if self._own[3] is not None:
-            self.model.config.layer_types = copy.copy(self._own[3])
+        self.model.config = inner.config = self._own[2]
 
 
 def build_stack(template: nn.Module, config: PretrainedConfig, tensors: Mapping[str, Tensor]) -> list[nn.Module]:
@@ -176,10 +175,21 @@ def build_stack(template: nn.Module, config: PretrainedConfig, tensors: Mapping[
     return layers
 
 
-def _set_depth(config: PretrainedConfig, route: Route, sources: Mapping[str, PretrainedConfig]) -> None:
-    config.num_hidden_layers = len(route.hops)
+def route_config(config: PretrainedConfig, route: Route, sources: Mapping[str, PretrainedConfig]) -> PretrainedConfig:
+    """A new copy of ``config`` with one layer per hop: ``num_hidden_layers`` = hops and, where
+    the config has ``layer_types`` (Qwen2 and newer), hop k's type = its source layer's type.
+    Neither ``config`` nor ``sources`` is changed."""
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = len(route.hops)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [sources[m].layer_types[i] for m, i in route.hops]
+        types = []
+        for k, (name, index) in enumerate(route.hops):
+            own = getattr(sources[name], "layer_types", None)
+            if own is None or not 0 <= index < len(own):
+                raise RouteError(f"hop {k}: model {name!r}'s config has no layer_types entry for layer {index}")
+            types.append(own[index])
+        out.layer_types = types
+    return out
 
 
 def export_state_dict(route: Route, tensors: Mapping[str, Mapping[str, Tensor]], tied: bool) -> dict[str, Tensor]:
@@ -213,8 +223,7 @@ def export_state_dict(route: Route, tensors: Mapping[str, Mapping[str, Tensor]],
 
 def export_config(route: Route, configs: Mapping[str, PretrainedConfig]) -> PretrainedConfig:
     """The head model's config with one layer per hop (and untied embeddings when scaled)."""
-    config = copy.deepcopy(configs[route.head])
-    _set_depth(config, route, configs)
+    config = route_config(configs[route.head], route, configs)
     if getattr(config, "tie_word_embeddings", False) and route.scales[0] != 1.0:
         config.tie_word_embeddings = False
     return config
