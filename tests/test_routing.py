@@ -76,19 +76,28 @@ def test_cached_generation_equals_full_forward(sources: dict[str, PreTrainedMode
     assert torch.equal(greedy, recompute)
 
 
+# A path as a pinned DFS search makes it: A's first layer at scale 1 starts it.
+PINNED = Route("A", (("A", 0), ("B", 1), ("B", 0), ("A", 1)), (1.0, 0.8, 1.2, 1.0))
+
+
 @torch.no_grad()
-def test_export_is_an_ordinary_model_with_the_same_logits(sources: dict[str, PreTrainedModel],
+@pytest.mark.parametrize("route", [MIXED, PINNED], ids=["scaled_embedding", "pinned"])
+def test_export_is_an_ordinary_model_with_the_same_logits(route: Route, sources: dict[str, PreTrainedModel],
                                                           tmp_path: Path) -> None:
+    """Tensors as a worker holds them (tied weights once, no lm_head.weight) export to a model
+    that loads strictly, stays tied when the embedding is not scaled, and has the route's logits."""
     router = Router.over_models(sources, "A")
-    router.apply(MIXED)
-    tensors = {n: m.state_dict() for n, m in sources.items()}
-    config = export_config(MIXED, {n: m.config for n, m in sources.items()})
-    state = export_state_dict(MIXED, tensors, tied=bool(sources["A"].config.tie_word_embeddings))
+    router.apply(route)
+    tensors = {n: dict(m.named_parameters()) for n, m in sources.items()}
+    config = export_config(route, {n: m.config for n, m in sources.items()})
+    tied = bool(sources["A"].config.tie_word_embeddings)
+    state = export_state_dict(route, tensors, tied=tied)
     exported = AutoModelForCausalLM.from_config(config).eval()
     exported.load_state_dict(state, strict=True)
     exported.save_pretrained(tmp_path / "route")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "route", trust_remote_code=False).eval()
-    assert reloaded.config.num_hidden_layers == len(MIXED.hops)
+    assert reloaded.config.num_hidden_layers == len(route.hops)
+    assert reloaded.config.tie_word_embeddings == (tied and route.scales[0] == 1.0)
     ids = _ids(3)
     expected = router.model(ids).logits
     assert float((reloaded(ids).logits - expected).abs().max()) <= 1e-4

@@ -195,14 +195,15 @@ def route_config(config: PretrainedConfig, route: Route, sources: Mapping[str, P
 def export_state_dict(route: Route, tensors: Mapping[str, Mapping[str, Tensor]], tied: bool) -> dict[str, Tensor]:
     """The route as the state dict of an ordinary model of the head model's architecture:
     layer k holds hop k's weights, its MLP output projection scaled by hop k+1's scale, the
-    embedding by hop 0's. ``tied``: the head model ties embedding and head; the export then
-    carries an explicit ``lm_head.weight`` (the unscaled embedding) and must be untied."""
+    embedding by hop 0's. ``tied``: the head model ties embedding and head (its tensors hold
+    no ``lm_head.weight``); the export carries the unscaled embedding as ``lm_head.weight``,
+    which a strict load of a tied model needs too, and is untied when hop 0's scale is not 1."""
     head = tensors[route.head]
     out: dict[str, Tensor] = {k: v for k, v in head.items() if layer_index(k) is None}
     embed_key = next(k for k in head if k.endswith("embed_tokens.weight"))
+    if tied:
+        out["lm_head.weight"] = head[embed_key]
     if route.scales[0] != 1.0:
-        if tied:
-            out["lm_head.weight"] = head[embed_key]
         out[embed_key] = head[embed_key] * route.scales[0]
     for k, (name, index) in enumerate(route.hops):
         scale = route.scales[k + 1] if k + 1 < len(route.hops) else 1.0
