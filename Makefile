@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: demo test bench bench-merge install clean
+.PHONY: demo test bench bench-merge bench-search install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: $(STAMP)
 
 bench-merge: $(STAMP)  # ~15 min: 3 x 110 M-parameter models, every operator, vs memcpy and mergekit
 	$(VENV)/bin/python benchmarks/merge_throughput.py --size 100m
+
+bench-search: $(STAMP)  # ~30 min: 3 landscapes x optimizers x 5 seeds of 120-evaluation searches
+	$(VENV)/bin/python benchmarks/search_quality.py $(BENCH_SEARCH_ARGS)
 
 clean:
 	rm -rf $(VENV) evomerge-demo

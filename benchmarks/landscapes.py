@@ -1,0 +1,192 @@
+"""Merge landscapes for the search-quality benchmark, built reproducibly from the demo's parts.
+
+    python benchmarks/landscapes.py [--grid]     # build what is missing; --grid prints each one's shape
+
+- ``demo``: the built-in demo as shipped (demo/demo.yaml's models and tasks).
+- ``unseen``: two experts the defaults were never tuned on: other alphabets (even / odd
+  letters), other ciphers, lighter experts (fewer, smaller steps), so their skills only show
+  when the task vectors are amplified: averaging (0.5, 0.5) scores below both experts and the
+  untuned start has no slope toward combining them.
+- ``distractor``: the demo plus a third expert trained on an irrelevant skill (writing the
+  word backwards), Sakana's distraction ablation: a good merge has to leave it out.
+
+Each build is seeded (1 torch thread while training) and takes ~1-2 minutes on one core. A
+landscape lives in ``benchmarks/.landscapes/<name>`` and is rebuilt only when its folder lacks
+the stamp written last by a complete build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.build_demo import (  # noqa: E402
+    BATCH, SEPARATOR, TrainingRecipe, accuracy, build, build_tokenizer, echo, make_words, train,
+)
+from transformers import LlamaForCausalLM  # noqa: E402
+from workers.operators import task_arithmetic  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".landscapes"
+DEMO = ROOT / "demo"
+TASKS = ("cipher_a", "cipher_b", "cipher_mix")
+SEARCH_ITEMS = 100  # per task on the built landscapes (held-out keeps the demo's 200): ~0.2 s a candidate
+STAMP = ".complete"
+
+# Lighter experts than the demo's (120 steps, not 300) over other alphabets and ciphers.
+UNSEEN = TrainingRecipe(seed=11, expert_steps=120, alphabets=("acegikmo", "bdfhjlnp"))
+DISTRACTOR_STEPS, DISTRACTOR_LR, DISTRACTOR_SEED = 300, 1e-3, 23
+
+
+@dataclass(frozen=True)
+class Landscape:
+    """Where a landscape's models and tasks are, and which model is the base."""
+
+    name: str
+    folder: Path  # holds models/<name>/ and tasks/
+    models: tuple[str, ...]
+    base_model: str = "base"
+    model_folders: tuple[Path, ...] = ()  # default: folder/models/<name>
+
+    def paths(self) -> dict[str, Path]:
+        folders = self.model_folders or tuple(self.folder / "models" / m for m in self.models)
+        return dict(zip(self.models, folders))
+
+    @property
+    def task_path(self) -> Path:
+        return self.folder / "tasks"
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(m for m in self.models if m != self.base_model)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Training results depend on the thread count: build with one, as the demo does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stamped(folder: Path, make: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling and rename it into place, so a half build is never used."""
+    if (folder / STAMP).exists():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with _one_thread():
+        make(tmp)
+    (tmp / STAMP).write_text("built\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _make_unseen(out: Path) -> None:
+    build(out, UNSEEN)
+    for task in TASKS:  # a smaller search split keeps a candidate's evaluation short
+        file = out / "tasks" / "data" / f"{task}_search.jsonl"
+        file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
+
+
+def _make_distractor(out: Path) -> None:
+    """Fine-tune the demo's base to write words backwards, replaying its echo as the demo's
+    experts do; the cipher tasks never ask for it."""
+    tok = build_tokenizer()
+    words = make_words(TrainingRecipe().seed)
+    pool = [w for split in words.values() for w in split.train]
+    model = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base")
+    sample = lambda r: [echo(w) if r.random() < TrainingRecipe().replay else (w + SEPARATOR, w[::-1])  # noqa: E731
+                        for w in (r.choice(pool) for _ in range(BATCH))]
+    model = train(model, sample, DISTRACTOR_STEPS, DISTRACTOR_LR, DISTRACTOR_SEED, tok)
+    model.save_pretrained(out / "models" / "reverse")
+    tok.save_pretrained(out / "models" / "reverse")
+
+
+def landscapes(cache: Path = CACHE) -> dict[str, Landscape]:
+    """Every landscape, built into ``cache`` first where missing."""
+    _stamped(cache / "unseen", _make_unseen)
+    _stamped(cache / "distractor", _make_distractor)
+    demo_models = ("base", "cipher_a", "cipher_b")
+    return {
+        "demo": Landscape("demo", DEMO, demo_models),
+        "unseen": Landscape("unseen", cache / "unseen", demo_models),
+        "distractor": Landscape("distractor", DEMO, demo_models + ("reverse",),
+                                model_folders=tuple(DEMO / "models" / m for m in demo_models)
+                                + (cache / "distractor" / "models" / "reverse",)),
+    }
+
+
+def _heldout(land: Landscape) -> dict[str, list[tuple[str, str]]]:
+    import json
+
+    out = {}
+    for task in TASKS:
+        rows = (json.loads(line) for line in (land.task_path / "data" / f"{task}_heldout.jsonl").open())
+        out[task] = [(r["question"], r["answer"]) for r in rows]
+    return out
+
+
+@torch.no_grad()
+def grid(land: Landscape, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+         ) -> dict[tuple[float, ...], float]:
+    """Held-out mean accuracy of task arithmetic θ_b + Σ w_i δ_i at the same weight for every
+    expert but the last two, which take every pair of ``weights`` (distractor landscapes: the
+    distractor at 0)."""
+    paths = land.paths()
+    states = {m: LlamaForCausalLM.from_pretrained(p).state_dict() for m, p in paths.items()}
+    model = LlamaForCausalLM.from_pretrained(paths[land.base_model]).eval()
+    tok = build_tokenizer()
+    data = _heldout(land)
+    experts = land.experts
+    out: dict[tuple[float, ...], float] = {}
+    for wa, wb in itertools.product(weights, repeat=2):
+        w = (wa, wb) + (0.0,) * (len(experts) - 2)
+        merged = {k: task_arithmetic(v, [states[e][k] for e in experts], weight=w)
+                  for k, v in states[land.base_model].items()}
+        model.load_state_dict(merged)
+        out[w] = sum(accuracy(model, ex, tok) for ex in data.values()) / len(data)
+    return out
+
+
+def print_grid(land: Landscape) -> None:
+    table = grid(land)
+    weights = sorted({w[0] for w in table})
+    print(f"{land.name}: task arithmetic, held-out mean over {', '.join(TASKS)}; "
+          f"rows w_{land.experts[0]}, columns w_{land.experts[1]}")
+    print("        " + "".join(f"{w:>7.2f}" for w in weights))
+    for wa in weights:
+        rest = (0.0,) * (len(land.experts) - 2)
+        print(f"  {wa:5.2f} " + "".join(f"{table[(wa, wb) + rest]:7.3f}" for wb in weights))
+    best = max(table, key=table.__getitem__)
+    print(f"  best {best}: {table[best]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--grid", action="store_true", help="print a task-arithmetic grid per landscape")
+    args = parser.parse_args()
+    lands = landscapes(args.cache)
+    print("built: " + ", ".join(f"{n} ({lands[n].folder})" for n in lands))
+    if args.grid:
+        for land in lands.values():
+            print_grid(land)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Search quality: does a default search find a merge above every source, and how fast?
+
+    python benchmarks/search_quality.py [--optimizers cma,random] [--seeds 5] [--budget 120]
+                                        [--landscapes demo,unseen,distractor] [--quick]
+
+For each landscape x optimizer x seed it runs a real search through the project's own path
+(``load_config`` on a generated YAML, ``prepare``, ``run_search`` on a fresh SQLite file;
+Ray workers, lm-eval) with the default configuration except the models, the tasks, the
+budget, ``optimizer.name`` and ``optimizer.seed``, then reads the candidates back from the
+database. Landscapes are built on first use (benchmarks/landscapes.py).
+
+Noise, and the margin that "above" means: a task-mean accuracy over T tasks of n items each
+has a binomial standard deviation of at most sqrt(T * 0.25 / n) / T (p = 0.5). The margin is
+two of those, on the split in question: held-out for success, search for the evaluation
+count. The observed gap between the search and held-out fitness of the same candidates is
+printed next to it.
+
+Per landscape x optimizer the table shows: success (the held-out fitness of the search's best
+candidate beats the best source's held-out by the margin) over seeds; evaluations until the
+search fitness first beat the best source's search fitness by the margin (median over seeds,
+'-' when the median seed never did; baselines count as evaluations); the best candidate's
+held-out (mean ± std over seeds); and that evaluation count divided by random search's from
+the same run. An optimizer the config does not accept is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from landscapes import CACHE, TASKS, Landscape, landscapes  # noqa: E402
+from search.commands import prepare, run_search  # noqa: E402
+from search.config import ConfigError, load_config  # noqa: E402
+from search.leaderboard import best_candidate  # noqa: E402
+from storage.repository import CandidateRecord  # noqa: E402
+
+BASELINES = ("source", "untuned")
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Worst-case binomial std of a task-mean on each split, and the margins derived from it."""
+
+    search_std: float
+    heldout_std: float
+
+    @property
+    def search_margin(self) -> float:
+        return 2 * self.search_std
+
+    @property
+    def heldout_margin(self) -> float:
+        return 2 * self.heldout_std
+
+
+@dataclass(frozen=True)
+class RunResult:
+    landscape: str
+    optimizer: str
+    seed: int
+    evaluations: int
+    best_source_search: float
+    best_source_heldout: float
+    best_search: float
+    best_heldout: float
+    best_origin: str
+    evals_to_success: int | None  # 1-based, baselines included; None: never within the budget
+    gaps: tuple[float, ...]  # |search - held-out| fitness of every candidate scored on both
+    seconds: float
+
+
+def noise(land: Landscape) -> Noise:
+    def std(split: str) -> float:
+        sizes = [sum(1 for _ in (land.task_path / "data" / f"{t}_{split}.jsonl").open()) for t in TASKS]
+        return math.sqrt(sum(0.25 / n for n in sizes)) / len(sizes)
+
+    return Noise(std("search"), std("heldout"))
+
+
+def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder: Path) -> Path:
+    """The default configuration, given only models, tasks, budget and the optimizer's name and seed."""
+    cfg = {
+        "study": "bench",
+        "models": [{"name": m, "path": str(p)} for m, p in land.paths().items()],
+        "base_model": land.base_model,
+        "optimizer": {"name": optimizer, "seed": seed},
+        "evaluation": {"task_paths": [str(land.task_path)], "tasks": [{"name": t} for t in TASKS],
+                       "search_split": "search", "heldout_split": "heldout"},
+        "budget": {"max_trials": budget},
+    }
+    file = folder / "config.yaml"
+    file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return file
+
+
+def accepted(optimizer: str, land: Landscape) -> str | None:
+    """None when the config accepts ``optimizer``, else the one-line reason."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            load_config(write_config(land, optimizer, 0, 1, Path(tmp)))
+        except ConfigError as exc:
+            return str(exc)
+    return None
+
+
+def summarise(land: Landscape, optimizer: str, seed: int, cands: list[CandidateRecord], margin: Noise,
+              seconds: float) -> RunResult:
+    by_id = {c.id: c for c in cands}
+    sources = [c for c in cands if c.origin == "source" and c.state == "complete"]
+    best_src = max(sources, key=lambda c: c.fitness or 0.0)
+    best_src_heldout = max(c.heldout_fitness or 0.0 for c in sources)
+    best = best_candidate(cands)
+    assert best is not None, "no completed candidate"
+    scored = by_id[best.duplicate_of] if best.duplicate_of is not None else best
+    trials = [c for c in cands if c.state in ("complete", "failed")]
+    threshold = (best_src.fitness or 0.0) + margin.search_margin
+    first = next((i for i, c in enumerate(trials, 1) if c.fitness is not None and c.fitness > threshold), None)
+    gaps = tuple(abs(c.fitness - c.heldout_fitness) for c in cands
+                 if c.fitness is not None and c.heldout_fitness is not None and c.duplicate_of is None)
+    return RunResult(land.name, optimizer, seed, len(trials), best_src.fitness or 0.0, best_src_heldout,
+                     best.fitness or 0.0, scored.heldout_fitness if scored.heldout_fitness is not None else math.nan,
+                     best.origin, first, gaps, seconds)
+
+
+def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: int, margin: Noise,
+            verbose: bool) -> RunResult:
+    with tempfile.TemporaryDirectory(prefix="evomerge-sq-") as tmp:
+        cfg = load_config(write_config(land, optimizer, seed, budget, Path(tmp)))
+        prep = prepare(cfg)
+        start = time.monotonic()
+        sink = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+        with sink:
+            repo, study_id = run_search(prep, f"sqlite:///{tmp}/search.db", cfg.study, workers, None,
+                                        cfg.budget.max_trials, None)
+        seconds = time.monotonic() - start
+        cands = repo.candidates(study_id)
+    return summarise(land, optimizer, seed, cands, margin, seconds)
+
+
+def _median_evals(runs: list[RunResult]) -> float:
+    """Median evaluations to success, a seed that never succeeded counting as infinitely many."""
+    return statistics.median(r.evals_to_success if r.evals_to_success is not None else math.inf for r in runs)
+
+
+def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> str:
+    lines = ["| landscape | optimizer | success | evals to success (median) | best held-out (mean ± std) "
+             "| best source held-out | evals vs random |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.landscape, r.optimizer), []).append(r)
+    for (name, opt), runs in groups.items():
+        margin = noises[name].heldout_margin
+        wins = sum(1 for r in runs if r.best_heldout > r.best_source_heldout + margin)
+        med = _median_evals(runs)
+        held = [r.best_heldout for r in runs]
+        spread = statistics.stdev(held) if len(held) > 1 else 0.0
+        ratio = "-"
+        rnd = groups.get((name, "random"))
+        if rnd is not None and opt != "random" and math.isfinite(med):
+            base = _median_evals(rnd)
+            ratio = f"{med / base:.2f}" if math.isfinite(base) else f"< {med / budget:.2f}"
+        lines.append(f"| {name} | {opt} | {wins}/{len(runs)} | {'-' if math.isinf(med) else f'{med:g}'} | "
+                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def noise_lines(results: list[RunResult], noises: dict[str, Noise]) -> str:
+    out = []
+    for name, nz in noises.items():
+        gaps = [g for r in results if r.landscape == name for g in r.gaps]
+        seen = (f"; observed |search - held-out| of the same candidates: mean {statistics.mean(gaps):.3f}, "
+                f"max {max(gaps):.3f} (n={len(gaps)})") if gaps else ""
+        out.append(f"- {name}: binomial std of a task-mean <= {nz.search_std:.3f} (search), "
+                   f"{nz.heldout_std:.3f} (held-out); margins {nz.search_margin:.3f} / {nz.heldout_margin:.3f}{seen}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimizers", default="cma,random", help="comma-separated optimizer.name values")
+    parser.add_argument("--landscapes", default="demo,unseen,distractor")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=120, help="evaluations per search (baselines included)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, budget 24")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--raw", type=Path, help="also write every run's result here (JSON lines)")
+    parser.add_argument("--verbose", action="store_true", help="show each search's progress")
+    parser.add_argument("--table-from", type=Path, help="print the table of a --raw file instead of searching")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.budget = 1, 24
+    every = landscapes(args.cache)
+    names = [n.strip() for n in args.landscapes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        print(f"--landscapes: unknown {unknown[0]!r} (known: {', '.join(every)})", file=sys.stderr)
+        return 2
+    chosen = [every[n] for n in names]
+    optimizers = []
+    for opt in (o.strip() for o in args.optimizers.split(",") if o.strip()):
+        reason = accepted(opt, chosen[0])
+        if reason:
+            print(f"skipping optimizer {opt!r}: {reason}", file=sys.stderr)
+        else:
+            optimizers.append(opt)
+    if not optimizers:
+        print("--optimizers: the config accepts none of them", file=sys.stderr)
+        return 2
+    noises = {land.name: noise(land) for land in chosen}
+    if args.table_from:  # the table of an earlier (maybe interrupted) run's --raw file
+        rows = [json.loads(line) for line in args.table_from.open()]
+        results = [RunResult(**{**r, "gaps": tuple(r["gaps"])}) for r in rows if r["landscape"] in noises]
+        report(results, noises, args)
+        return 0
+    results: list[RunResult] = []
+    for seed in range(args.seeds):  # seeds outermost: an interrupted run still covers every cell
+        for land in chosen:
+            for opt in optimizers:
+                r = run_one(land, opt, seed, args.budget, args.workers, noises[land.name], args.verbose)
+                results.append(r)
+                print(f"{land.name} {opt} seed {seed}: best held-out {r.best_heldout:.3f} ({r.best_origin}) vs "
+                      f"source {r.best_source_heldout:.3f}; evals to success {r.evals_to_success or '-'}; "
+                      f"{r.seconds:.0f}s", flush=True)
+                if args.raw:
+                    with args.raw.open("a") as f:
+                        f.write(json.dumps(asdict(r)) + "\n")
+    report(results, noises, args)
+    return 0
+
+
+def report(results: list[RunResult], noises: dict[str, Noise], args: argparse.Namespace) -> None:
+    seeds = len({r.seed for r in results})
+    print(f"\nSearch quality: {seeds} seed(s), {args.budget} evaluations each, {args.workers} workers; "
+          "success = held-out beats the best source by the margin")
+    print(noise_lines(results, noises))
+    print()
+    print(table(results, noises, args.budget))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
