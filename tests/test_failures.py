@@ -14,7 +14,7 @@ from search.commands import prepare
 from search.config import load_config
 from search.controller import Controller
 from search.ledger import Ledger
-from search.pool import WorkerPool
+from search.pool import NOT_RUN, WorkerPool
 from storage.repository import Repository
 from tests.conftest import write_config
 from workers.actor import WorkerSpec
@@ -28,7 +28,8 @@ def _controller(cfg_path: Path, db: Path) -> tuple[Controller, Repository, int]:
     study = repo.create_study(cfg.study, cfg.model_dump_json())
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite())
     controller = Controller(cfg, repo, Ledger(url, cfg.study), prep.space,
-                            lambda: WorkerPool(spec, cfg.workers.count, 1, 0), study.id)
+                            lambda: WorkerPool(spec, cfg.workers.count, 1, 0, job_timeout_s=cfg.workers.job_timeout_s),
+                            study.id)
     return controller, repo, study.id
 
 
@@ -74,7 +75,9 @@ def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_mode
     assert retried, "the killed worker's job was not retried"
     for cand in retried:
         outcomes = [o for _, split, _, o in repo.attempts(cand.id) if split == "search"]
-        assert outcomes[-1] == "ok" and any(o and o.startswith("worker died") for o in outcomes[:-1])
+        # The job that ran is "worker died"; one queued behind it "not run: worker died".
+        assert outcomes[-1] == "ok" and any(o and o.removeprefix(NOT_RUN).startswith("worker died")
+                                            for o in outcomes[:-1])
     with sqlite3.connect(tmp_path / "k.db") as conn:
         states = dict(conn.execute("select state, count(*) from trials group by state").fetchall())
         reasons = [json.loads(v) for (v,) in conn.execute(
