@@ -141,22 +141,21 @@ def _heldout(land: Landscape) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
 @torch.no_grad()
-def grid(land: Landscape, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-         ) -> dict[tuple[float, ...], float]:
-    """Held-out mean accuracy of task arithmetic θ_b + Σ w_i δ_i at the same weight for every
-    expert but the last two, which take every pair of ``weights`` (distractor landscapes: the
-    distractor at 0)."""
+def task_arithmetic_scores(land: Landscape, points: list[tuple[float, ...]]) -> dict[tuple[float, ...], float]:
+    """Held-out mean accuracy of task arithmetic θ_b + Σ w_i δ_i at each point (one weight
+    per expert, in ``land.experts`` order)."""
     paths = land.paths()
     states = {m: LlamaForCausalLM.from_pretrained(p).state_dict() for m, p in paths.items()}
     model = LlamaForCausalLM.from_pretrained(paths[land.base_model]).eval()
     tok = build_tokenizer()
     data = _heldout(land)
-    experts = land.experts
     out: dict[tuple[float, ...], float] = {}
-    for wa, wb in itertools.product(weights, repeat=2):
-        w = (wa, wb) + (0.0,) * (len(experts) - 2)
-        merged = {k: task_arithmetic(v, [states[e][k] for e in experts], weight=w)
+    for w in points:
+        merged = {k: task_arithmetic(v, [states[e][k] for e in land.experts], weight=w)
                   for k, v in states[land.base_model].items()}
         model.load_state_dict(merged)
         out[w] = sum(accuracy(model, ex, tok) for ex in data.values()) / len(data)
@@ -164,14 +163,23 @@ def grid(land: Landscape, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.
 
 
 def print_grid(land: Landscape) -> None:
-    table = grid(land)
-    weights = sorted({w[0] for w in table})
-    print(f"{land.name}: task arithmetic, held-out mean over {', '.join(TASKS)}; "
-          f"rows w_{land.experts[0]}, columns w_{land.experts[1]}")
-    print("        " + "".join(f"{w:>7.2f}" for w in weights))
-    for wa in weights:
-        rest = (0.0,) * (len(land.experts) - 2)
-        print(f"  {wa:5.2f} " + "".join(f"{table[(wa, wb) + rest]:7.3f}" for wb in weights))
+    """Two experts: every pair of ``WEIGHTS``. More: the cipher experts on the diagonal
+    against the extra experts' shared weight (the distractor's pull)."""
+    print(f"{land.name}: task arithmetic, held-out mean over {', '.join(TASKS)}")
+    if len(land.experts) == 2:
+        table = task_arithmetic_scores(land, list(itertools.product(WEIGHTS, repeat=2)))
+        print(f"  rows w_{land.experts[0]}, columns w_{land.experts[1]}")
+        print("        " + "".join(f"{w:>7.2f}" for w in WEIGHTS))
+        for wa in WEIGHTS:
+            print(f"  {wa:5.2f} " + "".join(f"{table[(wa, wb)]:7.3f}" for wb in WEIGHTS))
+    else:
+        extra = len(land.experts) - 2
+        diag, pulls = (0.5, 0.75, 1.0), (0.0, 0.5, 1.0)
+        table = task_arithmetic_scores(land, [(w, w) + (d,) * extra for w, d in itertools.product(diag, pulls)])
+        print(f"  rows w_{land.experts[0]} = w_{land.experts[1]}, columns w of {', '.join(land.experts[2:])}")
+        print("        " + "".join(f"{d:>7.2f}" for d in pulls))
+        for w in diag:
+            print(f"  {w:5.2f} " + "".join(f"{table[(w, w) + (d,) * extra]:7.3f}" for d in pulls))
     best = max(table, key=table.__getitem__)
     print(f"  best {best}: {table[best]:.3f}")
 
@@ -180,12 +188,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--grid", action="store_true", help="print a task-arithmetic grid per landscape")
+    parser.add_argument("--only", help="grid of this landscape only")
     args = parser.parse_args()
     lands = landscapes(args.cache)
     print("built: " + ", ".join(f"{n} ({lands[n].folder})" for n in lands))
     if args.grid:
         for land in lands.values():
-            print_grid(land)
+            if args.only in (None, land.name):
+                print_grid(land)
 
 
 if __name__ == "__main__":

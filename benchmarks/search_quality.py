@@ -86,6 +86,7 @@ class RunResult:
     evals_to_success: int | None  # 1-based, baselines included; None: never within the budget
     gaps: tuple[float, ...]  # |search - held-out| fitness of every candidate scored on both
     seconds: float
+    success_origin: str | None = None  # origin of that first candidate: a baseline or the optimizer
 
 
 def noise(land: Landscape) -> Noise:
@@ -97,12 +98,15 @@ def noise(land: Landscape) -> Noise:
 
 
 def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder: Path) -> Path:
-    """The default configuration, given only models, tasks, budget and the optimizer's name and seed."""
+    """The default configuration, given only models, tasks, budget and the optimizer's name and
+    seed; ``preset=NAME`` names a preset instead of an optimizer."""
+    preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
     cfg = {
         "study": "bench",
+        **({"preset": preset} if preset else {}),
         "models": [{"name": m, "path": str(p)} for m, p in land.paths().items()],
         "base_model": land.base_model,
-        "optimizer": {"name": optimizer, "seed": seed},
+        "optimizer": {"seed": seed} if preset else {"name": optimizer, "seed": seed},
         "evaluation": {"task_paths": [str(land.task_path)], "tasks": [{"name": t} for t in TASKS],
                        "search_split": "search", "heldout_split": "heldout"},
         "budget": {"max_trials": budget},
@@ -134,11 +138,12 @@ def summarise(land: Landscape, optimizer: str, seed: int, cands: list[CandidateR
     trials = [c for c in cands if c.state in ("complete", "failed")]
     threshold = (best_src.fitness or 0.0) + margin.search_margin
     first = next((i for i, c in enumerate(trials, 1) if c.fitness is not None and c.fitness > threshold), None)
+    first_origin = trials[first - 1].origin if first is not None else None
     gaps = tuple(abs(c.fitness - c.heldout_fitness) for c in cands
                  if c.fitness is not None and c.heldout_fitness is not None and c.duplicate_of is None)
     return RunResult(land.name, optimizer, seed, len(trials), best_src.fitness or 0.0, best_src_heldout,
                      best.fitness or 0.0, scored.heldout_fitness if scored.heldout_fitness is not None else math.nan,
-                     best.origin, first, gaps, seconds)
+                     best.origin, first, gaps, seconds, first_origin)
 
 
 def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: int, margin: Noise,
@@ -163,7 +168,8 @@ def _median_evals(runs: list[RunResult]) -> float:
 
 def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> str:
     lines = ["| landscape | optimizer | success | evals to success (median) | best held-out (mean ± std) "
-             "| best source held-out | evals vs random |", "|---|---|---|---|---|---|---|"]
+             "| best source held-out | evals vs random | first success by a baseline |",
+             "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.landscape, r.optimizer), []).append(r)
@@ -178,8 +184,10 @@ def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> st
         if rnd is not None and opt != "random" and math.isfinite(med):
             base = _median_evals(rnd)
             ratio = f"{med / base:.2f}" if math.isfinite(base) else f"< {med / budget:.2f}"
+        by_baseline = sum(1 for r in runs if r.success_origin in BASELINES)
         lines.append(f"| {name} | {opt} | {wins}/{len(runs)} | {'-' if math.isinf(med) else f'{med:g}'} | "
-                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {ratio} |")
+                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {ratio} | "
+                     f"{by_baseline}/{len(runs)} |")
     return "\n".join(lines)
 
 
@@ -196,7 +204,8 @@ def noise_lines(results: list[RunResult], noises: dict[str, Noise]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizers", default="cma,random", help="comma-separated optimizer.name values")
+    parser.add_argument("--optimizers", default="cma,random",
+                        help="comma-separated optimizer.name values, or preset=NAME for a preset's defaults")
     parser.add_argument("--landscapes", default="demo,unseen,distractor")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=120, help="evaluations per search (baselines included)")
@@ -239,7 +248,8 @@ def main() -> int:
                 r = run_one(land, opt, seed, args.budget, args.workers, noises[land.name], args.verbose)
                 results.append(r)
                 print(f"{land.name} {opt} seed {seed}: best held-out {r.best_heldout:.3f} ({r.best_origin}) vs "
-                      f"source {r.best_source_heldout:.3f}; evals to success {r.evals_to_success or '-'}; "
+                      f"source {r.best_source_heldout:.3f}; evals to success {r.evals_to_success or '-'} "
+                      f"({r.success_origin or '-'}); "
                       f"{r.seconds:.0f}s", flush=True)
                 if args.raw:
                     with args.raw.open("a") as f:
