@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,21 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
 DEFAULT_URL = "sqlite:///evomerge.db"
-SQLITE_BUSY_TIMEOUT_S = 60
+SQLITE_BUSY_TIMEOUT_S = 60.0
+DEFAULT_PATIENCE_S = 120.0
+
+
+def patience_s() -> float:
+    """Seconds to keep retrying a transient database fault (storage/retry.py):
+    ``$EVOMERGE_DB_PATIENCE_S``, default 120."""
+    raw = os.environ.get("EVOMERGE_DB_PATIENCE_S")
+    try:
+        value = float(raw) if raw else DEFAULT_PATIENCE_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"EVOMERGE_DB_PATIENCE_S={raw!r} is not a positive number of seconds")
+    return value
 
 
 def _sqlite_connector(database: str) -> Callable[[], sqlite3.Connection]:
@@ -18,8 +33,11 @@ def _sqlite_connector(database: str) -> Callable[[], sqlite3.Connection]:
     and synchronous=NORMAL: in WAL mode a killed process loses no committed transaction,
     and commits skip an fsync each (a power cut may lose the last few, never consistency)."""
 
+    # A statement waits at most a quarter of the patience for the lock; the retries do the rest.
+    timeout = min(SQLITE_BUSY_TIMEOUT_S, max(1.0, patience_s() / 4))
+
     def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+        conn = sqlite3.connect(database, timeout=timeout, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")

@@ -1,25 +1,55 @@
 """The repository: the only code that reads or writes our tables.
 
 Every method is one short transaction, so a controller killed at any instant leaves the
-database consistent. Rows cross the boundary as frozen records, never ORM objects.
+database consistent, and a transient fault (outage, lock) is retried as a whole
+(storage/retry.py). Rows cross the boundary as frozen records, never ORM objects.
+
+The controller lease is taken by one conditional UPDATE (atomic on SQLite, which ignores
+``SELECT ... FOR UPDATE``, and on PostgreSQL). While a controller holds it, every write of
+ours first extends the lease in the same transaction, conditionally on still owning it: a
+controller that was paused past its lease and lost it to another is fenced at its next
+write (:class:`LeaseLost`, nothing written).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import make_engine
+from storage.retry import patience_s, retrying
 from storage.tables import AttemptRow, Base, CandidateRow, GenerationRow, StudyRow
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class LeaseError(RuntimeError):
     """Another live controller drives this study."""
+
+
+class LeaseLost(RuntimeError):
+    """This controller's lease was taken over (it was paused or cut off past its expiry)."""
+
+
+def _retried(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a repository method again through transient database faults (one transaction each)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        repo = args[0]
+        assert isinstance(repo, Repository)
+        return retrying(lambda: method(*args, **kwargs), repo.url, repo.patience_s)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -66,24 +96,46 @@ def _record(row: CandidateRow) -> CandidateRecord:
 class Repository:
     """Studies, candidates, attempts and generations of one database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, patience: float | None = None) -> None:
+        self.url = url
+        self.patience_s = patience_s() if patience is None else patience
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        retrying(lambda: Base.metadata.create_all(self.engine), url, self.patience_s)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._fence: tuple[int, str, float] | None = None  # (study, owner, lease seconds) while leased
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def _tx(self) -> Session:
-        return self._session.begin()  # type: ignore[return-value]
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """A write transaction; while a lease is held, fenced by it (see the module doc)."""
+        with self._session.begin() as s:
+            if self._fence is not None:
+                study_id, owner, seconds = self._fence
+                kept = s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
+                                 .values(lease_until=time.time() + seconds))
+                if kept.rowcount != 1:
+                    raise LeaseLost(self._lost_message(s, study_id, owner))
+            yield s
+
+    @staticmethod
+    def _lost_message(s: Session, study_id: int, owner: str) -> str:
+        row = s.get(StudyRow, study_id)
+        holder = row.lease_owner if row is not None else None
+        name = row.name if row is not None else study_id
+        return (f"controller {owner} lost the lease of study {name!r} (now held by {holder or 'nobody'}) "
+                "while it was paused or cut off; stopped without writing")
 
     # --- studies ---------------------------------------------------------------------
 
+    @_retried
     def get_study(self, name: str) -> StudyRecord | None:
         with self._session() as s:
             row = s.scalar(select(StudyRow).where(StudyRow.name == name))
             return StudyRecord(row.id, row.name, row.config_json) if row else None
 
+    @_retried
     def create_study(self, name: str, config_json: str) -> StudyRecord:
         with self._tx() as s:
             row = StudyRow(name=name, config_json=config_json, created_at=time.time())
@@ -91,33 +143,62 @@ class Repository:
             s.flush()
             return StudyRecord(row.id, row.name, row.config_json)
 
+    @_retried
     def study_names(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(select(StudyRow.name).order_by(StudyRow.id)))
 
-    def acquire_lease(self, study_id: int, owner: str, seconds: float, owner_alive: Any) -> None:
-        """Take the study's controller lease; ``owner_alive(owner)`` judges a held one."""
-        with self._tx() as s:
-            row = s.get(StudyRow, study_id, with_for_update=True)
-            assert row is not None
-            held = row.lease_owner and row.lease_owner != owner and (row.lease_until or 0) > time.time()
-            if held and owner_alive(row.lease_owner):
-                raise LeaseError(f"study {row.name!r} is driven by controller {row.lease_owner} "
-                                 f"(lease until {time.ctime(row.lease_until)})")
-            row.lease_owner, row.lease_until = owner, time.time() + seconds
+    @_retried
+    def acquire_lease(self, study_id: int, owner: str, seconds: float, owner_alive: Callable[[str], bool]) -> None:
+        """Take the study's controller lease, or raise :class:`LeaseError`; ``owner_alive(owner)``
+        judges an unexpired lease held by another. From here on, every write is fenced by it."""
+        now = time.time()
+        take = update(StudyRow).values(lease_owner=owner, lease_until=now + seconds)
+        with self._session.begin() as s:
+            # One statement decides: free, expired, or already ours.
+            won = s.execute(take.where(StudyRow.id == study_id, or_(
+                StudyRow.lease_owner.is_(None), StudyRow.lease_owner == owner, StudyRow.lease_until < now)))
+            if won.rowcount != 1:
+                row = s.get(StudyRow, study_id)
+                assert row is not None
+                holder, until = row.lease_owner, row.lease_until
+                if holder is None or owner_alive(holder):
+                    raise LeaseError(f"study {row.name!r} is driven by controller {holder} "
+                                     f"(lease until {time.ctime(until or now)})")
+                # Its holder died before the expiry: take it over, unless it changed hands meanwhile.
+                won = s.execute(take.where(StudyRow.id == study_id, StudyRow.lease_owner == holder))
+                if won.rowcount != 1:
+                    raise LeaseError(f"study {row.name!r}: another controller took the lease just now")
+        self._fence = (study_id, owner, seconds)
 
+    @_retried
     def renew_lease(self, study_id: int, owner: str, seconds: float) -> None:
-        with self._tx() as s:
-            s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
-                      .values(lease_until=time.time() + seconds))
+        """Extend the lease; raises :class:`LeaseLost` if another controller took it."""
+        with self._session.begin() as s:
+            kept = s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
+                             .values(lease_until=time.time() + seconds))
+            if kept.rowcount != 1:
+                raise LeaseLost(self._lost_message(s, study_id, owner))
 
+    @_retried
     def release_lease(self, study_id: int, owner: str) -> None:
-        with self._tx() as s:
+        self._fence = None
+        with self._session.begin() as s:
             s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
                       .values(lease_owner=None, lease_until=None))
 
+    def drop_fence(self) -> None:
+        """Forget the lease without writing (after it was lost, or the database went away)."""
+        self._fence = None
+
+    @property
+    def holds_lease(self) -> bool:
+        """A lease was acquired here and is neither released nor dropped."""
+        return self._fence is not None
+
     # --- candidates ------------------------------------------------------------------
 
+    @_retried
     def add_candidate(self, study_id: int, recipe_json: str, recipe_hash: str, origin: str,
                       generation: int | None = None, genes: tuple[float, ...] | None = None) -> int:
         now = time.time()
@@ -130,6 +211,7 @@ class Repository:
             s.flush()
             return row.id
 
+    @_retried
     def candidate(self, candidate_id: int) -> CandidateRecord:
         with self._session() as s:
             row = s.get(CandidateRow, candidate_id)
@@ -137,12 +219,14 @@ class Repository:
                 raise KeyError(f"no candidate {candidate_id}")
             return _record(row)
 
+    @_retried
     def candidates(self, study_id: int) -> list[CandidateRecord]:
         with self._session() as s:
             rows = s.scalars(select(CandidateRow).where(CandidateRow.study_id == study_id)
                              .order_by(CandidateRow.id))
             return [_record(r) for r in rows]
 
+    @_retried
     def completed_with_hash(self, study_id: int, recipe_hash: str) -> CandidateRecord | None:
         with self._session() as s:
             row = s.scalar(select(CandidateRow).where(
@@ -150,6 +234,7 @@ class Repository:
                 CandidateRow.state == "complete", CandidateRow.duplicate_of.is_(None)).limit(1))
             return _record(row) if row else None
 
+    @_retried
     def start_attempt(self, candidate_id: int, trial_number: int | None, split: str) -> int:
         """Mark a candidate running and open an attempt row; returns the attempt number."""
         now = time.time()
@@ -165,6 +250,7 @@ class Repository:
             s.add(AttemptRow(candidate_id=candidate_id, attempt=attempt, split=split, started_at=now))
             return attempt
 
+    @_retried
     def end_attempt(self, candidate_id: int, split: str, worker: str | None, outcome: str) -> None:
         with self._tx() as s:
             row = s.scalar(select(AttemptRow).where(
@@ -173,6 +259,17 @@ class Repository:
             if row is not None:
                 row.ended_at, row.worker, row.outcome = time.time(), worker, outcome[:1000]
 
+    @_retried
+    def end_open_attempts(self, study_id: int, split: str, outcome: str) -> int:
+        """Close every open ``split`` attempt of the study (abandoned by a stop); returns how many."""
+        with self._tx() as s:
+            ids = select(CandidateRow.id).where(CandidateRow.study_id == study_id)
+            closed = s.execute(update(AttemptRow).where(
+                AttemptRow.candidate_id.in_(ids), AttemptRow.split == split, AttemptRow.ended_at.is_(None))
+                .values(ended_at=time.time(), outcome=outcome))
+            return int(closed.rowcount)
+
+    @_retried
     def complete(self, candidate_id: int, scores: dict[str, float], fitness: float, worker: str | None,
                  materialize_s: float | None, evaluate_s: float | None, duplicate_of: int | None = None) -> None:
         with self._tx() as s:
@@ -182,12 +279,14 @@ class Repository:
             row.worker, row.materialize_s, row.evaluate_s = worker, materialize_s, evaluate_s
             row.duplicate_of, row.error, row.updated_at = duplicate_of, None, time.time()
 
+    @_retried
     def fail(self, candidate_id: int, reason: str, worker: str | None = None) -> None:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
             row.state, row.error, row.worker, row.updated_at = "failed", reason[:2000], worker, time.time()
 
+    @_retried
     def requeue(self, candidate_id: int, reason: str) -> None:
         """Back to the queue (a worker died, or the controller did): the attempt stays counted."""
         with self._tx() as s:
@@ -195,12 +294,14 @@ class Repository:
             assert row is not None
             row.state, row.error, row.updated_at = "queued", reason[:2000], time.time()
 
+    @_retried
     def set_heldout(self, candidate_id: int, scores: dict[str, float], fitness: float) -> None:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
             row.heldout_json, row.heldout_fitness = json.dumps(scores), fitness
 
+    @_retried
     def touch(self, candidate_ids: list[int]) -> None:
         """Heartbeat of running candidates."""
         if candidate_ids:
@@ -208,6 +309,7 @@ class Repository:
                 s.execute(update(CandidateRow).where(CandidateRow.id.in_(candidate_ids))
                           .values(updated_at=time.time()))
 
+    @_retried
     def attempts(self, candidate_id: int) -> list[tuple[int, str, str | None, str | None]]:
         with self._session() as s:
             rows = s.scalars(select(AttemptRow).where(AttemptRow.candidate_id == candidate_id)
@@ -216,11 +318,13 @@ class Repository:
 
     # --- generations -----------------------------------------------------------------
 
+    @_retried
     def add_generation(self, study_id: int, index: int, candidate_ids: list[int]) -> None:
         with self._tx() as s:
             s.add(GenerationRow(study_id=study_id, index=index, candidate_ids_json=json.dumps(candidate_ids),
                                 created_at=time.time()))
 
+    @_retried
     def generations(self, study_id: int) -> list[list[int]]:
         with self._session() as s:
             rows = s.scalars(select(GenerationRow).where(GenerationRow.study_id == study_id)
