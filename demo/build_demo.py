@@ -72,13 +72,14 @@ class TrainingRecipe:
     expert_steps: int = 300
     expert_lr: float = 1e-3
     replay: float = 1 / 3  # share of each expert batch that replays the base's echo
+    alphabets: tuple[str, str] = (ALPHABET_A, ALPHABET_B)  # the letters of cipher A and of cipher B
 
 
-def ciphers(seed: int) -> dict[str, str]:
+def ciphers(seed: int, alphabets: tuple[str, ...] = (ALPHABET_A, ALPHABET_B)) -> dict[str, str]:
     """One fixed permutation within each alphabet."""
     rng = random.Random(seed)
     table: dict[str, str] = {}
-    for alphabet in (ALPHABET_A, ALPHABET_B):
+    for alphabet in alphabets:
         shuffled = list(alphabet)
         while any(a == b for a, b in zip(alphabet, shuffled)):  # no letter maps to itself
             rng.shuffle(shuffled)
@@ -86,12 +87,13 @@ def ciphers(seed: int) -> dict[str, str]:
     return table
 
 
-def word_pool(rng: random.Random, letters: str, size: int, mixed: bool = False) -> list[str]:
-    """Distinct random words; ``mixed`` words hold letters of both alphabets."""
+def word_pool(rng: random.Random, letters: str, size: int, mixed: bool = False,
+              alphabets: tuple[str, str] = (ALPHABET_A, ALPHABET_B)) -> list[str]:
+    """Distinct random words; ``mixed`` words hold letters of both ``alphabets``."""
     words: set[str] = set()
     while len(words) < size:
         word = "".join(rng.choice(letters) for _ in range(rng.randint(*WORD_LENGTHS)))
-        if not mixed or (set(word) & set(ALPHABET_A) and set(word) & set(ALPHABET_B)):
+        if not mixed or (set(word) & set(alphabets[0]) and set(word) & set(alphabets[1])):
             words.add(word)
     out = sorted(words)
     rng.shuffle(out)
@@ -105,11 +107,12 @@ class Words:
     heldout: list[str]
 
 
-def make_words(seed: int) -> dict[str, Words]:
+def make_words(seed: int, alphabets: tuple[str, str] = (ALPHABET_A, ALPHABET_B)) -> dict[str, Words]:
     """Per task: disjoint train / search / held-out words."""
     rng = random.Random(seed)
-    pools = {"cipher_a": word_pool(rng, ALPHABET_A, 6000), "cipher_b": word_pool(rng, ALPHABET_B, 6000),
-             "cipher_mix": word_pool(rng, ALPHABET_A + ALPHABET_B, 6000, mixed=True)}
+    a, b = alphabets
+    pools = {"cipher_a": word_pool(rng, a, 6000), "cipher_b": word_pool(rng, b, 6000),
+             "cipher_mix": word_pool(rng, a + b, 6000, mixed=True, alphabets=alphabets)}
     return {t: Words(p[2 * SPLIT_SIZE:], p[:SPLIT_SIZE], p[SPLIT_SIZE:2 * SPLIT_SIZE]) for t, p in pools.items()}
 
 
@@ -185,8 +188,8 @@ def accuracy(model: LlamaForCausalLM, examples: Sequence[Example], tok: PreTrain
 def build(out: Path, recipe: TrainingRecipe) -> dict[str, dict[str, float]]:
     """Write models, data and task YAMLs under ``out``; returns held-out accuracies."""
     tok = build_tokenizer()
-    table = ciphers(recipe.seed)
-    words = make_words(recipe.seed)
+    table = ciphers(recipe.seed, recipe.alphabets)
+    words = make_words(recipe.seed, recipe.alphabets)
     enc = encipher(table)
     train_a, train_b, train_mix = words["cipher_a"].train, words["cipher_b"].train, words["cipher_mix"].train
 
