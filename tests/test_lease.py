@@ -128,13 +128,14 @@ def test_heldout_rescoring_runs_under_the_lease(tmp_path: Path, tiny_models: dic
     controller, repo, study_id = _controller(cfg, tmp_path / "h.db")
     try:
         controller.run(6, None)
-        # Another live controller (this process, by another name) holds the study now.
+        # Another live controller (on this host: the parent process's pid) holds the study now.
+        holder = f"{socket.gethostname()}:{os.getppid()}"
         other = Repository(f"sqlite:///{tmp_path / 'h.db'}")
-        other.acquire_lease(study_id, f"{socket.gethostname()}:{os.getpid()}", 600.0, lambda owner: True)
+        other.acquire_lease(study_id, holder, 600.0, lambda owner: True)
         with pytest.raises(LeaseError):
             controller.rescore_heldout()
         assert all(split != "heldout" for c in repo.candidates(study_id) for _, split, _, _ in repo.attempts(c.id))
-        other.release_lease(study_id, f"{socket.gethostname()}:{os.getpid()}")
+        other.release_lease(study_id, holder)
         assert controller.rescore_heldout() >= 1
         attempts = [a for c in repo.candidates(study_id) for a in repo.attempts(c.id) if a[1] == "heldout"]
         assert attempts and all(outcome is not None for _, _, _, outcome in attempts)
