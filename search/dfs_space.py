@@ -133,6 +133,10 @@ class RouteSpace:
     def belongs(self, recipe: Recipe) -> bool:
         return recipe.kind == "route" and recipe.models == self.models
 
+    def genome_of(self, recipe: Recipe) -> tuple[float, ...] | None:
+        """The genome of a baseline, when it has one: model A as a route is the start."""
+        return tuple(self.x0()) if recipe.content_hash == self.identity().content_hash else None
+
     def params_of(self, recipe: Recipe) -> dict[str, float]:
         """What Optuna and the dashboard show for a route: its length (the path is an attribute)."""
         return {"hops": float(len(recipe.route))}
@@ -150,7 +154,10 @@ class RouteSpace:
         return box_violation(unit)
 
     def reject(self, recipe: Recipe) -> str | None:
-        """Why a route must not be evaluated, or None."""
+        """Why a route must not be evaluated, or None. Other recipes of a DFS study (its
+        source baselines: the collection's models as they are) are never rejected here."""
+        if recipe.kind != "route":
+            return None
         hops = len(recipe.route)
         if hops == 0:
             return "empty path: no slot is on"
