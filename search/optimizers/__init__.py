@@ -1,0 +1,25 @@
+"""The optimizers, by the name a config gives them (``optimizer.name``).
+
+Adding one is a new module with an :class:`Optimizer` subclass, its entry below, and its
+name in :class:`search.config.OptimizerConfig`'s ``name`` field.
+"""
+
+from __future__ import annotations
+
+from search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
+from search.optimizers.cmaes import CMAOptimizer
+from search.optimizers.optuna_samplers import GP, NSGA2, TPE
+from search.optimizers.random_search import RandomSearch
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAOptimizer, RandomSearch, TPE, GP, NSGA2)}
+
+
+def build_optimizer(name: str, settings: OptimizerSettings) -> Optimizer:
+    """A fresh optimizer of the registered ``name``."""
+    try:
+        return OPTIMIZERS[name](settings)
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(sorted(OPTIMIZERS))})") from None
+
+
+__all__ = ["OPTIMIZERS", "Evaluated", "Optimizer", "OptimizerSettings", "Proposal", "Update", "build_optimizer"]
