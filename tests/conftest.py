@@ -107,3 +107,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def save_tiny_arch(folder: Path, arch: str, seed: int = 0, noise: float = 0.0) -> Path:
+    """A random tiny model of ``arch`` ("llama", "qwen2", "mistral") sized like
+    :func:`save_tiny_model`, with the char tokenizer; ``noise`` perturbs the seed-0 model.
+
+    qwen2: ``layer_types`` with a sliding layer (window 4, shorter than the tests' inputs),
+    q/k/v biases and tied embeddings, as in Qwen2-0.5B. mistral: a model-wide
+    ``sliding_window`` of 4 and grouped-query attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    if arch == "llama":
+        return save_tiny_model(folder, seed=seed, noise=noise)
+    common = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if arch == "qwen2":
+        cfg = Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                          tie_word_embeddings=True)
+        assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, sliding_window=4)
+    else:
+        raise ValueError(f"no tiny builder for architecture {arch!r}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if noise:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """architecture -> {"base", "a", "b"}: a random tiny base and two noisy experts of it."""
+    root = tmp_path_factory.mktemp("arch")
+    return {arch: {"base": save_tiny_arch(root / arch / "base", arch),
+                   "a": save_tiny_arch(root / arch / "a", arch, seed=1, noise=0.05),
+                   "b": save_tiny_arch(root / arch / "b", arch, seed=2, noise=0.05)}
+            for arch in ARCHITECTURES}

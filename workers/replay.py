@@ -135,7 +135,7 @@ def route_model(candidate: CandidateModel, recipe: Recipe) -> PreTrainedModel:
     hop scales folded into the weights (:func:`workers.routing.export_state_dict`)."""
     materializer = candidate.materializer
     tensors = {name: candidate.tensors_of(recipe, name) for name in recipe.models}
-    config = materializer.model.config
+    config = candidate.config  # the model's own config: while a route is applied, the model holds the route's
     route = Route(recipe.base or "", recipe.route, recipe.scales)
     exported = export_config(route, {n: config for n in recipe.models})
     state = export_state_dict(route, tensors, bool(getattr(config, "tie_word_embeddings", False)))
