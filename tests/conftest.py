@@ -38,7 +38,13 @@ def save_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int =
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
                       pad_token_id=0, eos_token_id=1, bos_token_id=None)
     torch.manual_seed(base_seed)
-    model = LlamaForCausalLM(cfg)
+    return _perturb_and_save(LlamaForCausalLM(cfg), folder, seed, noise)
+
+
+def _perturb_and_save(model, folder: Path, seed: int, noise: float) -> Path:  # type: ignore[no-untyped-def]
+    """Add ``noise`` · N(0, 1) (seeded by ``seed``) to every weight; save with the char tokenizer."""
+    import torch
+
     if noise:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -132,15 +138,7 @@ def save_tiny_arch(folder: Path, arch: str, seed: int = 0, noise: float = 0.0) -
     else:
         raise ValueError(f"no tiny builder for architecture {arch!r}")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    if noise:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+    return _perturb_and_save(AutoModelForCausalLM.from_config(cfg), folder, seed, noise)
 
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
