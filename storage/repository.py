@@ -187,6 +187,12 @@ class Repository:
             s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
                       .values(lease_owner=None, lease_until=None))
 
+    @_retried
+    def check_lease(self) -> None:
+        """Raise :class:`LeaseLost` if the lease held here was taken over (extends it otherwise)."""
+        with self._tx():
+            pass
+
     def drop_fence(self) -> None:
         """Forget the lease without writing (after it was lost, or the database went away)."""
         self._fence = None

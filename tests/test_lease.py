@@ -90,6 +90,8 @@ def test_controller_paused_past_its_lease_is_fenced(tmp_path: Path, backend: str
         paused.complete(first, {"t": 1.0}, 1.0, "w", 0.1, 0.1)
     with pytest.raises(LeaseLost):
         paused.renew_lease(study.id, "host:1", 60.0)
+    with pytest.raises(LeaseLost):
+        paused.check_lease()
     assert [c.recipe_hash for c in other.candidates(study.id)] == ["h1"]
     assert other.candidate(first).state == "queued"
     # The new holder keeps writing, and a paused one that nobody displaced simply goes on.
