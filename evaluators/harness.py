@@ -27,7 +27,8 @@ class Evaluator:
         self._tasks: dict[bool, dict[str, Any]] = {False: build_task_dict(suite, heldout=False)}
 
     def score(self, heldout: bool = False) -> dict[str, float]:
-        """Metric per task on the search split (or the held-out split)."""
+        """Metric per task on the search split (or the held-out split); MissingMetric when
+        lm-eval reports no value for a configured metric (``check_suite`` catches that first)."""
         from lm_eval.evaluator import evaluate
 
         if heldout not in self._tasks:
@@ -42,6 +43,14 @@ class Evaluator:
         scores: dict[str, float] = {}
         for spec in self.suite.tasks:
             metrics = by_name.get(spec.name, {})
-            value = metrics.get(f"{spec.metric},none", metrics.get(spec.metric, math.nan))
+            key = spec.metric if "," in spec.metric else f"{spec.metric},none"  # "metric,filter"
+            if key not in metrics:  # a missing metric is a wrong config, not a non-finite score: say so
+                reported = ", ".join(k for k in metrics if "," in k and "_stderr," not in k)
+                raise MissingMetric(f"task {spec.name!r} has no metric {spec.metric!r} (it reports: {reported})")
+            value = metrics[key]
             scores[spec.name] = float(value) if isinstance(value, (int, float)) else math.nan
         return scores
+
+
+class MissingMetric(ValueError):
+    """lm-eval reported no value for a configured metric; the message is one line."""

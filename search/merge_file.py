@@ -45,8 +45,8 @@ def load_merge_file(file: str | Path) -> MergeJob:
     if "merge_method" in raw:
         try:
             job = from_mergekit(raw, folder)
-        except MergekitConfigError as exc:
-            raise ConfigError(f"{file}: {exc}") from None
+        except MergekitConfigError as exc:  # its message may quote the user's values: keep one short line
+            raise ConfigError(f"{file}: {_short(str(exc))}") from None
     else:
         try:
             spec = MergeFile.model_validate(raw)
@@ -68,3 +68,8 @@ def load_merge_file(file: str | Path) -> MergeJob:
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"merge file {file}: {exc}") from None
     return job
+
+
+def _short(text: str, limit: int = 300) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= limit else f"{one[:limit]}... ({len(one)} characters)"
