@@ -99,11 +99,14 @@ def noise(land: Landscape) -> Noise:
 
 def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder: Path) -> Path:
     """The default configuration, given only models, tasks, budget and the optimizer's name and
-    seed; ``preset=NAME`` names a preset instead of an optimizer."""
+    seed; ``preset=NAME`` names a preset instead of an optimizer, and ``NAME@GRANULARITY``
+    (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say."""
+    optimizer, _, granularity = optimizer.partition("@")
     preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
     cfg = {
         "study": "bench",
         **({"preset": preset} if preset else {}),
+        **({"merge": {"granularity": granularity}} if granularity else {}),
         "models": [{"name": m, "path": str(p)} for m, p in land.paths().items()],
         "base_model": land.base_model,
         "optimizer": {"seed": seed} if preset else {"name": optimizer, "seed": seed},
@@ -205,7 +208,8 @@ def noise_lines(results: list[RunResult], noises: dict[str, Noise]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizers", default="cma,random",
-                        help="comma-separated optimizer.name values, or preset=NAME for a preset's defaults")
+                        help="comma-separated optimizer.name values, or preset=NAME for a preset's defaults; "
+                             "NAME@GRANULARITY also sets merge.granularity (cma@layer_group)")
     parser.add_argument("--landscapes", default="demo,unseen,distractor")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=120, help="evaluations per search (baselines included)")

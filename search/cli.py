@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
 
@@ -86,29 +86,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The controller builds the lm-eval tasks to check them: no per-split bars on stderr.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
     from search import commands  # heavy imports only after --help and usage checks
 
-    from search.commands import UsageError
+    from search.commands import SearchFailed, UsageError
     from search.config import ConfigError
     from search.controller import StudyMismatch
     from evaluators.tasks import TaskError
     from workers.replay import ReplayError
     from workers.sources import SourceError
+    from search import signals
 
+    if args.command in ("search", "demo"):
+        signals.install()  # SIGINT/SIGTERM stop the controller at a safe point (search/signals.py)
     try:
         return int(getattr(commands, f"cmd_{args.command}")(args, _storage(args) if hasattr(args, "storage") else None))
     except (ConfigError, SourceError, TaskError, StudyMismatch, UsageError) as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
-    except ReplayError as exc:
+    except (ReplayError, SearchFailed) as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("evomerge: interrupted; the study is saved and resumes with the same command", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        status = exc.exit_status if isinstance(exc, signals.Stopped) else 130
+        what = "terminated (SIGTERM)" if status == 128 + signal.SIGTERM else "interrupted"
+        print(f"evomerge: {what}; the study is saved and resumes with the same command", file=sys.stderr)
+        return status
     except Exception as exc:  # one line for the user; details with EVOMERGE_DEBUG=1
         if os.environ.get("EVOMERGE_DEBUG"):
             raise

@@ -6,31 +6,39 @@ import argparse
 import json
 import shutil
 import sys
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import ConfigError, SearchConfig, load_config, stored_config
+from search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
 from search.controller import Controller, Space, StudyMismatch
 from search.leaderboard import Board, best_candidate, build, combine, render
 from search.merge_file import load_merge_file
 from search.mergekit_compat import MergekitConfigError, to_mergekit
 from search.ledger import Ledger
+from search.optimizers import OPTIMIZERS
 from search.pool import WorkerPool
 from search.progress import Progress
 from search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from storage.engine import redacted
-from storage.repository import CandidateRecord, Repository
-from evaluators.tasks import task_config
+from storage.repository import CandidateRecord, Repository, StudyRecord
+from evaluators.tasks import check_suite
 from workers.actor import WorkerSpec
 from workers.materialize import Materializer
 from workers.recipe import Recipe
 from workers.registry import ParamSpec
 from workers.replay import ReplayError, model_card, write_model_folder
 from workers.routing import RouteError, check_routable
-from workers.sources import SourceModel, read_config, validate_sources
+from workers.sources import SourceModel, check_finite, read_config, validate_sources
 
 class UsageError(ValueError):
     """Bad usage detected after argument parsing (exit status 2)."""
+
+
+class SearchFailed(RuntimeError):
+    """Every trial, or every held-out re-score, of a search failed (exit status 1); one line
+    with the reasons counted."""
 
 
 def print_json(obj: object) -> None:
@@ -51,11 +59,8 @@ class Prepared:
 def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
     """Check sources and tasks before anything is written (SourceError / TaskError)."""
     folders = validate_sources(cfg.sources(), allow_pickle)
-    suite = cfg.suite()
-    for spec in suite.tasks:
-        task_config(spec, suite, suite.search_split)
-        if suite.heldout_split is not None:
-            task_config(spec, suite, suite.heldout_split)
+    check_finite(folders, allow_pickle)
+    check_suite(cfg.suite())  # names, splits and metrics, with the tasks built as the workers will
     routed = [m for m in collection(cfg) if m in folders]  # the PS model of ps+dfs has the base's config
     if cfg.space != "ps" and routed:
         try:
@@ -67,10 +72,32 @@ def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
     return Prepared(cfg, folders, ps_space(cfg, folders), allow_pickle)
 
 
-def open_repo(url: str) -> Repository:
+def describe_optimizer(cfg: SearchConfig) -> str:
+    """The configured optimizer in one line (status and the dashboard)."""
+    o = cfg.optimizer
+    extra = f", IPOP restarts <= {o.restarts}" if o.name == "cma" else ""
+    popsize = o.popsize or "default"
+    return f"{o.name} (seed {o.seed}, popsize {popsize}, start {o.start}{extra})"
+
+
+def objectives(cfg: SearchConfig) -> list[str]:
+    """What the study's trials are scored by: the fitness, or each task (multi-objective)."""
+    if OPTIMIZERS[cfg.optimizer.name].multi_objective:
+        return [t.name for t in cfg.evaluation.tasks]
+    return ["fitness"]
+
+
+def open_repo(url: str, must_exist: bool = False) -> Repository:
+    """The repository at ``url``; ``must_exist`` (reading commands): a SQLite file that is
+    not there is a UsageError, not a new empty database."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
+        parsed = make_url(url)
+        if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+                and not parsed.query.get("uri") and not Path(parsed.database).is_file():
+            raise UsageError(f"--storage {redacted(url)}: no database at {parsed.database} (nothing to read)")
         return Repository(url)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise UsageError(f"--storage {redacted(url) if '://' in url else url!r}: not a usable SQLAlchemy URL ({exc})") from None
@@ -122,13 +149,14 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     elif stored_config(record.config_json, study).identity_json() != cfg.identity_json():
         raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
                             "(models, space, merge, dfs, optimizer or tasks); use another --study")
-    ledger = Ledger(url, study)
+    ledger = Ledger(url, study, objectives(cfg))
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
                       "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads,
                       prep.allow_pickle)
     controller = Controller(cfg, repo, ledger, space,
-                            lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address),
+                            lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address,
+                                               job_timeout_s=wcfg.job_timeout_s),
                             record.id)
     done_before = sum(1 for c in repo.candidates(record.id) if c.state in ("complete", "failed"))
     progress = Progress(max_trials, done_before)
@@ -142,13 +170,41 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
         controller.close()
     print(f"{summary.evaluated_now} evaluated in {summary.elapsed_s:.0f}s, worker utilisation "
           f"{summary.utilisation:.0%}, {heldout} re-scored on the held-out split", file=sys.stderr)
+    _check_outcomes(repo, record.id, study, heldout, controller.heldout_failed)
     return repo, record.id
+
+
+def _check_outcomes(repo: Repository, study_id: int, study: str, heldout: int, heldout_failed: dict[int, str]) -> None:
+    """SearchFailed when every finished trial failed, or every held-out re-score of this run
+    (``heldout`` scored, ``heldout_failed`` candidate -> reason) did; a warning line when
+    only some re-scores failed. The reasons are counted."""
+    done = [c for c in repo.candidates(study_id) if c.state in ("complete", "failed")]
+    if done and all(c.state == "failed" for c in done):
+        raise SearchFailed(f"study {study!r}: all {len(done)} trials failed: {_counted(c.error for c in done)}")
+    if not heldout_failed:
+        return
+    line = f"{len(heldout_failed)} held-out re-scores failed: {_counted(heldout_failed.values())}"
+    if heldout == 0:
+        raise SearchFailed(f"study {study!r}: all {line}")
+    print(f"evomerge: warning: study {study!r}: {line} ({heldout} succeeded)", file=sys.stderr)
+
+
+def _counted(reasons: Iterable[str | None], shown: int = 3) -> str:
+    """'12 x reason' for the most common reasons, most frequent first."""
+    counts = Counter(" ".join((r or "no reason recorded").split())[:200] for r in reasons).most_common()
+    more = f"; {sum(n for _, n in counts[shown:])} more with {len(counts) - shown} other reasons" \
+        if len(counts) > shown else ""
+    return "; ".join(f"{n} x {reason}" for reason, n in counts[:shown]) + more
 
 
 def cmd_search(args: argparse.Namespace, url: str) -> int:
     cfg = load_config(args.config)
-    prep = prepare(cfg, args.allow_pickle)
     study = args.study or cfg.study
+    try:
+        check_study_name(study)
+    except ValueError as exc:
+        raise UsageError(f"--study: {exc}") from None
+    prep = prepare(cfg, args.allow_pickle)
     repo, _ = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
                          args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
     ps_name = (cfg.dfs.ps_study or study) if cfg.space == "ps+dfs" else study
@@ -162,9 +218,15 @@ def _leaderboard(repo: Repository, name: str, ps_name: str, top: int) -> Board:
     another study)."""
     ps, dfs = repo.get_study(ps_name), repo.get_study(dfs_study(name))
     if dfs is None:
-        return build(name, repo.candidates(ps.id) if ps is not None else [], top)
-    stages = [("ps", build(ps.name, repo.candidates(ps.id), top))] if ps is not None else []
-    return combine(name, [*stages, ("dfs", build(dfs.name, repo.candidates(dfs.id), top))])
+        return _board(repo, ps, top) if ps is not None else build(name, [], top)
+    stages = [("ps", _board(repo, ps, top))] if ps is not None else []
+    return combine(name, [*stages, ("dfs", _board(repo, dfs, top))])
+
+
+def _board(repo: Repository, study: StudyRecord, top: int) -> Board:
+    """One study's board, naming its optimizer (and its Pareto front when multi-objective)."""
+    cfg = stored_config(study.config_json, study.name)
+    return build(study.name, repo.candidates(study.id), top, describe_optimizer(cfg), objectives(cfg))
 
 
 def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, str]:
@@ -182,7 +244,7 @@ def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, s
 
 
 def cmd_status(args: argparse.Namespace, url: str) -> int:
-    repo = open_repo(url)
+    repo = open_repo(url, must_exist=True)
     name, _, _ = _study_id(repo, args.study, url)
     board = _leaderboard(repo, name, name, args.top)
     if args.json:
@@ -240,7 +302,7 @@ def replay(repo: Repository, study: str, study_id: int, config_json: str, trial:
 
 
 def cmd_replay(args: argparse.Namespace, url: str) -> int:
-    repo = open_repo(url)
+    repo = open_repo(url, must_exist=True)
     name, study_id, config_json = _study_id(repo, args.study, url)
     name, study_id = _best_stage(repo, name, study_id, args.trial)
     if args.out is None and args.mergekit_yaml is None:
@@ -310,6 +372,7 @@ def cmd_methods(_args: argparse.Namespace, _url: str | None) -> int:
 def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
     from optuna_dashboard import run_server
 
+    open_repo(url, must_exist=True).close()  # a URL SQLAlchemy can use, and (SQLite) a file that exists
     print(f"optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/", file=sys.stderr)
     run_server(url, host=args.host, port=args.port)
     return 0

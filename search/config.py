@@ -7,13 +7,16 @@ Relative model and task paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from evaluators.tasks import TaskSpec, TaskSuite
+from search.presets import apply_defaults
 from workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
 from workers.sources import SourceModel
 
@@ -111,20 +114,30 @@ class DfsConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["cma"] = "cma"
+    # cma: CMA-ES with IPOP restarts; random: uniform in the box (the baseline); tpe, gp:
+    # Optuna's samplers; nsga2: one objective per task, a Pareto front (search.optimizers)
+    name: Literal["cma", "random", "tpe", "gp", "nsga2"] = "cma"
     popsize: int | None = Field(None, ge=2)  # default 4 + floor(3 ln n), as in pycma and the paper
     sigma0: float = Field(1 / 6, gt=0, le=1)  # in the unit box (Sakana: 1/6)
     init: float = Field(0.5, ge=0, le=1)  # every gene starts here (Sakana: 0.5)
+    # best_baseline: start from the best baseline that lies in the search space (the
+    # untuned merge, the probes); init: from every gene at ``init`` (Sakana)
+    start: Literal["best_baseline", "init"] = "best_baseline"
+    restarts: int = Field(9, ge=0)  # cma: IPOP restarts (population doubled each time) at most
     seed: int = 0
     # separable CMA-ES (diagonal covariance): O(n) per update instead of O(n^2) and learns
     # n times faster per generation; the default for DFS's hundreds of genes (None = auto)
     diagonal: bool | None = None
 
 
+# Numbers are strict (StrictInt, StrictFloat): YAML's `true` is not 1, nor 2.0 a count of workers.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a dataset split is a name, never a path
+
+
 class TaskEntry(_Strict):
     name: str = Field(min_length=1)
-    metric: str = "acc"
-    weight: float = Field(1.0, gt=0)
+    metric: str = "acc"  # or "metric,filter" for a task with several filters
+    weight: StrictFloat = Field(1.0, gt=0)
 
 
 class EvaluationConfig(_Strict):
@@ -132,9 +145,16 @@ class EvaluationConfig(_Strict):
     tasks: list[TaskEntry] = Field(min_length=1)
     search_split: str | None = None
     heldout_split: str | None = None
-    limit: int | None = Field(None, ge=1)
-    heldout_top_k: int = Field(3, ge=0)
-    batch_size: int = Field(64, ge=1)
+    limit: StrictInt | None = Field(None, ge=1)
+    heldout_top_k: StrictInt = Field(3, ge=0)
+    batch_size: StrictInt = Field(64, ge=1)
+
+    @field_validator("search_split", "heldout_split")
+    @classmethod
+    def _split_name(cls, split: str | None) -> str | None:
+        if split is not None and not SPLIT_NAME.fullmatch(split):
+            raise ValueError(f"{split!r} is not a split name (letters, digits, '_', '.', '-'; not a path)")
+        return split
 
 
 class BudgetConfig(_Strict):
@@ -143,16 +163,20 @@ class BudgetConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(1, ge=1)
-    num_gpus: float = Field(0, ge=0)  # per worker: 1 on a GPU cluster
-    num_cpus: float = Field(1, gt=0)
-    threads: int = Field(1, ge=1)  # torch threads per worker
+    count: StrictInt = Field(1, ge=1)
+    num_gpus: StrictFloat = Field(0, ge=0)  # per worker: 1 on a GPU cluster
+    num_cpus: StrictFloat = Field(1, gt=0)
+    threads: StrictInt = Field(1, ge=1)  # torch threads per worker
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_attempts: int = Field(2, ge=1)  # a candidate whose worker dies is retried up to this
+    max_attempts: StrictInt = Field(2, ge=1)  # a candidate whose worker dies is retried up to this
+    # Seconds one evaluation may run before its worker counts as hung (killed, replaced, the
+    # candidate retried). None: derived from finished jobs (search/pool.py JobTimeout).
+    job_timeout_s: StrictFloat | None = Field(None, gt=0)
 
 
 class SearchConfig(_Strict):
     study: str = Field("evomerge", min_length=1)
+    preset: Literal["sakana"] | None = None  # fills in what the config leaves out (search/presets.py)
     models: list[ModelEntry] = Field(min_length=2)
     base_model: str
     space: Literal["ps", "dfs", "ps+dfs"] = "ps"
@@ -162,6 +186,11 @@ class SearchConfig(_Strict):
     evaluation: EvaluationConfig
     budget: BudgetConfig = BudgetConfig()
     workers: WorkersConfig = WorkersConfig()
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, name: str) -> str:
+        return check_study_name(name)
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
@@ -201,6 +230,23 @@ class SearchConfig(_Strict):
             "evaluation": {"tasks", "search_split", "heldout_split", "limit"}})
 
 
+# A study has companions in the same storage: <study>:dfs (search/stages.py, a PS+DFS search's
+# second stage) and <study>:heldout (search/ledger.py, held-out re-scores in Optuna).
+COMPANION_SUFFIXES = (":dfs", ":heldout")
+MAX_STUDY_NAME = 255 - len(":dfs")  # evomerge_studies.name is VARCHAR(255) and holds <study>:dfs too
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if the storage can hold it beside its companion studies; ValueError otherwise."""
+    if len(name) > MAX_STUDY_NAME:
+        raise ValueError(f"study name of {len(name)} characters; at most {MAX_STUDY_NAME}")
+    reserved = [s for s in COMPANION_SUFFIXES if name.endswith(s)]
+    if reserved:
+        raise ValueError(f"study name {name!r} ends with {reserved[0]!r}, reserved for the companion "
+                         f"studies <study>{' and <study>'.join(COMPANION_SUFFIXES)}")
+    return name
+
+
 def resolve_path(path: str, folder: Path, hub_like: bool) -> str:
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
@@ -236,11 +282,15 @@ def _describe(exc: ValidationError) -> str:
     return f"{where}: {msg}{more}"
 
 
+MAX_YAML_NODES = 100_000  # values in a config once aliases are expanded; real ones hold hundreds
+
+
 def read_mapping(file: Path, kind: str) -> dict[str, Any]:
     """A YAML file holding a mapping at the top level; a ConfigError (one line) otherwise.
-    ``kind`` names the file in messages ("config", "merge file")."""
+    ``kind`` names the file in messages ("config", "merge file"). The one reader of the
+    search config and of merge files (evomerge and mergekit)."""
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = _load_yaml(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{kind} file not found: {file}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -249,15 +299,56 @@ def read_mapping(file: Path, kind: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{kind} error in {file}:{where}: not valid YAML") from None
+    except (_TooLarge, RecursionError) as exc:
+        why = exc if isinstance(exc, _TooLarge) else "nested too deeply"
+        raise ConfigError(f"{kind} error in {file}: refused: {why}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{kind} error in {file}: expected a mapping of fields at the top level")
     return raw
 
 
+class _TooLarge(ValueError):
+    """A YAML document that would expand past MAX_YAML_NODES values."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that a document whose aliases expand past MAX_YAML_NODES
+    values (a "billion laughs" file: a few lines that become gigabytes once walked or
+    printed) or refer to themselves is refused before any Python object is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under ``node`` with every alias expanded, counted once per distinct node."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] < 0:
+            raise _TooLarge("an alias refers to a value that contains it")
+        return sizes[key]
+    sizes[key] = -1  # in progress: meeting it again below is a cycle
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    if size > MAX_YAML_NODES:
+        raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
+    sizes[key] = size
+    return size
+
+
 def load_config(file: str | Path) -> SearchConfig:
     """Read, validate and resolve a search config."""
     file = Path(file)
-    raw = read_mapping(file, "config")
+    raw = apply_defaults(read_mapping(file, "config"))
     try:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as exc:

@@ -3,9 +3,14 @@
 One controller drives a study at a time (a lease in the database). Everything it learns
 is written before it acts on it, so ``kill -9`` at any point loses at most the work in
 flight: on the next start, RUNNING trials are failed in Optuna, their candidates
-re-queued (attempt counted), and the CMA-ES state rebuilt by replaying the stored
-generations. A resumed search is therefore consistent but not bit-identical to an
-uninterrupted one: proposals after the resume come from a fresh random stream.
+re-queued (attempt counted), and the optimizer rebuilt from the stored outcomes (its
+:meth:`~search.optimizers.Optimizer.restore`). A resumed search is therefore consistent
+but not bit-identical to an uninterrupted one: proposals after the resume come from a
+fresh random stream.
+
+The controller names no optimizer: it asks the one the config names for genomes, tells it
+every outcome (baselines that lie in the search space first, as priors), and stores the
+updates it reports.
 """
 
 from __future__ import annotations
@@ -15,25 +20,28 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from evaluators.fitness import ScoreError, fitness
-from search.cmaes import MAX_AGE, AsyncCMA, default_popsize
+from search.optimizers import Evaluated, Optimizer, OptimizerSettings, build_optimizer
+from search.optimizers.base import default_popsize
 from search.config import SearchConfig
 from search.leaderboard import best_candidate
 from search.ledger import Ledger
-from search.pool import Crash, WorkerPool
+from search.pool import NOT_RUN, Crash, WorkerPool
+from search import signals
 from search.progress import Progress
 from search.dfs_space import RouteSpace
 from search.space import SearchSpace
-from storage.repository import CandidateRecord, Repository
+from storage.repository import CandidateRecord, LeaseLost, Repository
+from storage.retry import DatabaseUnavailable
 from workers.recipe import Recipe
 from workers.result import Failed, Job, Scored, TrialResult
 
 LEASE_S = 120.0
 HEARTBEAT_S = 5.0
-BOX_PENALTY = 1.0  # loss per squared unit outside the unit box
 
 
 class StudyMismatch(ValueError):
@@ -82,6 +90,11 @@ def baseline_recipes(cfg: SearchConfig, space: Space) -> list[tuple[str, Recipe]
                                   normalize=False, label="untuned soup")))
     initial = [cfg.optimizer.init] * space.dim
     out.append(("untuned", space.decode(initial, label=f"untuned {space.method}")))
+    if cfg.optimizer.start == "best_baseline" and len(experts) >= 3:
+        # Leave-one-out probes: an expert that hurts the merge (Sakana's distraction
+        # ablation) shows at once, and the optimizer starts from the merge without it.
+        out += [("untuned", space.decode(x, label=f"untuned {space.method} without {name}"))
+                for name, x in space.leave_one_out(initial)]
     return out
 
 
@@ -99,9 +112,15 @@ class Controller:
         self.tasks = cfg.suite().tasks
         self.best_fitness: float | None = None  # kept in memory for the progress line
         self.queue: deque[int] = deque()
-        self.cma: AsyncCMA[int] | None = None
+        self.optimizer: Optimizer | None = None
+        # Baselines that lie in the search space are told to the optimizer first, as priors:
+        # with start "best_baseline" it waits for them before its first proposal.
+        self.use_priors = cfg.optimizer.start == "best_baseline"
+        self._priors_told = False
         self._unfinished: dict[str, int] = {}  # recipe hash -> candidate being evaluated (or re-queued)
         self._waiting: dict[int, list[tuple[int, int]]] = {}  # that candidate -> (twin id, trial number)
+        self.heldout_failed: dict[int, str] = {}  # candidate -> why its held-out re-score failed
+        self._heldout_retry: list[int] = []
         self._beat = 0.0
 
     # --- setup and recovery ----------------------------------------------------------
@@ -117,15 +136,27 @@ class Controller:
         worker but not yet recorded is re-queued too. ``give_up_after_max`` fails
         candidates whose attempts are spent (a candidate that keeps killing controllers).
         """
-        self.ledger.fail_running("controller stopped while this trial ran; its candidate was re-queued")
+        by_trial = {c.trial_number: c for c in self.repo.candidates(self.study_id) if c.trial_number is not None}
+        self.ledger.settle_running(lambda number: self._verdict(by_trial.get(number)))
+        self.repo.end_open_attempts(self.study_id, "heldout", "abandoned: controller stopped")
         for cand in self.repo.candidates(self.study_id):
             if cand.state != "running":
                 continue
             self.repo.end_attempt(cand.id, "search", cand.worker, "abandoned: controller stopped")
-            if give_up_after_max and cand.attempt >= self.cfg.workers.max_attempts:
-                self.repo.fail(cand.id, f"abandoned after {cand.attempt} attempts")
+            spent = self._spent_attempts(cand.id, "search")
+            if give_up_after_max and spent >= self.cfg.workers.max_attempts:
+                self.repo.fail(cand.id, f"abandoned after {spent} attempts")
             else:
                 self.repo.requeue(cand.id, "controller stopped during evaluation")
+
+    def _verdict(self, cand: CandidateRecord | None) -> Sequence[float] | str:
+        """What a RUNNING trial becomes: our candidate row is the truth (it is written first)."""
+        values = self._values(cand) if cand is not None else None
+        if values is not None:
+            return values
+        if cand is not None and cand.state == "failed":
+            return cand.error or "failed"
+        return "controller stopped while this trial ran; its candidate was re-queued"
 
     def _seed_baselines(self) -> None:
         if self.repo.candidates(self.study_id):
@@ -134,43 +165,78 @@ class Controller:
             self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash, origin)
 
     def _rebuild_optimizer(self, cands: list[CandidateRecord]) -> None:
-        """CMA-ES from scratch, then every stored generation told again, in order."""
+        """The configured optimizer from scratch, then restored from the stored outcomes."""
+        o = self.cfg.optimizer
+        diagonal = isinstance(self.space, RouteSpace) if o.diagonal is None else o.diagonal
+        settings = OptimizerSettings(
+            dim=self.space.dim, objectives=len(self.tasks), seed=o.seed, popsize=self.popsize, sigma0=o.sigma0,
+            x0=tuple(self.space.initial(o.init)), diagonal=diagonal, restarts=o.restarts,
+            stream=sum(1 for c in cands if c.evolved))
+        self.optimizer = build_optimizer(o.name, settings)
         by_id = {c.id: c for c in cands}
-        x0 = self.space.initial(self.cfg.optimizer.init)
-        cma_count = sum(1 for c in cands if c.origin == "cma")
-        diagonal = self.cfg.optimizer.diagonal
-        self.cma = AsyncCMA(x0, self.cfg.optimizer.sigma0, self.popsize, self.cfg.optimizer.seed,
-                            stream=cma_count,
-                            diagonal=isinstance(self.space, RouteSpace) if diagonal is None else diagonal)
-        told: set[int] = set()
-        for ids in self.repo.generations(self.study_id):
-            self.cma.replay([by_id[i].genes or () for i in ids], [self._loss(by_id[i]) for i in ids])
-            told.update(ids)
-        # Results that finished before the stop but were not yet told count again.
-        for c in cands:
-            if (c.origin == "cma" and c.id not in told and c.generation is not None
-                    and 0 <= self.cma.generation - c.generation <= MAX_AGE and c.state in ("complete", "failed")):
-                self._tell(c)
+        updates = [[self._evaluated(by_id[i]) for i in ids] for ids in self.repo.generations(self.study_id)]
+        told = {r.key for batch in updates for r in batch}
+        finished = [c for c in cands if c.state in ("complete", "failed") and c.id not in told]
+        rest = [self._evaluated(c) for c in finished if self._prior(c)]
+        rest += [self._evaluated(c) for c in finished if c.evolved and c.genes is not None]
+        self.optimizer.restore(updates, rest)
+        self._show_optimizer()
 
-    def _loss(self, cand: CandidateRecord) -> float:
-        base = -cand.fitness if cand.state == "complete" and cand.fitness is not None else math.inf
-        return base + BOX_PENALTY * self.space.box_violation(cand.genes or ())
+    def _show_optimizer(self) -> None:
+        """The optimizer's state in one line, as a study attribute that optuna-dashboard shows."""
+        assert self.optimizer is not None
+        self.ledger.study.set_user_attr("optimizer", self.optimizer.describe())
+
+    def _prior(self, cand: CandidateRecord) -> bool:
+        """A baseline whose recipe lies in the search space: told to the optimizer as a prior."""
+        return self.use_priors and not cand.evolved and cand.duplicate_of is None \
+            and self.space.genome_of(Recipe.from_json(cand.recipe_json)) is not None
+
+    def _values(self, cand: CandidateRecord) -> tuple[float, ...] | None:
+        """What the study maximizes: the fitness, or each task's score (multi-objective)."""
+        if cand.state != "complete" or cand.fitness is None:
+            return None
+        if self.ledger.multi_objective:
+            scores = cand.scores or {}
+            return tuple(float(scores[t.name]) for t in self.tasks)
+        return (cand.fitness,)
+
+    def _evaluated(self, cand: CandidateRecord) -> Evaluated:
+        if cand.evolved:
+            return Evaluated(cand.id, tuple(cand.genes or ()), self._values(cand), cand.generation)
+        x = self.space.genome_of(Recipe.from_json(cand.recipe_json))
+        assert x is not None, "only baselines of the space are told"
+        return Evaluated(cand.id, x, self._values(cand), prior=True)
 
     def _tell(self, cand: CandidateRecord) -> None:
-        assert self.cma is not None and cand.generation is not None and cand.genes is not None
-        told = self.cma.tell(cand.generation, cand.id, cand.genes, self._loss(cand))
-        if told is not None:  # stored under the optimizer's index: a late result joins a later one
-            self.repo.add_generation(self.study_id, told.index, told.keys)
+        """Tell the optimizer a finished candidate (an evolved one, or a prior)."""
+        assert self.optimizer is not None
+        if not (cand.evolved or self._prior(cand)):
+            return
+        update = self.optimizer.tell(self._evaluated(cand))
+        if update is not None:  # stored under the optimizer's index: a late result joins a later one
+            self.repo.add_generation(self.study_id, update.index, list(update.keys))
+
+    def _priors_pending(self) -> bool:
+        """Baselines still being evaluated, which the optimizer should hear of before it proposes."""
+        if self.use_priors and not self._priors_told:
+            self._priors_told = not any(not c.evolved and c.state in ("queued", "running")
+                                        for c in self.repo.candidates(self.study_id))
+        return self.use_priors and not self._priors_told
 
     # --- the loop --------------------------------------------------------------------
 
     def run(self, max_trials: int, timeout_s: float | None, progress: Progress | None = None) -> RunSummary:
-        """Search until ``max_trials`` candidates are done (counting earlier runs) or time is up."""
+        """Search until ``max_trials`` candidates are done (counting earlier runs) or time is up.
+        A SIGINT/SIGTERM stops it at a safe point (search/signals.py), work in flight re-queued."""
+        with signals.deferred():
+            return self._run(max_trials, timeout_s, progress)
+
+    def _run(self, max_trials: int, timeout_s: float | None, progress: Progress | None) -> RunSummary:
         started = time.monotonic()
         deadline = started + timeout_s if timeout_s else math.inf
-        self.repo.acquire_lease(self.study_id, self.owner, LEASE_S, _owner_alive)
         evaluated_now = 0
-        try:
+        with self._leased():
             self._recover()
             self._seed_baselines()
             cands = self.repo.candidates(self.study_id)
@@ -179,13 +245,19 @@ class Controller:
             done = sum(1 for c in cands if c.state in ("complete", "failed"))
             self.best_fitness = max((c.fitness for c in cands if c.fitness is not None), default=None)
             if done < max_trials:
-                self.pool = self.pool or self._pool_factory()
-                self.pool.wait_ready()
+                self._start_pool()
             while self.pool is not None:
+                signals.check()
                 while self.pool.idle() and done + self._in_flight() < max_trials \
-                        and time.monotonic() < deadline:
+                        and time.monotonic() < deadline and (self.queue or not self._priors_pending()):
                     done += self._dispatch_next()
-                if not self.pool.busy_jobs():
+                if not self.pool.busy_jobs() and not (self.pool.restarting() and done < max_trials
+                                                      and time.monotonic() < deadline):
+                    break
+                # Past the deadline, work in flight gets a bounded grace (a hung worker must not
+                # hold the run); what is still running then is re-queued for the next run.
+                if time.monotonic() > deadline + min(self.pool.job_limit(), max(30.0, 0.1 * (timeout_s or 0))):
+                    self.pool.cancel()
                     break
                 for result in self.pool.wait(HEARTBEAT_S):
                     finished = self._handle(result)
@@ -194,12 +266,31 @@ class Controller:
                 self._heartbeat()
                 if progress:
                     progress.update(done, self.best_fitness, self.pool.active(), len(self.pool.slots))
-        finally:
-            self._abandon_in_flight()
-            self.repo.release_lease(self.study_id, self.owner)
+            self._show_optimizer()
         best = self.best()
         return RunSummary(done, evaluated_now, best.id if best else None, best.fitness if best else None,
                           self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
+
+    @contextmanager
+    def _leased(self) -> Iterator[None]:
+        """Hold the study's lease; on any stop, settle the work in flight and release it. A
+        controller that lost the lease, or the database, writes nothing more (resume reconciles)."""
+        self.repo.acquire_lease(self.study_id, self.owner, LEASE_S, _owner_alive)
+        try:
+            yield
+        except (LeaseLost, DatabaseUnavailable):
+            self.repo.drop_fence()
+            raise
+        finally:
+            if self.repo.holds_lease:
+                self._abandon_in_flight()
+                self.repo.release_lease(self.study_id, self.owner)
+
+    def _start_pool(self) -> None:
+        if self.pool is None:
+            self.pool = self._pool_factory()
+            signals.reinstall()  # ray.init took SIGTERM over (its handler aborts the process)
+        self.pool.wait_ready()
 
     def _in_flight(self) -> int:
         assert self.pool is not None
@@ -207,14 +298,14 @@ class Controller:
 
     def _dispatch_next(self) -> int:
         """Start the next candidate; returns how many candidates finished at once (duplicates)."""
-        assert self.pool is not None and self.cma is not None
+        assert self.pool is not None and self.optimizer is not None
         if self.queue:
             cand = self.repo.candidate(self.queue.popleft())
         else:
-            proposal = self.cma.ask()
+            proposal = self.optimizer.ask()
             recipe = self.space.decode(proposal.x)
-            cid = self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash, "cma",
-                                          proposal.generation, proposal.x)
+            cid = self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash,
+                                          self.optimizer.name, proposal.generation, proposal.x)
             cand = self.repo.candidate(cid)
         number = self._open_trial(cand)
         attempt = self.repo.start_attempt(cand.id, number, "search")
@@ -239,21 +330,21 @@ class Controller:
         if twin.state != "complete" or twin.fitness is None:
             return self._fail(self.repo.candidate(cid), number, f"duplicate of failed candidate {twin.id}", None)
         self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id)
-        self.ledger.complete(number, twin.fitness, {"duplicate_of": twin.id})
         cand = self.repo.candidate(cid)
-        if cand.origin == "cma":
-            self._tell(cand)
+        self.ledger.complete(number, self._values(cand) or (twin.fitness,), {"duplicate_of": twin.id})
+        self._tell(cand)
         return 1
 
     def _open_trial(self, cand: CandidateRecord) -> int:
         recipe = Recipe.from_json(cand.recipe_json)
         params: dict[str, float] = {}
         bounds: dict[str, tuple[float, float]] = {}
-        if cand.origin == "cma" or self.space.belongs(recipe):
+        if cand.evolved or self.space.belongs(recipe):
             params = self.space.params_of(recipe)
             bounds = self.space.bounds()
         attrs = {"candidate_id": cand.id, "origin": cand.origin, "recipe": recipe.summary(),
                  "recipe_hash": cand.recipe_hash, "generation": cand.generation, "attempt": cand.attempt + 1}
+        self.repo.check_lease()  # Optuna's write comes before ours here: a fenced controller must not make it
         return self.ledger.open_trial(params, bounds, attrs)
 
     def _handle(self, result: TrialResult | Crash) -> int:
@@ -263,12 +354,13 @@ class Controller:
         assert number is not None
         if isinstance(result, Crash):
             self.repo.end_attempt(cand.id, "search", None, result.reason)
-            if cand.attempt < self.cfg.workers.max_attempts:
+            spent = self._spent_attempts(cand.id, "search")
+            if not result.ran or spent < self.cfg.workers.max_attempts:  # a job that never ran spends none
                 self.ledger.fail(number, f"{result.reason}; re-queued")
                 self.repo.requeue(cand.id, result.reason)
                 self.queue.appendleft(cand.id)
                 return 0
-            return self._fail(cand, number, f"{result.reason} (attempt {cand.attempt})", None) + self._release(cand)
+            return self._fail(cand, number, f"{result.reason} (attempt {spent})", None) + self._release(cand)
         self.repo.end_attempt(cand.id, "search", result.worker,
                               "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
         if isinstance(result.outcome, Failed):
@@ -279,15 +371,20 @@ class Controller:
             return self._fail(cand, number, str(exc), result.worker) + self._release(cand)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
                            result.evaluate_s)
+        cand = self.repo.candidate(cand.id)
         self.best_fitness = value if self.best_fitness is None else max(self.best_fitness, value)
         # One attribute per task score, so the dashboard's trial table shows them as columns.
-        self.ledger.complete(number, value, {
+        self.ledger.complete(number, self._values(cand) or (value,), {
             **{f"score.{task}": score for task, score in result.outcome.scores.items()},
             "worker": result.worker,
             "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4)}})
-        if cand.origin == "cma":
-            self._tell(self.repo.candidate(cand.id))
+        self._tell(cand)
         return 1 + self._release(cand)
+
+    def _spent_attempts(self, cid: int, split: str) -> int:
+        """Attempts on ``split`` whose job ran (or may have): one that never started is free."""
+        return sum(1 for _, s, _, outcome in self.repo.attempts(cid)
+                   if s == split and not (outcome or "").startswith(NOT_RUN))
 
     def _release(self, cand: CandidateRecord) -> int:
         """A finished candidate settles the identical ones that waited for it."""
@@ -298,8 +395,7 @@ class Controller:
     def _fail(self, cand: CandidateRecord, number: int, reason: str, worker: str | None) -> int:
         self.repo.fail(cand.id, reason, worker)
         self.ledger.fail(number, reason)
-        if cand.origin == "cma":
-            self._tell(self.repo.candidate(cand.id))
+        self._tell(self.repo.candidate(cand.id))
         return 1
 
     def _heartbeat(self) -> None:
@@ -311,7 +407,7 @@ class Controller:
             self.repo.touch([j.candidate_id for j in self.pool.busy_jobs() if not j.heldout])
 
     def _abandon_in_flight(self) -> None:
-        """On an orderly stop (Ctrl-C, error): nothing stays RUNNING."""
+        """On an orderly stop (signal, error): nothing stays RUNNING, no attempt stays open."""
         self._requeue_running(give_up_after_max=False)
         self._waiting.clear()
         self._unfinished.clear()
@@ -322,25 +418,35 @@ class Controller:
         return best_candidate(self.repo.candidates(self.study_id))
 
     def rescore_heldout(self) -> int:
-        """Score the baselines and the top-k evolved candidates on the held-out split."""
+        """Score the baselines and the top-k evolved candidates on the held-out split, under
+        the study's lease; a signal stops it at a safe point."""
+        with signals.deferred():
+            return self._rescore_heldout()
+
+    def _rescore_heldout(self) -> int:
         if self.cfg.evaluation.heldout_split is None:
             return 0
         cands = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.duplicate_of is None]
-        evolved = sorted((c for c in cands if c.origin == "cma"), key=lambda c: -(c.fitness or 0.0))
-        chosen = [c for c in cands if c.origin != "cma"] + evolved[: self.cfg.evaluation.heldout_top_k]
+        evolved = sorted((c for c in cands if c.evolved), key=lambda c: -(c.fitness or 0.0))
+        chosen = [c for c in cands if not c.evolved] + evolved[: self.cfg.evaluation.heldout_top_k]
         todo = deque(c for c in chosen if c.heldout is None)
         if not todo:
             return 0
-        self.pool = self.pool or self._pool_factory()
-        self.pool.wait_ready()
         scored = 0
-        while todo or self.pool.busy_jobs():
-            while todo and self.pool.idle():
-                cand = todo.popleft()
-                self.repo.start_attempt(cand.id, None, "heldout")
-                self.pool.submit(Job(cand.id, cand.recipe_json, heldout=True))
-            for result in self.pool.wait(HEARTBEAT_S):
-                scored += self._handle_heldout(result)
+        with self._leased():
+            self._start_pool()
+            assert self.pool is not None
+            while todo or self.pool.busy_jobs():
+                signals.check()
+                while todo and self.pool.idle():
+                    cand = todo.popleft()
+                    self.repo.start_attempt(cand.id, None, "heldout")
+                    self.pool.submit(Job(cand.id, cand.recipe_json, heldout=True))
+                for result in self.pool.wait(HEARTBEAT_S):
+                    scored += self._handle_heldout(result)
+                todo.extend(self.repo.candidate(cid) for cid in self._heldout_retry)
+                self._heldout_retry.clear()
+                self._heartbeat()
         return scored
 
     def _handle_heldout(self, result: TrialResult | Crash) -> int:
@@ -348,12 +454,21 @@ class Controller:
         outcome = result.reason if isinstance(result, Crash) else (
             "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
         self.repo.end_attempt(cid, "heldout", None if isinstance(result, Crash) else result.worker, outcome)
-        if isinstance(result, Crash) or not isinstance(result.outcome, Scored):
+        if isinstance(result, Crash):
+            if not result.ran or self._spent_attempts(cid, "heldout") < self.cfg.workers.max_attempts:
+                self._heldout_retry.append(cid)
+                return 0
+            self.heldout_failed[cid] = result.reason
+            return 0
+        if not isinstance(result.outcome, Scored):
+            self.heldout_failed[cid] = result.outcome.reason
             return 0
         try:
             value = fitness(result.outcome.scores, self.tasks)
-        except ScoreError:
+        except ScoreError as exc:
+            self.heldout_failed[cid] = str(exc)
             return 0
+        self.heldout_failed.pop(cid, None)
         self.repo.set_heldout(cid, result.outcome.scores, value)
         number = self.repo.candidate(cid).trial_number
         if number is not None:

@@ -3,30 +3,56 @@
 Trials are created RUNNING with their parameters fixed by our optimizer, then told.
 Optuna's own samplers are not involved, and nothing is pickled: parameters, scores and
 recipe summaries are plain user attributes.
+
+Our candidate table is the truth; this ledger follows it. The controller records an
+outcome there first, then tells Optuna, so a stop between the two leaves a RUNNING trial
+whose candidate is settled: :meth:`Ledger.settle_running` tells it what the candidate
+says on the next start (Optuna freezes finished trials, so the order matters). Every
+operation is retried through transient database faults and may be repeated safely.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from storage.engine import engine_kwargs
+from storage.retry import patience_s, retrying
+
+T = TypeVar("T")
 
 
 class Ledger:
     """One Optuna study in an RDB storage."""
 
-    def __init__(self, url: str, study_name: str) -> None:
+    def __init__(self, url: str, study_name: str, objectives: Sequence[str] = ("fitness",)) -> None:
+        """``objectives`` name what each trial's values are (one per task for a multi-objective
+        search): the dashboard shows these names and, for several, the Pareto front."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.url, self.patience_s = url, patience_s()
         self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-        self.study = optuna.create_study(storage=self.storage, study_name=study_name,
-                                         direction="maximize", load_if_exists=True)
+        self.study = self._retried(lambda: optuna.create_study(
+            storage=self.storage, study_name=study_name, directions=["maximize"] * len(objectives),
+            load_if_exists=True))
+        if self.study.metric_names is None:
+            with warnings.catch_warnings():  # experimental in Optuna, stable in use since 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._retried(lambda: self.study.set_metric_names(list(objectives)))
         self.study_id = self.study._study_id
         self._heldout: optuna.Study | None = None
+
+    def _retried(self, work: Callable[[], T]) -> T:
+        return retrying(work, self.url, self.patience_s)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.study.directions) > 1
 
     def open_trial(self, params: dict[str, float], bounds: dict[str, tuple[float, float]],
                    attrs: dict[str, Any]) -> int:
@@ -34,28 +60,47 @@ class Ledger:
         template = create_trial(
             state=TrialState.RUNNING, params=params,
             distributions={k: FloatDistribution(*bounds[k]) for k in params}, user_attrs=attrs)
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-        return self.storage.get_trial_number_from_id(trial_id)
+        return self._retried(lambda: self.storage.get_trial_number_from_id(
+            self.storage.create_new_trial(self.study_id, template_trial=template)))
 
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        self._retried(lambda: self._set_attrs(number, attrs))
+
+    def _set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
         trial_id = self._trial_id(number)
         for key, value in attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
 
-    def complete(self, number: int, value: float, attrs: dict[str, Any]) -> None:
+    def complete(self, number: int, values: Sequence[float], attrs: dict[str, Any]) -> None:
+        """Finish trial ``number`` with its objective values (one per objective); a no-op if
+        it is already finished."""
         # A non-finite value must never be stored as COMPLETE (tell(inf) could become "best").
-        if not math.isfinite(value):
-            self.fail(number, f"non-finite fitness {value!r}")
+        if not all(math.isfinite(v) for v in values):
+            self.fail(number, f"non-finite objective values {list(values)!r}")
             return
-        self.set_attrs(number, attrs)
-        self.study.tell(number, value)
+
+        def tell() -> None:
+            if not self._finished(number):  # a retry after a lost acknowledgement finds it told
+                self._set_attrs(number, attrs)
+                self.study.tell(number, list(values) if len(values) > 1 else values[0], skip_if_finished=True)
+
+        self._retried(tell)
 
     def fail(self, number: int, reason: str) -> None:
-        self.set_attrs(number, {"fail_reason": reason})
-        self.study.tell(number, state=TrialState.FAIL)
+        """Fail trial ``number`` with ``reason``; a no-op if it is already finished."""
+
+        def tell() -> None:
+            if not self._finished(number):
+                self._set_attrs(number, {"fail_reason": reason})
+                self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+        self._retried(tell)
+
+    def _finished(self, number: int) -> bool:
+        return self.storage.get_trial(self._trial_id(number)).state.is_finished()
 
     def record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
         """Add a held-out re-score to the companion study ``<study>:heldout``.
@@ -63,6 +108,9 @@ class Ledger:
         Optuna freezes finished trials, so held-out results live in a second study whose
         trials copy the search trial's parameters: the dashboard shows both side by side.
         """
+        self._retried(lambda: self._record_heldout(number, value, scores))
+
+    def _record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
         if self._heldout is None:
             name = f"{self.study.study_name}:heldout"
             self._heldout = optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
@@ -71,12 +119,19 @@ class Ledger:
         source = self.storage.get_trial(self._trial_id(number))
         self._heldout.add_trial(create_trial(
             state=TrialState.COMPLETE, value=value, params=source.params, distributions=source.distributions,
-            user_attrs={**source.user_attrs, "search_trial": number, "search_fitness": source.value,
+            user_attrs={**source.user_attrs, "search_trial": number, "search_values": source.values,
                         "heldout_scores": scores}))
 
-    def fail_running(self, reason: str) -> list[int]:
-        """Fail every RUNNING trial (left by a dead controller); returns their numbers."""
-        numbers = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    def settle_running(self, verdict: Callable[[int], Sequence[float] | str]) -> list[int]:
+        """Finish every RUNNING trial (left by a stopped controller) as our table says:
+        ``verdict(number)`` is its candidate's stored objective values (COMPLETE) or a reason
+        (FAIL). Returns the numbers settled."""
+        numbers = self._retried(lambda: [t.number for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING,))])
         for number in numbers:
-            self.fail(number, reason)
+            outcome = verdict(number)
+            if isinstance(outcome, str):
+                self.fail(number, outcome)
+            else:
+                self.complete(number, outcome, {"reconciled": "completed before the controller stopped"})
         return numbers

@@ -133,6 +133,25 @@ class SearchSpace:
         return (recipe.kind == "merge" and recipe.method == self.method and recipe.models == self.experts
                 and recipe.transforms == self.transforms)
 
+    def leave_one_out(self, genome: Sequence[float]) -> list[tuple[str, list[float]]]:
+        """Per expert, ``genome`` with that expert's weight genes at weight 0 (left out of the
+        merge); none when the method has no per-expert weight."""
+        out = []
+        for expert in self.experts:
+            mine = [i for i, g in enumerate(self.genes) if g.model == expert and g.param == "weight"]
+            if not mine:
+                return []
+            x = list(genome)
+            for i in mine:
+                gene = self.genes[i]
+                x[i] = min(max((0.0 - gene.low) / (gene.high - gene.low), 0.0), 1.0)
+            out.append((expert, x))
+        return out
+
+    def genome_of(self, recipe: Recipe) -> tuple[float, ...] | None:
+        """The genome of a baseline that lies in this space (the untuned merge), else None."""
+        return tuple(float(v) for v in self.encode(recipe)) if self.belongs(recipe) else None
+
     def initial(self, init: float) -> list[float]:
         """The optimizer's starting point: every gene at ``init`` (Sakana: 0.5)."""
         return [init] * self.dim

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,6 +79,14 @@ class CandidateRecord:
     worker: str | None
     attempt: int
     error: str | None
+
+    @property
+    def evolved(self) -> bool:
+        """Proposed by the optimizer (its origin is the optimizer's name), not a baseline."""
+        return self.origin not in BASELINE_ORIGINS
+
+
+BASELINE_ORIGINS = ("source", "untuned")
 
 
 def _record(row: CandidateRow) -> CandidateRecord:

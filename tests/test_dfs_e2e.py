@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.test_search_e2e import demo_config, evomerge, query, start_and_wait_for_progress
 

@@ -84,20 +84,3 @@ def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_mode
             "select value_json from trial_user_attributes where key='fail_reason'")]
     assert states.get("RUNNING", 0) == 0 and states["COMPLETE"] == 14 and states["FAIL"] == len(reasons) >= 1
     assert all("re-queued" in r for r in reasons)
-
-
-def test_nan_scores_fail_trials_with_reason(tmp_path: Path, tiny_models: dict[str, Path], tiny_tasks: Path,
-                                            ray_session: None) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks,
-                       budget={"max_trials": 6},
-                       evaluation={"task_paths": [str(tiny_tasks)], "tasks": [{"name": "tiny_add", "metric": "nope"}]})
-    controller, repo, study_id = _controller(cfg, tmp_path / "n.db")
-    summary = controller.run(6, None)
-    controller.close()
-    assert summary.done == 6 and summary.best_candidate is None
-    cands = repo.candidates(study_id)
-    assert {c.state for c in cands} == {"failed"}
-    assert all(c.error == "non-finite score for task 'tiny_add'" and c.fitness is None for c in cands)
-    with sqlite3.connect(tmp_path / "n.db") as conn:
-        states = dict(conn.execute("select state, count(*) from trials group by state").fetchall())
-    assert states == {"FAIL": 6}

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.cmaes import AsyncCMA, default_popsize
+from search.optimizers.base import default_popsize
+from search.optimizers.cmaes import AsyncCMA
 from search.space import SearchSpace
 from workers.layout import num_values, value_for
 from workers.recipe import Recipe
@@ -171,3 +172,17 @@ def test_failures_rank_last() -> None:
     for i, p in enumerate(ps):
         es.tell(p.generation, i, p.x, float("inf") if i < 2 else _sphere(p.x))
     assert np.all(np.isfinite(es.mean))
+
+
+def test_leave_one_out_probes_zero_one_experts_weights() -> None:
+    space = SearchSpace.build("dare_ties", "base", ["a", "b", "c"], 4, layout="layer_group", group_size=2,
+                              ranges={"weight": (0.0, 2.0)})
+    probes = space.leave_one_out([0.5] * space.dim)
+    assert [name for name, _ in probes] == ["a", "b", "c"]
+    for name, x in probes:
+        recipe = space.decode(x)
+        for expert in ("a", "b", "c"):
+            weights = set(recipe.params["weight"][expert])
+            assert weights == ({0.0} if expert == name else {1.0})
+        assert set(recipe.params["density"][name]) == {0.5}  # only the weights move
+    assert SearchSpace.build("slerp", "base", ["a"], 4).leave_one_out([0.5]) == []

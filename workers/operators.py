@@ -14,7 +14,7 @@ rounding; the random ones agree in expectation and keep rate (see :mod:`workers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
