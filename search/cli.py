@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host: the dashboard has no authentication and can delete "
+                        "studies; prefer an SSH tunnel to the default 127.0.0.1")
     return parser
 
 

@@ -149,6 +149,10 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     elif stored_config(record.config_json, study).identity_json() != cfg.identity_json():
         raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
                             "(models, space, merge, dfs, optimizer or tasks); use another --study")
+    elif any(c.trial_number is not None for c in repo.candidates(record.id)) and not Ledger.exists(url, study):
+        # Recreating it would number trials anew beside candidates that point at the old ones.
+        raise StudyMismatch(f"study {study!r} in {redacted(url)} has candidates but its Optuna trials are gone "
+                            "(deleted from the dashboard?); resume is impossible: start another --study")
     ledger = Ledger(url, study, objectives(cfg))
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
@@ -369,7 +373,24 @@ def cmd_methods(_args: argparse.Namespace, _url: str | None) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
+    if not _loopback(args.host):
+        if not args.allow_remote:
+            raise UsageError(f"--host {args.host} would serve an unauthenticated dashboard that can delete "
+                             "studies to the network; keep 127.0.0.1 (use an SSH tunnel) or pass --allow-remote")
+        print(f"evomerge: warning: the dashboard on {args.host} has no authentication: anyone who reaches "
+              "it can read and delete studies", file=sys.stderr)
     from optuna_dashboard import run_server
 
     open_repo(url, must_exist=True).close()  # a URL SQLAlchemy can use, and (SQLite) a file that exists

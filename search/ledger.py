@@ -47,6 +47,18 @@ class Ledger:
         self.study_id = self.study._study_id
         self._heldout: optuna.Study | None = None
 
+    @staticmethod
+    def exists(url: str, study_name: str) -> bool:
+        """Whether ``study_name`` is an Optuna study in the storage at ``url``."""
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+        try:
+            storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return False
+        finally:
+            storage.remove_session()
+        return True
+
     def _retried(self, work: Callable[[], T]) -> T:
         return retrying(work, self.url, self.patience_s)
 

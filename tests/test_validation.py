@@ -146,3 +146,36 @@ def test_dashboard_never_creates_a_database(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [f"evomerge: error: --storage sqlite:///{tmp_path / 'd.db'}: "
                                                 f"no database at {tmp_path / 'd.db'} (nothing to read)"]
     assert not (tmp_path / "d.db").exists()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "dash.example"])
+def test_dashboard_refuses_the_network_unless_asked(tmp_path: Path, host: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dashboard", "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--host", host]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--host {host}" in line and "unauthenticated" in line and "--allow-remote" in line
+    assert not (tmp_path / "d.db").exists()
+
+
+def test_a_study_whose_optuna_trials_were_deleted_is_not_resumed(tmp_path: Path, tiny_models: dict[str, Path],
+                                                                  task_dir: Path) -> None:
+    """optuna-dashboard can delete a study; the next search must not recreate it with trial
+    numbers that clash with the candidates' (it did, silently)."""
+    import optuna
+
+    from search.controller import StudyMismatch
+    from search.ledger import Ledger
+    from storage.repository import Repository
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, task_dir))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    repo = Repository(url)
+    record = repo.create_study("t", cfg.model_dump_json())
+    cid = repo.add_candidate(record.id, "{}", "h", "source")
+    repo.start_attempt(cid, Ledger(url, "t").open_trial({}, {}, {}), "search")
+    assert Ledger.exists(url, "t")
+    optuna.delete_study(study_name="t", storage=url)
+    assert not Ledger.exists(url, "t")
+    with pytest.raises(StudyMismatch, match="Optuna trials are gone"):
+        run_search(prepare(cfg), url, "t", 1, None, 4, None)
+    assert not Ledger.exists(url, "t")  # nothing recreated
