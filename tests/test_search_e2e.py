@@ -212,6 +212,30 @@ def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
     stop_mid_search(tmp_path, signal.SIGINT)
 
 
+def rebuilt_proposal(cfg_path: Path, db: Path) -> tuple[float, ...]:
+    """Rebuild the study's optimizer from the database alone and ask it for a genome."""
+    from search.commands import objectives, prepare
+    from search.config import load_config
+    from search.controller import Controller
+    from search.ledger import Ledger
+    from storage.repository import Repository
+
+    cfg = load_config(cfg_path)
+    url = f"sqlite:///{db}"
+    repo = Repository(url)
+    record = repo.get_study(cfg.study)
+    assert record is not None
+
+    def no_workers() -> None:
+        raise AssertionError("rebuilding the optimizer must not start workers")
+
+    controller = Controller(cfg, repo, Ledger(url, cfg.study, objectives(cfg)), prepare(cfg).space,
+                            no_workers, record.id)  # type: ignore[arg-type]
+    controller._rebuild_optimizer(repo.candidates(record.id))
+    assert controller.optimizer is not None and controller.optimizer.name == cfg.optimizer.name
+    return controller.optimizer.ask().x
+
+
 def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
     cfg = demo_config(tmp_path / "k.yaml", max_trials=40, limit=100)
     db = tmp_path / "k.db"
@@ -221,6 +245,8 @@ def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
     interrupted = {i for (i,) in query(db, "select id from evomerge_candidates where state='running'")}
     gens_before = query(db, "select count(*) from evomerge_generations")[0][0]
     assert interrupted
+    first = rebuilt_proposal(cfg, db)
+    assert rebuilt_proposal(cfg, db) == first  # the optimizer's state is a function of what was stored
     assert query(db, "select count(*) from trials where state='RUNNING'")[0][0] >= 1
 
     evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2", cwd=tmp_path)
