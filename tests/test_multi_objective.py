@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,8 +11,7 @@ import pytest
 from search.leaderboard import pareto_front
 from search.config import SearchConfig
 from storage.repository import Repository
-from tests.conftest import free_port
-from tests.test_search_e2e import ENV, TASKS, demo_config, evomerge, query
+from tests.test_search_e2e import TASKS, demo_config, evomerge, query, served_dashboard
 
 
 @pytest.fixture(scope="module")
@@ -45,28 +40,13 @@ def test_status_shows_the_pareto_front(front_study: tuple[Path, Path]) -> None:
 
 def test_dashboard_shows_the_front(front_study: tuple[Path, Path]) -> None:
     tmp, db = front_study
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--storage", f"sqlite:///{db}",
-                             "--port", str(port)], cwd=tmp, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        body = None
-        for _ in range(150):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
-                    body = json.loads(resp.read())
-                break
-            except OSError:
-                time.sleep(0.2)
-        assert body is not None, "dashboard did not come up"
-        study_id = {s["study_name"]: s["study_id"] for s in body["study_summaries"]}["t"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=10) as resp:
-            study = json.loads(resp.read())
-        assert len(study["directions"]) == len(TASKS) and study["objective_names"] == list(TASKS)
-        assert len(study["best_trials"]) >= 3  # optuna-dashboard's Pareto front
-        assert any(a["key"] == "optimizer" and a["value"].startswith("nsga2") for a in study["user_attrs"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with served_dashboard(db, tmp) as get:
+        summaries = json.loads(get("/api/studies"))["study_summaries"]
+        study_id = {s["study_name"]: s["study_id"] for s in summaries}["t"]
+        study = json.loads(get(f"/api/studies/{study_id}?after=0"))
+    assert len(study["directions"]) == len(TASKS) and study["objective_names"] == list(TASKS)
+    assert len(study["best_trials"]) >= 3  # optuna-dashboard's Pareto front
+    assert any(a["key"] == "optimizer" and a["value"].startswith("nsga2") for a in study["user_attrs"])
 
 
 def test_replay_of_a_front_member_scores_as_stored(front_study: tuple[Path, Path]) -> None:

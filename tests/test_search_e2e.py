@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -268,29 +270,44 @@ def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:
     assert len(told) == len(set(told))
 
 
-def test_dashboard_serves_the_study_with_params_and_scores(searched: tuple[Path, Path]) -> None:
+@contextmanager
+def served_dashboard(db: Path, cwd: Path) -> Iterator[Callable[[str], bytes]]:
+    """``evomerge dashboard`` on ``db`` in a subprocess, up and answering; yields a GET of a path."""
     import urllib.request
 
     from tests.conftest import free_port
 
-    tmp, db = searched
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--storage", f"sqlite:///{db}",
-                             "--port", str(port)], cwd=tmp, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--port", str(port)], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            assert resp.status == 200
+            return bytes(resp.read())
+
     try:
-        body = None
-        for _ in range(100):
+        for _ in range(150):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
-                    body = json.loads(resp.read())
+                get("/api/studies")
                 break
             except OSError:
                 time.sleep(0.2)
-        assert body is not None, "dashboard did not come up"
+        else:
+            pytest.fail("dashboard did not come up")
+        yield get
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_dashboard_serves_the_study_with_params_and_scores(searched: tuple[Path, Path]) -> None:
+    tmp, db = searched
+    with served_dashboard(db, tmp) as get:
+        body = json.loads(get("/api/studies"))
         names = {s["study_name"]: s["study_id"] for s in body["study_summaries"]}
         assert {"t", "t:heldout"} <= set(names)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{names['t']}?after=0", timeout=10) as resp:
-            study = json.loads(resp.read())
+        study = json.loads(get(f"/api/studies/{names['t']}?after=0"))
         evolved = [t for t in study["trials"] if any(a["key"] == "origin" and a["value"] == "cma"
                                                      for a in t["user_attrs"])]
         assert evolved
@@ -299,8 +316,4 @@ def test_dashboard_serves_the_study_with_params_and_scores(searched: tuple[Path,
                                                         "cipher_b.density", "cipher_b.weight"}
         keys = {a["key"] for a in trial["user_attrs"]}
         assert {"recipe"} | {f"score.{t}" for t in TASKS} <= keys
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/", timeout=10) as resp:
-            assert resp.status == 200 and b"<html" in resp.read().lower()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert b"<html" in get("/dashboard/").lower()
