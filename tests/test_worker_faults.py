@@ -165,12 +165,18 @@ def test_workers_that_cannot_restart_stop_the_search(
 
     def killer() -> None:
         deadline = time.monotonic() + 300
+        warm = False  # two candidates completed: the worker has proven it can evaluate
+        stopped: int | None = None
         while not killed and time.monotonic() < deadline:
             pool = controller.pool
             refs = list(pool.slots[0].jobs) if pool is not None else []
-            # Two jobs on the worker, the first still running (the second then never ran).
-            if (len(refs) == 2 and ray.wait(refs[:1], timeout=0)[1]
-                    and sum(1 for c in repo.candidates(study_id) if c.state == "complete") >= 2):
+            warm = warm or sum(1 for c in repo.candidates(study_id) if c.state == "complete") >= 2
+            if warm and stopped is None and refs and ray.wait(refs[:1], timeout=0)[1]:
+                # Hold the running job (tiny jobs finish faster than the controller refills the
+                # worker): the controller then queues a second job behind it, which never runs.
+                stopped = _pid(pool, 0)
+                os.kill(stopped, signal.SIGSTOP)
+            if stopped is not None and len(refs) == 2:
                 shutil.rmtree(models["a"])
                 ray.kill(pool.slots[0].actor, no_restart=True)
                 killed.append(1)
