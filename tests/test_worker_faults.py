@@ -165,12 +165,13 @@ def test_workers_that_cannot_restart_stop_the_search(
 
     def killer() -> None:
         deadline = time.monotonic() + 300
-        warm = False  # two candidates completed: the worker has proven it can evaluate
         stopped: int | None = None
         while not killed and time.monotonic() < deadline:
             pool = controller.pool
             refs = list(pool.slots[0].jobs) if pool is not None else []
-            warm = warm or sum(1 for c in repo.candidates(study_id) if c.state == "complete") >= 2
+            # The worker has proven it can evaluate: a job finished (read from the pool; the
+            # database's session belongs to the controller's thread).
+            warm = pool is not None and pool.work_s > 0
             if warm and stopped is None and refs and ray.wait(refs[:1], timeout=0)[1]:
                 # Hold the running job (tiny jobs finish faster than the controller refills the
                 # worker): the controller then queues a second job behind it, which never runs.
