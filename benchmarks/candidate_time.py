@@ -23,14 +23,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from search.commands import prepare  # noqa: E402
-from search.config import load_config  # noqa: E402
-from search.controller import Controller, baseline_recipes  # noqa: E402
-from search.ledger import Ledger  # noqa: E402
-from search.pool import WorkerPool  # noqa: E402
-from storage.repository import Repository  # noqa: E402
-from workers.actor import WorkerSpec  # noqa: E402
-from workers.materialize import Materializer  # noqa: E402
+from evomerge.search.commands import prepare  # noqa: E402
+from evomerge.search.config import load_config  # noqa: E402
+from evomerge.search.controller import Controller, baseline_recipes  # noqa: E402
+from evomerge.search.ledger import Ledger  # noqa: E402
+from evomerge.search.pool import WorkerPool  # noqa: E402
+from evomerge.storage.repository import Repository  # noqa: E402
+from evomerge.workers.actor import WorkerSpec  # noqa: E402
+from evomerge.workers.materialize import Materializer  # noqa: E402
 
 
 def ours(config: Path, trials: int, workers: int) -> tuple[float, list[float], list[float], float]:
@@ -61,7 +61,7 @@ def naive(config: Path, trials: int) -> float:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from evaluators.tasks import build_task_dict
+    from evomerge.evaluators.tasks import build_task_dict
 
     cfg = load_config(config)
     prep = prepare(cfg)

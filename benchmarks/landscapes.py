@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.build_demo import (  # noqa: E402
+from evomerge.demo.build_demo import (  # noqa: E402
     BATCH, SEPARATOR, TrainingRecipe, accuracy, build, build_tokenizer, echo, make_words, train,
 )
 from transformers import LlamaForCausalLM  # noqa: E402
-from workers.operators import task_arithmetic  # noqa: E402
+from evomerge.workers.operators import task_arithmetic  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".landscapes"
 DEMO = ROOT / "demo"

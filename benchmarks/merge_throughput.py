@@ -46,11 +46,11 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from search.mergekit_compat import SHARED_METHODS, to_mergekit  # noqa: E402
-from workers.materialize import Materializer  # noqa: E402
-from workers.operators import OPERATORS  # noqa: E402
-from workers.recipe import Recipe  # noqa: E402
-from workers.replay import verify_folder, write_model_folder  # noqa: E402
+from evomerge.search.mergekit_compat import SHARED_METHODS, to_mergekit  # noqa: E402
+from evomerge.workers.materialize import Materializer  # noqa: E402
+from evomerge.workers.operators import OPERATORS  # noqa: E402
+from evomerge.workers.recipe import Recipe  # noqa: E402
+from evomerge.workers.replay import verify_folder, write_model_folder  # noqa: E402
 
 SIZES = {"small": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4),
          "100m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12)}

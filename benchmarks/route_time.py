@@ -38,14 +38,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evaluators.harness import Evaluator  # noqa: E402
-from search.commands import prepare  # noqa: E402
-from search.config import SearchConfig, load_config  # noqa: E402
-from search.dfs_space import RouteSpace  # noqa: E402
-from search.stages import PS_MEMBER, ps_space, route_space  # noqa: E402
-from workers.candidate_model import CandidateModel  # noqa: E402
-from workers.materialize import Materializer  # noqa: E402
-from workers.recipe import Recipe  # noqa: E402
+from evomerge.evaluators.harness import Evaluator  # noqa: E402
+from evomerge.search.commands import prepare  # noqa: E402
+from evomerge.search.config import SearchConfig, load_config  # noqa: E402
+from evomerge.search.dfs_space import RouteSpace  # noqa: E402
+from evomerge.search.stages import PS_MEMBER, ps_space, route_space  # noqa: E402
+from evomerge.workers.candidate_model import CandidateModel  # noqa: E402
+from evomerge.workers.materialize import Materializer  # noqa: E402
+from evomerge.workers.recipe import Recipe  # noqa: E402
 
 
 def _status_kb(field_name: str) -> int:

@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from landscapes import CACHE, TASKS, Landscape, landscapes  # noqa: E402
-from search.commands import prepare, run_search  # noqa: E402
-from search.config import ConfigError, load_config  # noqa: E402
-from search.leaderboard import best_candidate  # noqa: E402
-from storage.repository import CandidateRecord  # noqa: E402
+from evomerge.search.commands import prepare, run_search  # noqa: E402
+from evomerge.search.config import ConfigError, load_config  # noqa: E402
+from evomerge.search.leaderboard import best_candidate  # noqa: E402
+from evomerge.storage.repository import CandidateRecord  # noqa: E402
 
 BASELINES = ("source", "untuned")
 

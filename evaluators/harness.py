@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any
 
-from evaluators.tasks import TaskSuite, build_task_dict
+from evomerge.evaluators.tasks import TaskSuite, build_task_dict
 
 
 class Evaluator:

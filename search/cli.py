@@ -94,15 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
-    from search import commands  # heavy imports only after --help and usage checks
+    from evomerge.search import commands  # heavy imports only after --help and usage checks
 
-    from search.commands import SearchFailed, UsageError
-    from search.config import ConfigError
-    from search.controller import StudyMismatch
-    from evaluators.tasks import TaskError
-    from workers.replay import ReplayError
-    from workers.sources import SourceError
-    from search import signals
+    from evomerge.search.commands import SearchFailed, UsageError
+    from evomerge.search.config import ConfigError
+    from evomerge.search.controller import StudyMismatch
+    from evomerge.evaluators.tasks import TaskError
+    from evomerge.workers.replay import ReplayError
+    from evomerge.workers.sources import SourceError
+    from evomerge.search import signals
 
     if args.command in ("search", "demo"):
         signals.install()  # SIGINT/SIGTERM stop the controller at a safe point (search/signals.py)

@@ -6,31 +6,32 @@ import argparse
 import json
 import shutil
 import sys
+from importlib import resources
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
-from search.controller import Controller, Space, StudyMismatch
-from search.leaderboard import Board, best_candidate, build, combine, render
-from search.merge_file import load_merge_file
-from search.mergekit_compat import MergekitConfigError, to_mergekit
-from search.ledger import Ledger
-from search.optimizers import OPTIMIZERS
-from search.pool import WorkerPool
-from search.progress import Progress
-from search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
-from storage.engine import redacted
-from storage.repository import CandidateRecord, Repository, StudyRecord
-from evaluators.tasks import check_suite
-from workers.actor import WorkerSpec
-from workers.materialize import Materializer
-from workers.recipe import Recipe
-from workers.registry import ParamSpec
-from workers.replay import ReplayError, model_card, write_model_folder
-from workers.routing import RouteError, check_routable
-from workers.sources import SourceModel, check_finite, read_config, validate_sources
+from evomerge.search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
+from evomerge.search.controller import Controller, Space, StudyMismatch
+from evomerge.search.leaderboard import Board, best_candidate, build, combine, render
+from evomerge.search.merge_file import load_merge_file
+from evomerge.search.mergekit_compat import MergekitConfigError, to_mergekit
+from evomerge.search.ledger import Ledger
+from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.pool import WorkerPool
+from evomerge.search.progress import Progress
+from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
+from evomerge.storage.engine import redacted
+from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
+from evomerge.evaluators.tasks import check_suite
+from evomerge.workers.actor import WorkerSpec
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.registry import ParamSpec
+from evomerge.workers.replay import ReplayError, model_card, write_model_folder
+from evomerge.workers.routing import RouteError, check_routable
+from evomerge.workers.sources import SourceModel, check_finite, read_config, validate_sources
 
 class UsageError(ValueError):
     """Bad usage detected after argument parsing (exit status 2)."""
@@ -45,7 +46,6 @@ def print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo" / "demo.yaml"
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ def _first_paragraph(doc: str) -> str:
 
 def cmd_methods(_args: argparse.Namespace, _url: str | None) -> int:
     """Every registered method and transform, from their declarations."""
-    from workers.operators import OPERATORS, TRANSFORMS
+    from evomerge.workers.operators import OPERATORS, TRANSFORMS
 
     def params(specs: tuple[ParamSpec, ...]) -> str:
         return ", ".join(f"{p.name}{'' if p.per_expert else ' (shared)'} [{p.low:g}, {p.high:g}] "
@@ -408,7 +408,9 @@ def _routing_demos(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
 
 
 def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
-    cfg = load_config(DEMO_CONFIG)
+    # package data of evomerge.demo: its models and tasks are found next to demo.yaml
+    with resources.as_file(resources.files("evomerge.demo") / "demo.yaml") as demo_yaml:
+        cfg = load_config(demo_yaml)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{out / 'demo.db'}"

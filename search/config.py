@@ -15,10 +15,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
                       model_validator)
 
-from evaluators.tasks import TaskSpec, TaskSuite
-from search.presets import apply_defaults
-from workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
-from workers.sources import SourceModel
+from evomerge.evaluators.tasks import TaskSpec, TaskSuite
+from evomerge.search.presets import apply_defaults
+from evomerge.workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
+from evomerge.workers.sources import SourceModel
 
 
 class ConfigError(ValueError):

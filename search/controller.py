@@ -24,21 +24,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from evaluators.fitness import ScoreError, fitness
-from search.optimizers import Evaluated, Optimizer, OptimizerSettings, build_optimizer
-from search.optimizers.base import default_popsize
-from search.config import SearchConfig
-from search.leaderboard import best_candidate
-from search.ledger import Ledger
-from search.pool import NOT_RUN, Crash, WorkerPool
-from search import signals
-from search.progress import Progress
-from search.dfs_space import RouteSpace
-from search.space import SearchSpace
-from storage.repository import CandidateRecord, LeaseLost, Repository
-from storage.retry import DatabaseUnavailable
-from workers.recipe import Recipe
-from workers.result import Failed, Job, Scored, TrialResult
+from evomerge.evaluators.fitness import ScoreError, fitness
+from evomerge.search.optimizers import Evaluated, Optimizer, OptimizerSettings, build_optimizer
+from evomerge.search.optimizers.base import default_popsize
+from evomerge.search.config import SearchConfig
+from evomerge.search.leaderboard import best_candidate
+from evomerge.search.ledger import Ledger
+from evomerge.search.pool import NOT_RUN, Crash, WorkerPool
+from evomerge.search import signals
+from evomerge.search.progress import Progress
+from evomerge.search.dfs_space import RouteSpace
+from evomerge.search.space import SearchSpace
+from evomerge.storage.repository import CandidateRecord, LeaseLost, Repository
+from evomerge.storage.retry import DatabaseUnavailable
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.result import Failed, Job, Scored, TrialResult
 
 LEASE_S = 120.0
 HEARTBEAT_S = 5.0

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.space import box_violation
-from workers.recipe import Recipe
+from evomerge.search.space import box_violation
+from evomerge.workers.recipe import Recipe
 
 DECIMALS = 4  # scales are rounded so equal genomes hash equally
 INIT_MARGIN = 0.25  # initial inclusion genes at 0.5 ± this: on for A's first repetition, else off

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from storage.repository import BASELINE_ORIGINS, CandidateRecord
-from workers.recipe import Recipe
+from evomerge.storage.repository import BASELINE_ORIGINS, CandidateRecord
+from evomerge.workers.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from storage.engine import engine_kwargs
-from storage.retry import patience_s, retrying
+from evomerge.storage.engine import engine_kwargs
+from evomerge.storage.retry import patience_s, retrying
 
 T = TypeVar("T")
 

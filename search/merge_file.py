@@ -22,10 +22,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
-from search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
-from workers.operators import check_recipe, complete
-from workers.recipe import Recipe
+from evomerge.search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
+from evomerge.search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
+from evomerge.workers.operators import check_recipe, complete
+from evomerge.workers.recipe import Recipe
 
 
 class MergeFile(BaseModel):

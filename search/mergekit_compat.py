@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from workers.operators import get_operator
-from workers.recipe import Recipe
+from evomerge.workers.operators import get_operator
+from evomerge.workers.recipe import Recipe
 
 # Methods both libraries implement, with mergekit's default for ``normalize``.
 SHARED_METHODS = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False,

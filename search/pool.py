@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.actor import WorkerSpec, remote_worker_class
-from workers.result import Job, TrialResult
+from evomerge.workers.actor import WorkerSpec, remote_worker_class
+from evomerge.workers.result import Job, TrialResult
 
 STARTUP_S = 900.0  # time limit of a job before any job of its split has finished
 FLOOR_S = 60.0  # the derived limit never drops below this

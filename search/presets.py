@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from workers.operators import OPERATORS
+from evomerge.workers.operators import OPERATORS
 
 AMPLIFY = (0.0, 2.0)  # default search range of per-expert weights
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.layout import LayoutKind, num_values
-from workers.operators import get_operator, get_transform
-from workers.recipe import Recipe
-from workers.registry import ParamSpec
+from evomerge.workers.layout import LayoutKind, num_values
+from evomerge.workers.operators import get_operator, get_transform
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.registry import ParamSpec
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from search.config import ConfigError, SearchConfig
-from search.dfs_space import RouteLimits, RouteSpace
-from search.space import SearchSpace
-from workers.recipe import Recipe
-from workers.sources import read_config
+from evomerge.search.config import ConfigError, SearchConfig
+from evomerge.search.dfs_space import RouteLimits, RouteSpace
+from evomerge.search.space import SearchSpace
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.sources import read_config
 
 PS_MEMBER = "ps"  # the name of the evolved PS model in a PS+DFS collection
 

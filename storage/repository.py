@@ -24,9 +24,9 @@ from typing import ParamSpec, TypeVar
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.engine import make_engine
-from storage.retry import patience_s, retrying
-from storage.tables import AttemptRow, Base, CandidateRow, GenerationRow, StudyRow
+from evomerge.storage.engine import make_engine
+from evomerge.storage.retry import patience_s, retrying
+from evomerge.storage.tables import AttemptRow, Base, CandidateRow, GenerationRow, StudyRow
 
 P = ParamSpec("P")
 R = TypeVar("R")

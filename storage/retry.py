@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
 
-from storage.engine import patience_s, redacted
+from evomerge.storage.engine import patience_s, redacted
 
 __all__ = ["DatabaseUnavailable", "patience_s", "retrying", "transient"]
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import ARCHITECTURES, write_config
 from tests.test_search_e2e import evomerge, query
-from workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe
 
 TASKS = ("mc_add", "mc_sub")
 
@@ -95,8 +95,8 @@ def test_dfs_stage_evaluates_its_sources_and_routes(searched: Searched) -> None:
 
 def test_dfs_leaderboard_shows_every_source(searched: Searched) -> None:
     """The DFS study's own board (``evomerge status --study t:dfs``) ranks models a and b."""
-    from search.leaderboard import build
-    from storage.repository import Repository
+    from evomerge.search.leaderboard import build
+    from evomerge.storage.repository import Repository
 
     repo = Repository(f"sqlite:///{searched.db}")
     study = repo.get_study("t:dfs")
@@ -110,8 +110,8 @@ def test_replay_of_the_best_mixed_route(searched: Searched, tmp_path: Path) -> N
     """The best route that mixes models replays as an ordinary model of the architecture with
     one layer (and, where the config has them, one layer type) per hop; write_model_folder
     checks its logits against the worker's in-memory route."""
-    from workers.materialize import Materializer
-    from workers.replay import write_model_folder
+    from evomerge.workers.materialize import Materializer
+    from evomerge.workers.replay import write_model_folder
 
     routes = [Recipe.from_json(r) for o, s, r, _, _ in sorted(_rows(searched.db, "t:dfs"), key=lambda x: -(x[3] or 0))
               if o == "cma" and s == "complete"]
@@ -130,9 +130,9 @@ def test_replay_of_the_best_mixed_route(searched: Searched, tmp_path: Path) -> N
 def test_merge_of_each_architecture(arch: str, arch_models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
     """Task arithmetic written to disk: every tensor (q/k/v biases included) is θ_b + Σ w_i δ_i,
     the config is the base's (tied embeddings stay tied)."""
-    from workers.materialize import Materializer
-    from workers.replay import write_model_folder
-    from workers.sources import SourceModel, validate_sources
+    from evomerge.workers.materialize import Materializer
+    from evomerge.workers.replay import write_model_folder
+    from evomerge.workers.sources import SourceModel, validate_sources
 
     folders = validate_sources([SourceModel(n, str(p)) for n, p in arch_models[arch].items()])
     weights = {"a": 0.6, "b": 0.7}

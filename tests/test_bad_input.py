@@ -12,14 +12,14 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from search.config import ConfigError, load_config, read_mapping
-from search.merge_file import load_merge_file
+from evomerge.search.config import ConfigError, load_config, read_mapping
+from evomerge.search.merge_file import load_merge_file
 from tests.conftest import ROOT, write_config
-from workers.sources import SourceError, SourceModel, load_tensors, validate_sources
+from evomerge.workers.sources import SourceError, SourceModel, load_tensors, validate_sources
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -80,7 +80,7 @@ def test_missing_task_data(tmp_path: Path, tiny_models: dict[str, Path], tiny_ta
 
 
 def test_bad_storage_url_and_unknown_study(tmp_path: Path) -> None:
-    from storage.repository import Repository
+    from evomerge.storage.repository import Repository
 
     _assert_usage_error(run_cli("status", "--storage", "nosuchdb://x", cwd=tmp_path), "not a usable SQLAlchemy URL")
     Repository(f"sqlite:///{tmp_path / 'e.db'}").create_study("other", "{}")
@@ -126,7 +126,7 @@ def test_source_checks(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
 def test_stored_config_that_no_longer_validates(tmp_path: Path) -> None:
     """A study row whose config this version cannot read (another version wrote it): replay
     says so in one line, exit 2, and writes nothing."""
-    from storage.repository import Repository
+    from evomerge.storage.repository import Repository
 
     Repository(f"sqlite:///{tmp_path / 's.db'}").create_study("old", '{"study": "old", "models": [], "colour": 1}')
     proc = run_cli("replay", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "m"), cwd=tmp_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import ROOT
-from search.config import load_config
+from evomerge.search.config import load_config
 
 
 def test_shipped_configs_validate() -> None:
@@ -28,9 +28,9 @@ def test_identity_ignores_budget_and_workers() -> None:
 def test_demo_routing_studies_prepare() -> None:
     """`evomerge demo --routing`: a DFS study over the experts and a PS+DFS study over the PS
     demo's model and the experts; both validate and build their spaces without a search."""
-    from search.commands import _routing_demos, prepare
-    from search.dfs_space import RouteSpace
-    from search.space import SearchSpace
+    from evomerge.search.commands import _routing_demos, prepare
+    from evomerge.search.dfs_space import RouteSpace
+    from evomerge.search.space import SearchSpace
 
     demo = load_config(ROOT / "demo" / "demo.yaml")
     (label_a, dfs), (label_b, both) = _routing_demos(demo)

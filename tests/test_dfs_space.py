@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.dfs_space import RouteLimits, RouteSpace
-from workers.recipe import Recipe
+from evomerge.search.dfs_space import RouteLimits, RouteSpace
+from evomerge.workers.recipe import Recipe
 
 
 def _space(pin: bool = True, block: int = 1, repeats: int = 2, max_hops: int = 64,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from evaluators.harness import Evaluator
-from search.config import load_config
+from evomerge.evaluators.harness import Evaluator
+from evomerge.search.config import load_config
 from tests.conftest import ROOT
-from workers.materialize import Materializer
-from workers.recipe import Recipe
-from workers.sources import validate_sources
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.sources import validate_sources
 
 
 def test_reused_requests_score_like_fresh_ones() -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from search.commands import prepare
-from search.config import load_config
-from search.controller import Controller
-from search.ledger import Ledger
-from search.pool import NOT_RUN, WorkerPool
-from storage.repository import Repository
+from evomerge.search.commands import prepare
+from evomerge.search.config import load_config
+from evomerge.search.controller import Controller
+from evomerge.search.ledger import Ledger
+from evomerge.search.pool import NOT_RUN, WorkerPool
+from evomerge.storage.repository import Repository
 from tests.conftest import write_config
-from workers.actor import WorkerSpec
+from evomerge.workers.actor import WorkerSpec
 
 
 def _controller(cfg_path: Path, db: Path) -> tuple[Controller, Repository, int]:

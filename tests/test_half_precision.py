@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from workers.operators import OPERATORS
-from workers.sparsify import della_probabilities
+from evomerge.workers.operators import OPERATORS
+from evomerge.workers.sparsify import della_probabilities
 
 SHAPE = (700, 512)  # 358 400 entries: more than one chunk of the streaming combination
 WEIGHTS = (0.3, 0.25, 0.2, 0.15, 0.35, 0.4)

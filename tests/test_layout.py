@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.layout import MODULES, depth_fraction, layer_index, module_kind, num_values, tensor_seed, value_for
+from evomerge.workers.layout import MODULES, depth_fraction, layer_index, module_kind, num_values, tensor_seed, value_for
 
 L = 8  # decoder layers of the pretend Llama below
 LAYER_NAMES = [f"model.layers.{i}.{m}" for i in range(L) for m in

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.repository import LeaseError, LeaseLost, Repository
+from evomerge.storage.repository import LeaseError, LeaseLost, Repository
 from tests.conftest import ROOT
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
@@ -22,7 +22,7 @@ PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 # of that round's study, and prints the rounds it won.
 RACER = """
 import sys, time
-from storage.repository import LeaseError, Repository
+from evomerge.storage.repository import LeaseError, Repository
 url, me, start, rounds, ids = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 repo = Repository(url)
 won = []

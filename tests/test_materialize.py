@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from workers.layout import layer_index
-from workers.materialize import Materializer
-from workers.recipe import Recipe
+from evomerge.workers.layout import layer_index
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
 
 
 def test_layer_groups_apply_their_own_genes(tiny_models: dict[str, Path]) -> None:

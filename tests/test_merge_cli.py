@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.test_bad_input import _assert_usage_error, run_cli
-from workers.sources import load_tensors
+from evomerge.workers.sources import load_tensors
 
 
 def _merge_file(path: Path, models: dict[str, Path], recipe: dict[str, Any], **extra: Any) -> Path:

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from search.cli import main
-from search.merge_file import load_merge_file
-from search.mergekit_compat import from_mergekit, to_mergekit
-from workers.materialize import Materializer
+from evomerge.search.cli import main
+from evomerge.search.merge_file import load_merge_file
+from evomerge.search.mergekit_compat import from_mergekit, to_mergekit
+from evomerge.workers.materialize import Materializer
 
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge

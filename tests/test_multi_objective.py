@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from search.leaderboard import pareto_front
-from search.config import SearchConfig
-from storage.repository import Repository
+from evomerge.search.leaderboard import pareto_front
+from evomerge.search.config import SearchConfig
+from evomerge.storage.repository import Repository
 from tests.test_search_e2e import TASKS, demo_config, evomerge, query, served_dashboard
 
 
@@ -61,7 +61,7 @@ def test_replay_of_a_front_member_scores_as_stored(front_study: tuple[Path, Path
     evomerge("replay", "--storage", f"sqlite:///{db}", "--trial", str(member.trial_number), "--out", str(out), cwd=tmp)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluators.harness import Evaluator
+    from evomerge.evaluators.harness import Evaluator
 
     cfg = SearchConfig.model_validate_json(record.config_json)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)

@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers import sparsify
-from workers.layout import depth_fraction
-from workers.operators import OPERATORS, TRANSFORMS
+from evomerge.workers import sparsify
+from evomerge.workers.layout import depth_fraction
+from evomerge.workers.operators import OPERATORS, TRANSFORMS
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from search.optimizers import OPTIMIZERS
+from evomerge.search.optimizers import OPTIMIZERS
 from tests.test_search_e2e import demo_config, evomerge, query, rebuilt_proposal, start_and_wait_for_progress
 
 

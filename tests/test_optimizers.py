@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from search.optimizers import OPTIMIZERS, Evaluated, Optimizer, OptimizerSettings, build_optimizer
-from search.optimizers.cmaes import CMAOptimizer
+from evomerge.search.optimizers import OPTIMIZERS, Evaluated, Optimizer, OptimizerSettings, build_optimizer
+from evomerge.search.optimizers.cmaes import CMAOptimizer
 
 
 def _settings(dim: int = 3, **kw: object) -> OptimizerSettings:

@@ -35,7 +35,7 @@ def test_resume_settles_trials_as_the_candidate_table_says(tmp_path: Path, tiny_
     before, resume failed the trial of a candidate that had completed."""
     from optuna.trial import TrialState
 
-    from search.controller import baseline_recipes
+    from evomerge.search.controller import baseline_recipes
     from tests.test_failures import _controller
 
     cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a", "b")}, tiny_tasks)
@@ -71,7 +71,7 @@ def _search(cfg: Path, url: str, study: str, cwd: Path, patience: float | None =
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if patience is not None:
         env["EVOMERGE_DB_PATIENCE_S"] = str(patience)
-    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", url, "--study", study]
+    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", url, "--study", study]
     if max_trials is not None:
         cmd += ["--max-trials", str(max_trials)]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

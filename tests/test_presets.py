@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from search.config import SearchConfig, load_config, stored_config
-from search.presets import AMPLIFY
+from evomerge.search.config import SearchConfig, load_config, stored_config
+from evomerge.search.presets import AMPLIFY
 
 
 def _write(path: Path, **overrides: object) -> Path:

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import ROOT
 from tests.test_bad_input import run_cli
-from workers.materialize import Materializer
-from workers.recipe import Recipe
-from workers.replay import ReplayError, _write, write_model_folder
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.replay import ReplayError, _write, write_model_folder
 
 
 def _recipe() -> Recipe:
@@ -71,7 +71,7 @@ def test_partials_of_dead_writers_are_removed(tmp_path: Path, tiny_models: dict[
 def test_kill_9_mid_write_leaves_nothing_and_rerun_succeeds(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     cfg = _merge_file(tmp_path / "m.yaml", tiny_models)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "merge", str(cfg), "--out", str(out)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "merge", str(cfg), "--out", str(out)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

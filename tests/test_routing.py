@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import ARCHITECTURES
-from workers.recipe import Recipe
-from workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
 
 torch.set_num_threads(1)
 
@@ -124,9 +124,9 @@ def test_replay_of_route_and_ps_route_recipes(arch: str, arch_models: dict[str, 
                                               tmp_path: Path) -> None:
     """A route recipe over a source and a merged member replays as an ordinary model whose
     logits equal the worker's in-memory route (write_model_folder verifies it to 1e-4)."""
-    from workers.candidate_model import CandidateModel
-    from workers.materialize import Materializer
-    from workers.replay import write_model_folder
+    from evomerge.workers.candidate_model import CandidateModel
+    from evomerge.workers.materialize import Materializer
+    from evomerge.workers.replay import write_model_folder
 
     mat = Materializer(arch_models[arch], "base")
     ps = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a", "b"),
@@ -156,9 +156,9 @@ def test_route_replays_in_16_bit_workers_dtype(dtype: torch.dtype, tiny_models: 
     differ from what was exported."""
     from safetensors.torch import load_file
 
-    from workers.candidate_model import CandidateModel
-    from workers.materialize import Materializer
-    from workers.replay import ReplayError, verify_route, write_model_folder
+    from evomerge.workers.candidate_model import CandidateModel
+    from evomerge.workers.materialize import Materializer
+    from evomerge.workers.replay import ReplayError, verify_route, write_model_folder
 
     mat = Materializer({k: tiny_models[k] for k in ("base", "a", "b")}, "base", dtype)
     route = Recipe(kind="route", base="a", models=("a", "b"), route=(("a", 0), ("b", 1), ("a", 1), ("a", 1)),
@@ -193,8 +193,8 @@ def test_routes_of_changing_length_on_one_worker(arch: str, arch_models: dict[st
     """One CandidateModel runs routes of different lengths one after another: each gives the
     logits a fresh worker gives for it alone, with one layer type per hop from its source
     layer, and the model's own config (shared with the collection) is never rewritten."""
-    from workers.candidate_model import CandidateModel
-    from workers.materialize import Materializer
+    from evomerge.workers.candidate_model import CandidateModel
+    from evomerge.workers.materialize import Materializer
 
     candidate = CandidateModel(Materializer(arch_models[arch], "base"))
     own = candidate.model.config

@@ -37,7 +37,7 @@ def demo_config(path: Path, max_trials: int, limit: int = 40, **overrides: objec
 
 
 def evomerge(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -99,8 +99,8 @@ def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
     evomerge("replay", "--storage", f"sqlite:///{db}", "--out", str(out), cwd=tmp)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluators.harness import Evaluator
-    from search.config import SearchConfig
+    from evomerge.evaluators.harness import Evaluator
+    from evomerge.search.config import SearchConfig
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -124,7 +124,7 @@ def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
 def test_replay_writes_the_mergekit_config_of_the_best(searched: tuple[Path, Path]) -> None:
     """--mergekit-yaml alone writes mergekit's config of the best recipe; read back, it is the
     same recipe (mergekit itself merges it: tests/test_mergekit_parity.py)."""
-    from search.mergekit_compat import from_mergekit
+    from evomerge.search.mergekit_compat import from_mergekit
 
     tmp, db = searched
     path = tmp / "best-mergekit.yaml"
@@ -133,7 +133,7 @@ def test_replay_writes_the_mergekit_config_of_the_best(searched: tuple[Path, Pat
     evomerge("replay", "--storage", f"sqlite:///{db}", "--trial", str(trial), "--mergekit-yaml", str(path), cwd=tmp)
     text = path.read_text()
     assert "merge_method: dare_ties" in text and "random masks" in text  # the RNG caveat is stated
-    from workers.recipe import Recipe
+    from evomerge.workers.recipe import Recipe
 
     best = Recipe.from_json(recipe_json)
     back = from_mergekit(yaml.safe_load(text), tmp).recipe
@@ -152,7 +152,7 @@ def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
     data["merge"]["method"] = "ties"
     other = tmp / "other.yaml"
     other.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "search", "search", str(other), "--storage", f"sqlite:///{db}"],
+    proc = subprocess.run([sys.executable, "-m", "evomerge", "search", str(other), "--storage", f"sqlite:///{db}"],
                           cwd=tmp, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2 and "different config" in proc.stderr
 
@@ -161,7 +161,7 @@ def start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path, study: str = "t"
                                 done_at_least: int = 12) -> subprocess.Popen[bytes]:
     """A search in a subprocess, returned once some of ``study``'s candidates are done and some
     running."""
-    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
+    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     count = ("select count(*) from evomerge_candidates c join evomerge_studies s on s.id = c.study_id "
              f"where s.name = '{study}' and c.state = ")
@@ -216,11 +216,11 @@ def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
 
 def rebuilt_proposal(cfg_path: Path, db: Path) -> tuple[float, ...]:
     """Rebuild the study's optimizer from the database alone and ask it for a genome."""
-    from search.commands import objectives, prepare
-    from search.config import load_config
-    from search.controller import Controller
-    from search.ledger import Ledger
-    from storage.repository import Repository
+    from evomerge.search.commands import objectives, prepare
+    from evomerge.search.config import load_config
+    from evomerge.search.controller import Controller
+    from evomerge.search.ledger import Ledger
+    from evomerge.storage.repository import Repository
 
     cfg = load_config(cfg_path)
     url = f"sqlite:///{db}"
@@ -278,7 +278,7 @@ def served_dashboard(db: Path, cwd: Path) -> Iterator[Callable[[str], bytes]]:
     from tests.conftest import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--storage", f"sqlite:///{db}",
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "dashboard", "--storage", f"sqlite:///{db}",
                              "--port", str(port)], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def get(path: str) -> bytes:

@@ -24,7 +24,7 @@ def test_sigterm_stops_the_search_in_order(tmp_path: Path) -> None:
 
 def start_and_wait_for_heldout(cfg: Path, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
     """A search in a subprocess, returned once a held-out re-score is in flight."""
-    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
+    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.optimizers.base import default_popsize
-from search.optimizers.cmaes import AsyncCMA
-from search.space import SearchSpace
-from workers.layout import num_values, value_for
-from workers.recipe import Recipe
+from evomerge.search.optimizers.base import default_popsize
+from evomerge.search.optimizers.cmaes import AsyncCMA
+from evomerge.search.space import SearchSpace
+from evomerge.workers.layout import num_values, value_for
+from evomerge.workers.recipe import Recipe
 
 
 def _space(group_size: int | None = None) -> SearchSpace:

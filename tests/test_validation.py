@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.tasks import TaskError
-from search.cli import main
-from search.commands import Prepared, SearchFailed, prepare, run_search
-from search.config import ConfigError, load_config
-from search.stages import ps_space
+from evomerge.evaluators.tasks import TaskError
+from evomerge.search.cli import main
+from evomerge.search.commands import Prepared, SearchFailed, prepare, run_search
+from evomerge.search.config import ConfigError, load_config
+from evomerge.search.stages import ps_space
 from tests.conftest import write_config
 from tests.test_bad_input import run_cli
-from workers.sources import validate_sources
+from evomerge.workers.sources import validate_sources
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +163,9 @@ def test_a_study_whose_optuna_trials_were_deleted_is_not_resumed(tmp_path: Path,
     numbers that clash with the candidates' (it did, silently)."""
     import optuna
 
-    from search.controller import StudyMismatch
-    from search.ledger import Ledger
-    from storage.repository import Repository
+    from evomerge.search.controller import StudyMismatch
+    from evomerge.search.ledger import Ledger
+    from evomerge.storage.repository import Repository
 
     cfg = load_config(write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, task_dir))
     url = f"sqlite:///{tmp_path / 'x.db'}"

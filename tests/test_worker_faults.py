@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from search.commands import prepare
-from search.config import load_config
-from search.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
-from storage.repository import Repository
+from evomerge.search.commands import prepare
+from evomerge.search.config import load_config
+from evomerge.search.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
+from evomerge.storage.repository import Repository
 from tests.conftest import write_config
 from tests.test_failures import _controller
-from workers.actor import WorkerSpec
+from evomerge.workers.actor import WorkerSpec
 
 HANG_GUARD_S = 240.0  # a run still stuck this long after the stop is hung (old code): let it go
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from evaluators.harness import Evaluator
-from evaluators.tasks import TaskSuite
-from workers.candidate_model import CandidateModel
-from workers.materialize import Materializer
-from workers.recipe import Recipe
-from workers.result import Failed, Job, Scored, TrialResult
+from evomerge.evaluators.harness import Evaluator
+from evomerge.evaluators.tasks import TaskSuite
+from evomerge.workers.candidate_model import CandidateModel
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.result import Failed, Job, Scored, TrialResult
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from workers.materialize import Materializer
-from workers.operators import complete
-from workers.recipe import Recipe
-from workers.routing import Route, Router, build_stack
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.operators import complete
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.routing import Route, Router, build_stack
 
 
 class CandidateModel:

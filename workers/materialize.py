@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.layout import depth_fraction, tensor_seed, value_for
-from workers.operators import check_recipe, complete, get_operator, get_transform
-from workers.recipe import Recipe
-from workers.sources import SourceError, load_tensors
+from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
+from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.sources import SourceError, load_tensors
 
 
 class Materializer:

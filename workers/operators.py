@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from workers import sparsify
-from workers.recipe import Recipe
-from workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
+from evomerge.workers import sparsify
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
                               register, register_transform)
 
 __all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "complete",

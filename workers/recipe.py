@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from workers.layout import LayoutKind
+from evomerge.workers.layout import LayoutKind
 
 SCHEMA_VERSION = 2
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from workers.candidate_model import CandidateModel
-from workers.materialize import Materializer
-from workers.recipe import Recipe
-from workers.routing import Route, export_config, export_state_dict
+from evomerge.workers.candidate_model import CandidateModel
+from evomerge.workers.materialize import Materializer
+from evomerge.workers.recipe import Recipe
+from evomerge.workers.routing import Route, export_config, export_state_dict
 
 
 class ReplayError(RuntimeError):

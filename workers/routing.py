@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from workers.layout import layer_index
+from evomerge.workers.layout import layer_index
 
 # Config fields that must agree for layers of two models to run in one residual stream.
 ROUTE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",

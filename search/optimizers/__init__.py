@@ -6,10 +6,10 @@ name in :class:`search.config.OptimizerConfig`'s ``name`` field.
 
 from __future__ import annotations
 
-from search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
-from search.optimizers.cmaes import CMAOptimizer
-from search.optimizers.optuna_samplers import GP, NSGA2, TPE
-from search.optimizers.random_search import RandomSearch
+from evomerge.search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
+from evomerge.search.optimizers.cmaes import CMAOptimizer
+from evomerge.search.optimizers.optuna_samplers import GP, NSGA2, TPE
+from evomerge.search.optimizers.random_search import RandomSearch
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAOptimizer, RandomSearch, TPE, GP, NSGA2)}
 

@@ -26,8 +26,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
-from search.space import box_violation
+from evomerge.search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
+from evomerge.search.space import box_violation
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pycma warns when matplotlib is absent

@@ -18,7 +18,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import Trial, TrialState
 
-from search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
+from evomerge.search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
 
 
 class OptunaSampler(Optimizer):

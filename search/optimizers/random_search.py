@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
+from evomerge.search.optimizers.base import Evaluated, Optimizer, OptimizerSettings, Proposal, Update
 
 
 class RandomSearch(Optimizer):

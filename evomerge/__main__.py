@@ -1,0 +1,7 @@
+"""``python -m evomerge``: the evomerge CLI."""
+
+import sys
+
+from evomerge.search.cli import main
+
+sys.exit(main())
