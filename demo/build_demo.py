@@ -1,6 +1,6 @@
 """Build the built-in demo: three tiny Llama models, lm-eval tasks and their data.
 
-    python -m demo.build_demo [--out demo] [--threads 1]
+    python -m evomerge.demo.build_demo [--out demo] [--threads 1]
 
 The story is the paper's in miniature. Two alphabets, A = a..h and B = i..p, each with
 its own secret substitution cipher. The tasks ask a model to encipher a word:
