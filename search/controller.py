@@ -353,7 +353,7 @@ class Controller:
         number = cand.trial_number
         assert number is not None
         if isinstance(result, Crash):
-            self.repo.end_attempt(cand.id, "search", None, result.reason)
+            self.repo.end_attempt(cand.id, "search", result.worker, result.reason)
             spent = self._spent_attempts(cand.id, "search")
             if not result.ran or spent < self.cfg.workers.max_attempts:  # a job that never ran spends none
                 self.ledger.fail(number, f"{result.reason}; re-queued")
@@ -453,7 +453,7 @@ class Controller:
         cid = result.job.candidate_id
         outcome = result.reason if isinstance(result, Crash) else (
             "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
-        self.repo.end_attempt(cid, "heldout", None if isinstance(result, Crash) else result.worker, outcome)
+        self.repo.end_attempt(cid, "heldout", result.worker, outcome)
         if isinstance(result, Crash):
             if not result.ran or self._spent_attempts(cid, "heldout") < self.cfg.workers.max_attempts:
                 self._heldout_retry.append(cid)

@@ -45,6 +45,7 @@ class Crash:
     job: Job
     reason: str
     ran: bool = True
+    worker: str | None = None  # the lost worker's name (host:pid): on a cluster, which node
 
 
 class WorkersFailing(RuntimeError):
@@ -176,7 +177,7 @@ class WorkerPool:
                     out.extend(self._lose(slot, f"worker died: {_cause(exc)}"))
                     break  # its other jobs are reported with it
                 except self._ray.exceptions.RayTaskError as exc:
-                    out.append(Crash(job, f"worker error: {_cause(exc)}"))
+                    out.append(Crash(job, f"worker error: {_cause(exc)}", worker=slot.name))
                     slot.since = time.monotonic()
                     continue
                 slot.since = time.monotonic()  # the next queued job starts now
@@ -209,7 +210,7 @@ class WorkerPool:
 
     def _lose(self, slot: _Slot, reason: str) -> list[Crash]:
         """The slot's actor is dead or hung: report its jobs, schedule a replacement after a back-off."""
-        jobs = self._retire(slot)
+        name, jobs = slot.name, self._retire(slot)
         self.restarts += 1
         self.deaths_in_row += 1
         if self.deaths_in_row >= self.max_deaths_in_row:
@@ -218,7 +219,8 @@ class WorkerPool:
         base, cap = BACKOFF_S
         slot.restart_at = time.monotonic() + min(cap, base * 2 ** (self.deaths_in_row - 1))
         # Only the first job had started; the ones queued behind it never ran.
-        return [Crash(job, reason if i == 0 else NOT_RUN + reason, ran=i == 0) for i, job in enumerate(jobs)]
+        return [Crash(job, reason if i == 0 else NOT_RUN + reason, ran=i == 0, worker=name)
+                for i, job in enumerate(jobs)]
 
     def cancel(self) -> list[Job]:
         """Forget every job in flight (a deadline passed): their actors are killed and replaced

@@ -1,0 +1,166 @@
+"""A search over a real two-node Ray cluster, and one node killed in the middle of it.
+
+Both nodes run on this machine, started the way docs/cluster.md says (``ray start --head``,
+then ``ray start --address`` on the other node) with token authentication, each on its own
+loopback address (127.0.0.2 and 127.0.0.3: Ray replaces 127.0.0.1 by the host's address,
+the rest of 127/8 it keeps). Each node offers one CPU, so each of the two workers lives on
+its own node. Killing a node's whole process group (raylet, agents, its worker) with
+SIGKILL is a machine dying: its job in flight must be retried elsewhere and nothing lost.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_search_e2e import demo_config
+
+RAY = str(Path(sys.executable).with_name("ray"))
+TRIALS = 28
+
+
+def _wait_for(what: str, check, timeout: float = 240.0, every: float = 0.5):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Node:
+    """One ``ray start --block`` in its own session: its process group is the whole node."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0",
+                                      "--disable-usage-stats", *args],
+                                     env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def owns(self, pid: int) -> bool:
+        try:
+            return os.getsid(pid) == self.proc.pid
+        except ProcessLookupError:
+            return False
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Node, Node]]:
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    port = _free_port("127.0.0.2")
+    head = Node(["--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--include-dashboard=false"],
+                env, tmp_path / "head.log")
+    nodes = [head]
+    try:
+        _wait_for("the Ray head", lambda: _port_open("127.0.0.2", port) or head.proc.poll() is not None)
+        assert head.proc.poll() is None, head.log.read_text()[-2000:]
+        other = Node([f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3"], env, tmp_path / "node.log")
+        nodes.append(other)
+
+        def two_nodes() -> bool:
+            out = subprocess.run([RAY, "status", f"--address=127.0.0.2:{port}"], env=env, capture_output=True,
+                                 text=True, timeout=60).stdout
+            return out.count(" node_") >= 2
+
+        _wait_for("the second node to join", two_nodes, every=3.0)
+        yield f"127.0.0.2:{port}", env, head, other
+    finally:
+        for node in reversed(nodes):
+            node.kill()
+
+
+def _attempts(db: Path) -> list[tuple[int, int, str, str | None, float | None, str | None]]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return conn.execute("SELECT candidate_id, attempt, split, worker, ended_at, outcome "
+                                "FROM evomerge_attempts ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+
+
+def _pid(worker: str | None) -> int:
+    return int((worker or "0").rpartition(":")[2])
+
+
+def test_search_spans_two_nodes_and_loses_nothing_when_one_dies(
+        tmp_path: Path, cluster: tuple[str, dict[str, str], Node, Node]) -> None:
+    address, env, head, other = cluster
+    cfg = demo_config(tmp_path / "cfg.yaml", TRIALS, limit=60)
+    db = tmp_path / "s.db"
+    log = tmp_path / "search.log"
+    search = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}",
+                               "--ray-address", address, "--workers", "2"], cwd=tmp_path, env=env,
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        # Both nodes do work: one finished job on each, then the second node dies at once
+        # (each worker holds up to two jobs, so it has one in flight).
+        def on_both() -> list[str]:
+            done = [worker for *_, worker, ended, outcome in _attempts(db) if ended and outcome == "ok" and worker]
+            heads = [w for w in done if head.owns(_pid(w))]
+            others = [w for w in done if other.owns(_pid(w))]
+            return [heads[0], others[0]] if heads and others else []
+
+        head_worker, lost_worker = _wait_for("a finished job on each node", on_both, timeout=420)
+        other.kill()
+        assert search.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if search.poll() is None:
+            search.kill()
+    rows = _attempts(db)
+    with sqlite3.connect(db) as conn:
+        failed_trials = conn.execute(
+            "SELECT a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+            "WHERE t.state != 'COMPLETE' AND a.key = 'fail_reason'").fetchall()
+        unfinished = conn.execute("SELECT COUNT(*) FROM trials WHERE state NOT IN ('COMPLETE', 'FAIL')").fetchone()[0]
+        scored = conn.execute("SELECT COUNT(*) FROM evomerge_candidates WHERE fitness IS NOT NULL").fetchone()[0]
+        candidates = dict(conn.execute("SELECT state, COUNT(*) FROM evomerge_candidates GROUP BY state").fetchall())
+    # Nothing open, nothing lost: every candidate of the budget completed with a score; the
+    # only failed Optuna trials are the lost attempts, each re-queued (one trial per attempt).
+    assert all(ended is not None for *_, ended, _ in rows)
+    assert unfinished == 0
+    assert failed_trials and all("re-queued" in reason for (reason,) in failed_trials), failed_trials
+    assert set(candidates) == {"complete"}, candidates
+    assert scored >= TRIALS
+    # The job that was on the dead node ended with the worker's loss and ran again, elsewhere.
+    lost = [(cid, n) for cid, n, split, worker, _, outcome in rows if worker == lost_worker and outcome != "ok"]
+    assert lost, f"no job of the killed node's worker {lost_worker} was in flight: {rows[-6:]}"
+    for cid, n in lost:
+        later = [r for r in rows if r[0] == cid and r[1] > n]
+        assert later and later[-1][5] == "ok", (cid, rows)
+        assert all(not other.owns(_pid(r[3])) for r in later)
+    assert head_worker != lost_worker
