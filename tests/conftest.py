@@ -152,3 +152,19 @@ def arch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
                    "a": save_tiny_arch(root / arch / "a", arch, seed=1, noise=0.05),
                    "b": save_tiny_arch(root / arch / "b", arch, seed=2, noise=0.05)}
             for arch in ARCHITECTURES}
+
+
+def system_tool(*names: str) -> str:
+    """The first of ``names`` found on PATH (Debian packages the suite uses: docker-compose,
+    chromium). ``.ci/run`` installs them and sets EVOMERGE_CI, so there a missing one fails
+    the test; on a developer's machine without it the test is skipped, saying what to install."""
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"{' or '.join(names)} not installed (Debian package; .ci/run installs it)"
+    if os.environ.get("EVOMERGE_CI"):
+        pytest.fail(message)
+    pytest.skip(message)
