@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
 
@@ -31,8 +31,22 @@ def _add_pickle(p: argparse.ArgumentParser) -> None:
                         "weights_only=True); off by default: pickle files can carry code")
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version, read only when asked for (it costs an import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from evomerge import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search over model-merge recipes.")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the built-in demo end to end: search, leaderboard, replay")
@@ -63,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="write the best (or a named) candidate as a model folder")
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the only study in the storage)")
-    p.add_argument("--trial", type=int, help="Optuna trial number (default: the best by search fitness)")
+    p.add_argument("--trial", type=int, help="the trial number that status and the dashboard show "
+                                             "(default: the best by search fitness)")
     p.add_argument("--out", help="model folder to create (must not exist)")
     p.add_argument("--mergekit-yaml", metavar="PATH", help="also (or only) write the equivalent mergekit config")
     _add_pickle(p)
@@ -73,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to create (must not exist)")
     _add_pickle(p)
 
-    sub.add_parser("methods", help="list the merge methods and transforms with their parameters")
+    p = sub.add_parser("methods", help="list the merge methods and transforms with their parameters")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
     _add_storage(p)
@@ -85,33 +101,58 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that need no model: served by search/reading.py, which imports nothing heavy
+# (benchmarks/cli_time.py); every other command loads the whole engine.
+READING_COMMANDS = ("status", "methods", "dashboard")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    url = _storage(args) if hasattr(args, "storage") else None
+    if args.command in READING_COMMANDS:
+        from evomerge.search import reading
+
+        return _guarded(lambda: int(getattr(reading, f"cmd_{args.command}")(args, url)), (), ())
+    return _engine_command(args, url)
+
+
+def _engine_command(args: argparse.Namespace, url: str | None) -> int:
+    """A command that loads the engine (torch, transformers, Ray, lm-eval, Optuna)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The controller builds the lm-eval tasks to check them: no per-split bars on stderr.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
-    from evomerge.search import commands  # heavy imports only after --help and usage checks
-
-    from evomerge.search.commands import SearchFailed, UsageError
+    from evomerge.search import commands, signals
+    from evomerge.search.commands import SearchFailed
     from evomerge.search.config import ConfigError
     from evomerge.search.controller import StudyMismatch
     from evomerge.evaluators.tasks import TaskError
     from evomerge.workers.replay import ReplayError
     from evomerge.workers.sources import SourceError
-    from evomerge.search import signals
 
     if args.command in ("search", "demo"):
         signals.install()  # SIGINT/SIGTERM stop the controller at a safe point (search/signals.py)
+    return _guarded(lambda: int(getattr(commands, f"cmd_{args.command}")(args, url)),
+                    (ConfigError, SourceError, TaskError, StudyMismatch), (ReplayError, SearchFailed))
+
+
+def _guarded(command: Callable[[], int], usage: tuple[type[BaseException], ...],
+             failure: tuple[type[BaseException], ...]) -> int:
+    """Run a command; an expected error is one line on stderr: exit 2 for bad usage or input
+    (``usage`` and our own), 1 for a failure at run time (``failure``, or anything else)."""
+    from evomerge.search import signals
+    from evomerge.search.reading import UsageError
+    from evomerge.storage.migrations import SchemaTooNew
+
     try:
-        return int(getattr(commands, f"cmd_{args.command}")(args, _storage(args) if hasattr(args, "storage") else None))
-    except (ConfigError, SourceError, TaskError, StudyMismatch, UsageError) as exc:
+        return command()
+    except (UsageError, SchemaTooNew, *usage) as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
-    except (ReplayError, SearchFailed) as exc:
+    except failure as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

@@ -3,49 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from importlib import resources
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
 from evomerge.search.controller import Controller, Space, StudyMismatch
-from evomerge.search.leaderboard import Board, best_candidate, build, combine, render
+from evomerge.search.leaderboard import best_candidate, build, combine, count_reasons, render
 from evomerge.search.merge_file import load_merge_file
 from evomerge.search.mergekit_compat import MergekitConfigError, to_mergekit
 from evomerge.search.ledger import Ledger
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.pool import WorkerPool
-from evomerge.search.progress import Progress
+from evomerge.search.progress import Progress, phase
+from evomerge.search.reading import (UsageError, cmd_dashboard, cmd_methods, cmd_status, find_study, open_repo,
+                                     study_leaderboard)
 from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from evomerge.storage.engine import redacted
-from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
+from evomerge.storage.repository import CandidateRecord, Repository
 from evomerge.evaluators.tasks import check_suite
 from evomerge.workers.actor import WorkerSpec
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe
-from evomerge.workers.registry import ParamSpec
 from evomerge.workers.replay import ReplayError, model_card, write_model_folder
 from evomerge.workers.routing import RouteError, check_routable
 from evomerge.workers.sources import SourceModel, check_finite, read_config, validate_sources
 
-class UsageError(ValueError):
-    """Bad usage detected after argument parsing (exit status 2)."""
-
-
 class SearchFailed(RuntimeError):
     """Every trial, or every held-out re-score, of a search failed (exit status 1); one line
     with the reasons counted."""
-
-
-def print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
 
 
 @dataclass(frozen=True)
@@ -72,35 +61,11 @@ def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
     return Prepared(cfg, folders, ps_space(cfg, folders), allow_pickle)
 
 
-def describe_optimizer(cfg: SearchConfig) -> str:
-    """The configured optimizer in one line (status and the dashboard)."""
-    o = cfg.optimizer
-    extra = f", IPOP restarts <= {o.restarts}" if o.name == "cma" else ""
-    popsize = o.popsize or "default"
-    return f"{o.name} (seed {o.seed}, popsize {popsize}, start {o.start}{extra})"
-
-
 def objectives(cfg: SearchConfig) -> list[str]:
     """What the study's trials are scored by: the fitness, or each task (multi-objective)."""
     if OPTIMIZERS[cfg.optimizer.name].multi_objective:
         return [t.name for t in cfg.evaluation.tasks]
     return ["fitness"]
-
-
-def open_repo(url: str, must_exist: bool = False) -> Repository:
-    """The repository at ``url``; ``must_exist`` (reading commands): a SQLite file that is
-    not there is a UsageError, not a new empty database."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    try:
-        parsed = make_url(url)
-        if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
-                and not parsed.query.get("uri") and not Path(parsed.database).is_file():
-            raise UsageError(f"--storage {redacted(url)}: no database at {parsed.database} (nothing to read)")
-        return Repository(url)
-    except (ArgumentError, NoSuchModuleError) as exc:
-        raise UsageError(f"--storage {redacted(url) if '://' in url else url!r}: not a usable SQLAlchemy URL ({exc})") from None
 
 
 def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: str | None,
@@ -166,14 +131,17 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     progress = Progress(max_trials, done_before)
     print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
           f"{workers} worker(s), {space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
+    final = None
     try:
+        progress.phase("start-up: Ray and workers")
         summary = controller.run(max_trials, timeout_s, progress)
-        progress.close()
+        progress.phase("held-out re-scoring")
         heldout = controller.rescore_heldout()
+        final = (f"{summary.evaluated_now} evaluated in {summary.elapsed_s:.0f}s, worker utilisation "
+                 f"{summary.utilisation:.0%}, {heldout} re-scored on the held-out split")
     finally:
+        progress.close(final)
         controller.close()
-    print(f"{summary.evaluated_now} evaluated in {summary.elapsed_s:.0f}s, worker utilisation "
-          f"{summary.utilisation:.0%}, {heldout} re-scored on the held-out split", file=sys.stderr)
     _check_outcomes(repo, record.id, study, heldout, controller.heldout_failed)
     return repo, record.id
 
@@ -195,7 +163,7 @@ def _check_outcomes(repo: Repository, study_id: int, study: str, heldout: int, h
 
 def _counted(reasons: Iterable[str | None], shown: int = 3) -> str:
     """'12 x reason' for the most common reasons, most frequent first."""
-    counts = Counter(" ".join((r or "no reason recorded").split())[:200] for r in reasons).most_common()
+    counts = count_reasons(reasons)
     more = f"; {sum(n for _, n in counts[shown:])} more with {len(counts) - shown} other reasons" \
         if len(counts) > shown else ""
     return "; ".join(f"{n} x {reason}" for reason, n in counts[:shown]) + more
@@ -212,49 +180,7 @@ def cmd_search(args: argparse.Namespace, url: str) -> int:
     repo, _ = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
                          args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
     ps_name = (cfg.dfs.ps_study or study) if cfg.space == "ps+dfs" else study
-    print(render(_leaderboard(repo, study, ps_name, 10)))
-    return 0
-
-
-def _leaderboard(repo: Repository, name: str, ps_name: str, top: int) -> Board:
-    """Study ``name``'s leaderboard; when the storage holds its DFS stage ``<name>:dfs``, one
-    board over that and the PS stage ``ps_name`` (``name`` itself unless dfs.ps_study named
-    another study)."""
-    ps, dfs = repo.get_study(ps_name), repo.get_study(dfs_study(name))
-    if dfs is None:
-        return _board(repo, ps, top) if ps is not None else build(name, [], top)
-    stages = [("ps", _board(repo, ps, top))] if ps is not None else []
-    return combine(name, [*stages, ("dfs", _board(repo, dfs, top))])
-
-
-def _board(repo: Repository, study: StudyRecord, top: int) -> Board:
-    """One study's board, naming its optimizer (and its Pareto front when multi-objective)."""
-    cfg = stored_config(study.config_json, study.name)
-    return build(study.name, repo.candidates(study.id), top, describe_optimizer(cfg), objectives(cfg))
-
-
-def _study_id(repo: Repository, name: str | None, url: str) -> tuple[str, int, str]:
-    names = repo.study_names()
-    if name is None:
-        # a PS+DFS search's second stage is shown with (and replayed from) its first
-        firsts = [n for n in names if not (n.endswith(":dfs") and n.removesuffix(":dfs") in names)]
-        if len(firsts) != 1:
-            raise UsageError(f"{redacted(url)} holds {len(names)} studies {names}: name one with --study")
-        name = firsts[0]
-    record = repo.get_study(name)
-    if record is None:
-        raise UsageError(f"no study {name!r} in {redacted(url)} (studies: {names})")
-    return name, record.id, record.config_json
-
-
-def cmd_status(args: argparse.Namespace, url: str) -> int:
-    repo = open_repo(url, must_exist=True)
-    name, _, _ = _study_id(repo, args.study, url)
-    board = _leaderboard(repo, name, name, args.top)
-    if args.json:
-        print_json(board.to_json())
-    else:
-        print(render(board))
+    print(render(study_leaderboard(repo, study, ps_name, 10)))
     return 0
 
 
@@ -307,7 +233,7 @@ def replay(repo: Repository, study: str, study_id: int, config_json: str, trial:
 
 def cmd_replay(args: argparse.Namespace, url: str) -> int:
     repo = open_repo(url, must_exist=True)
-    name, study_id, config_json = _study_id(repo, args.study, url)
+    name, study_id, config_json = find_study(repo, args.study, url)
     name, study_id = _best_stage(repo, name, study_id, args.trial)
     if args.out is None and args.mergekit_yaml is None:
         raise UsageError("give --out (a model folder), --mergekit-yaml (a mergekit config), or both")
@@ -324,7 +250,9 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
         Path(args.mergekit_yaml).write_text(text)
         print(f"wrote {args.mergekit_yaml}")
     if out is not None:
-        print(f"wrote {replay(repo, name, study_id, config_json, args.trial, out, args.allow_pickle)}")
+        with phase("replay: materializing and writing the model folder"):
+            folder = replay(repo, name, study_id, config_json, args.trial, out, args.allow_pickle)
+        print(f"wrote {folder}")
     return 0
 
 
@@ -347,55 +275,6 @@ def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
         materializer.tokenizer = AutoTokenizer.from_pretrained(folders[job.tokenizer_source])
     card = model_card(recipe, Path(args.config).stem, None, None, None, None, None)
     print(f"wrote {write_model_folder(materializer, recipe, out, card)}")
-    return 0
-
-
-def _first_paragraph(doc: str) -> str:
-    return " ".join(doc.split("\n\n")[0].split())
-
-
-def cmd_methods(_args: argparse.Namespace, _url: str | None) -> int:
-    """Every registered method and transform, from their declarations."""
-    from evomerge.workers.operators import OPERATORS, TRANSFORMS
-
-    def params(specs: tuple[ParamSpec, ...]) -> str:
-        return ", ".join(f"{p.name}{'' if p.per_expert else ' (shared)'} [{p.low:g}, {p.high:g}] "
-                         f"default {p.default:g}{'' if p.searched else ', fixed unless given a range'}"
-                         for p in specs) or "no parameters"
-
-    for op in OPERATORS.values():
-        low, high = op.experts
-        experts = f"{low}" if low == high else f"{low}+" if high is None else f"{low}-{high}"
-        flags = ", random (seeded by the recipe)" if op.random else ""
-        print(f"{op.name}: {_first_paragraph(op.doc)}\n    experts {experts}{flags}; {params(op.params)}")
-    for tr in TRANSFORMS.values():
-        print(f"transform {tr.name}: {_first_paragraph(tr.doc)}\n    {params(tr.params)}")
-    return 0
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
-
-
-def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
-    if not _loopback(args.host):
-        if not args.allow_remote:
-            raise UsageError(f"--host {args.host} would serve an unauthenticated dashboard that can delete "
-                             "studies to the network; keep 127.0.0.1 (use an SSH tunnel) or pass --allow-remote")
-        print(f"evomerge: warning: the dashboard on {args.host} has no authentication: anyone who reaches "
-              "it can read and delete studies", file=sys.stderr)
-    from optuna_dashboard import run_server
-
-    open_repo(url, must_exist=True).close()  # a URL SQLAlchemy can use, and (SQLite) a file that exists
-    print(f"optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/", file=sys.stderr)
-    run_server(url, host=args.host, port=args.port)
     return 0
 
 
@@ -431,7 +310,8 @@ def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
         shutil.rmtree(model_dir)  # the demo owns this folder; a rerun replaces it
     record = repo.get_study(cfg.study)
     assert record is not None
-    folder = replay(repo, cfg.study, record.id, record.config_json, None, model_dir)
+    with phase("replay: materializing and writing the model folder"):
+        folder = replay(repo, cfg.study, record.id, record.config_json, None, model_dir)
     print(f"\nbest PS recipe replayed to {folder}")
     exe = sys.argv[0] if sys.argv[0].endswith("evomerge") else "evomerge"
     print(f"leaderboard: {exe} status --storage {url}\ndashboard:   {exe} dashboard --storage {url}")

@@ -1,25 +1,37 @@
-"""The leaderboard: ranked candidates with search and held-out scores, as text or JSON."""
+"""The leaderboard: evolved candidates ranked by search fitness, the baselines in a section of
+their own, held-out scores, and the failures counted by reason; as text (120 columns) or JSON.
+
+A candidate is named by one number everywhere: its trial number, the one optuna-dashboard
+shows and ``evomerge replay --trial N`` takes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-from evomerge.storage.repository import BASELINE_ORIGINS, CandidateRecord
+from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.recipe import Recipe
+
+WIDTH = 120  # the text board fits a 120-column terminal
+_ELLIPSIS = "…"
 
 
 @dataclass(frozen=True)
 class Row:
-    rank: int
+    rank: int | None  # among the evolved candidates; None for a baseline
     trial: int | None
-    candidate: int
     origin: str
     fitness: float
     scores: dict[str, float]
     heldout_fitness: float | None
     heldout: dict[str, float] | None
-    recipe: str
+    summary: str  # the recipe in one line
+    recipe: dict[str, Any]  # the recipe itself (workers/recipe.py's JSON)
+    genes: list[float] | None  # the optimizer's genotype; None for a baseline
 
 
 @dataclass(frozen=True)
@@ -29,18 +41,28 @@ class Board:
     failed: int
     running: int
     queued: int
-    rows: list[Row]
+    rows: list[Row]  # the top evolved candidates, best first
+    baselines: list[Row] = field(default_factory=list)  # sources and untuned merges, best first
+    failures: list[tuple[str, int]] = field(default_factory=list)  # (reason, count), most frequent first
     optimizer: str = ""  # what proposed the evolved candidates
     front: list[Row] = field(default_factory=list)  # multi-objective: the Pareto front over the tasks
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        data = asdict(self)
+        data["failures"] = [{"reason": r, "count": n} for r, n in self.failures]
+        return data
 
 
 def best_candidate(cands: list[CandidateRecord]) -> CandidateRecord | None:
     """The best completed candidate by search fitness (the earliest on a tie), or None."""
     done = [c for c in cands if c.state == "complete" and c.fitness is not None]
     return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
+
+
+def count_reasons(reasons: Iterable[str | None]) -> list[tuple[str, int]]:
+    """Failure reasons (whitespace folded, 200 characters at most) with their counts, most
+    frequent first."""
+    return Counter(" ".join((r or "no reason recorded").split())[:200] for r in reasons).most_common()
 
 
 def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -56,74 +78,102 @@ def pareto_front(cands: list[CandidateRecord], objectives: Sequence[str]) -> lis
     return sorted(front, key=lambda c: (-(c.fitness or 0.0), c.id))
 
 
-def _row(rank: int, cand: CandidateRecord) -> Row:
-    return Row(rank, cand.trial_number, cand.id, cand.origin, float(cand.fitness or 0.0), cand.scores or {},
-               cand.heldout_fitness, cand.heldout, Recipe.from_json(cand.recipe_json).summary())
+def _row(rank: int | None, cand: CandidateRecord) -> Row:
+    return Row(rank, cand.trial_number, cand.origin, float(cand.fitness or 0.0), cand.scores or {},
+               cand.heldout_fitness, cand.heldout, Recipe.from_json(cand.recipe_json).summary(),
+               json.loads(cand.recipe_json), list(cand.genes) if cand.genes is not None else None)
 
 
 def build(study: str, cands: list[CandidateRecord], top: int, optimizer: str = "",
           objectives: Sequence[str] = ()) -> Board:
-    """Top ``top`` evolved candidates plus every baseline, ranked by search fitness; with
-    several ``objectives``, also the Pareto front over them."""
+    """The top ``top`` evolved candidates and every baseline, by search fitness; with several
+    ``objectives``, also the Pareto front over them."""
     complete = [c for c in cands if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
-    ranked = sorted(complete, key=lambda c: (-(c.fitness or 0.0), c.id))
-    shown, evolved = [], 0
-    for rank, cand in enumerate(ranked, 1):
-        if cand.evolved:
-            evolved += 1
-            if evolved > top:
-                continue
-        shown.append(_row(rank, cand))
-    count = {s: sum(1 for c in cands if c.state == s) for s in ("complete", "failed", "running", "queued")}
+    ranked = sorted((c for c in complete if c.evolved), key=lambda c: (-(c.fitness or 0.0), c.id))
     ranks = {c.id: rank for rank, c in enumerate(ranked, 1)}
-    front = [_row(ranks[c.id], c) for c in pareto_front(cands, objectives)] if len(objectives) > 1 else []
-    return Board(study, count["complete"] + count["failed"], count["failed"], count["running"],
-                 count["queued"], shown, optimizer, front)
+    baselines = sorted((c for c in complete if not c.evolved), key=lambda c: (-(c.fitness or 0.0), c.id))
+    count = {s: sum(1 for c in cands if c.state == s) for s in ("complete", "failed", "running", "queued")}
+    front = [_row(ranks.get(c.id), c) for c in pareto_front(cands, objectives)] if len(objectives) > 1 else []
+    return Board(study, count["complete"] + count["failed"], count["failed"], count["running"], count["queued"],
+                 [_row(ranks[c.id], c) for c in ranked[:top]], [_row(None, c) for c in baselines],
+                 count_reasons(c.error for c in cands if c.state == "failed"), optimizer, front)
 
 
 def combine(study: str, stages: list[tuple[str, Board]]) -> Board:
-    """One board over several studies (PS+DFS stages): rows re-ranked by search fitness, each
-    origin prefixed by its stage."""
-    rows, seen = [], set()
+    """One board over several studies (PS+DFS stages): evolved rows re-ranked by search
+    fitness, baselines shown once, each origin prefixed by its stage."""
+    rows, baselines, seen = [], [], set()
     for stage, board in stages:
-        for r in board.rows:
-            if r.origin in BASELINE_ORIGINS and r.recipe in seen:
-                continue  # a baseline already shown by an earlier stage
-            seen.add(r.recipe)
-            rows.append(replace(r, origin=f"{stage}:{r.origin}"))
-    rows.sort(key=lambda r: (-r.fitness, r.origin, r.candidate))
+        rows += [replace(r, origin=f"{stage}:{r.origin}") for r in board.rows]
+        for r in board.baselines:
+            if r.summary not in seen:  # a baseline already shown by an earlier stage is not repeated
+                seen.add(r.summary)
+                baselines.append(replace(r, origin=f"{stage}:{r.origin}"))
+    rows.sort(key=lambda r: (-r.fitness, r.origin, r.trial if r.trial is not None else -1))
     rows = [replace(r, rank=i) for i, r in enumerate(rows, 1)]
+    baselines.sort(key=lambda r: -r.fitness)
     total = {f: sum(getattr(b, f) for _, b in stages) for f in ("done", "failed", "running", "queued")}
+    failures: Counter[str] = Counter()
+    for _, b in stages:
+        failures.update(dict(b.failures))
     optimizer = ", ".join(f"{stage}: {b.optimizer}" for stage, b in stages if b.optimizer)
-    return Board(study, total["done"], total["failed"], total["running"], total["queued"], rows, optimizer)
+    return Board(study, total["done"], total["failed"], total["running"], total["queued"], rows, baselines,
+                 failures.most_common(), optimizer)
 
 
-def render(board: Board) -> str:
-    """Plain-text tables: the leaderboard, and the Pareto front when there is one."""
-    lines = [f"study {board.study}: {board.done} trials done ({board.failed} failed), "
-             f"{board.running} running, {board.queued} queued"]
+def render(board: Board, width: int = WIDTH) -> str:
+    """Plain text, no line longer than ``width``: the evolved candidates, the baselines, the
+    Pareto front when there is one, and the failures by reason."""
+    lines = [_clip(f"study {board.study}: {board.done} trials done ({board.failed} failed), "
+                   f"{board.running} running, {board.queued} queued", width)]
     if board.optimizer:
-        lines.append(f"optimizer: {board.optimizer}")
-    lines.append(_table(board.rows))
+        lines.append(_clip(f"optimizer: {board.optimizer}", width))
+    tasks = sorted({t for r in (*board.rows, *board.baselines) for t in r.scores})
+    lines.append("task cells: search / held-out score; replay a candidate with --trial N (its trial number)")
+    lines += ["", f"evolved candidates (top {len(board.rows)}, by search fitness):"]
+    lines += _table(board.rows, tasks, width) if board.rows else ["  none yet"]
+    lines += ["", "baselines (source models and untuned merges):"]
+    lines += _table(board.baselines, tasks, width) if board.baselines else ["  none yet"]
     if board.front:
-        lines.append(f"\nPareto front over the tasks ({len(board.front)} non-dominated recipes; "
-                     "replay any with --trial N):")
-        lines.append(_table(board.front))
+        lines += ["", f"Pareto front over the tasks ({len(board.front)} non-dominated recipes; "
+                      "replay any with --trial N):"]
+        lines += _table(board.front, tasks, width)
+    if board.failures:
+        lines += ["", f"failures by reason ({board.failed} failed):"]
+        lines += [_clip(f"  {n} x {reason}", width) for reason, n in board.failures]
     return "\n".join(lines)
 
 
-def _table(rows: list[Row]) -> str:
-    tasks = sorted({t for r in rows for t in r.scores})
-    head = ["rank", "trial", "origin", "fitness"] + tasks + ["heldout"] + [f"ho:{t}" for t in tasks] + ["recipe"]
-    lines: list[str] = []
-    table = [head]
-    for r in rows:
-        ho = r.heldout or {}
-        table.append([str(r.rank), "-" if r.trial is None else str(r.trial), r.origin, f"{r.fitness:.4f}"]
-                     + [f"{r.scores.get(t, float('nan')):.4f}" for t in tasks]
-                     + ["-" if r.heldout_fitness is None else f"{r.heldout_fitness:.4f}"]
-                     + [f"{ho[t]:.4f}" if t in ho else "-" for t in tasks] + [r.recipe])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-    for row in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
-    return "\n".join(lines)
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + _ELLIPSIS
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _table(rows: list[Row], tasks: list[str], width: int) -> list[str]:
+    """One line of numbers per candidate, its recipe on the line below (clipped to ``width``;
+    the whole recipe is in ``status --json``). Per-task cells are left out when they do not fit."""
+    head = ["rank", "trial", "origin", "fitness", "heldout"]
+    table = [[("-" if r.rank is None else str(r.rank)), ("-" if r.trial is None else str(r.trial)),
+              r.origin, _num(r.fitness), _num(r.heldout_fitness)] for r in rows]
+    task_cells = [[f"{r.scores.get(t, float('nan')):.3f}/"
+                   + ("-" if not r.heldout or t not in r.heldout else f"{r.heldout[t]:.3f}") for t in tasks]
+                  for r in rows]
+    with_tasks = [h + t for h, t in zip(table, task_cells)]
+    widths = [max(len(row[i]) for row in [head + tasks, *with_tasks]) for i in range(len(head) + len(tasks))]
+    if sum(widths) + 2 * len(widths) > width:  # too many tasks for the width: numbers only
+        widths, with_tasks = widths[: len(head)], table
+    else:
+        head = head + tasks
+    right = {0, 1} | set(range(3, len(head)))  # numbers are right-aligned
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [_clip(line([h[: w] for h, w in zip(head, widths)]).rstrip(), width)]
+    for row, r in zip(with_tasks, rows):
+        out.append(_clip(line(row).rstrip(), width))
+        out.append(_clip(" " * 6 + r.summary, width))
+    return out

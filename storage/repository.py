@@ -25,8 +25,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from evomerge.storage.engine import make_engine
+from evomerge.storage.migrations import upgrade
 from evomerge.storage.retry import patience_s, retrying
-from evomerge.storage.tables import AttemptRow, Base, CandidateRow, GenerationRow, StudyRow
+from evomerge.storage.tables import AttemptRow, CandidateRow, GenerationRow, StudyRow
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -108,7 +109,8 @@ class Repository:
         self.url = url
         self.patience_s = patience_s() if patience is None else patience
         self.engine = make_engine(url)
-        retrying(lambda: Base.metadata.create_all(self.engine), url, self.patience_s)
+        # our tables made, or an older database migrated to this version (storage/migrations.py)
+        retrying(lambda: upgrade(self.engine), url, self.patience_s)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._fence: tuple[int, str, float] | None = None  # (study, owner, lease seconds) while leased
 

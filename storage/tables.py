@@ -77,3 +77,14 @@ class GenerationRow(Base):
     index: Mapped[int] = mapped_column(Integer)
     candidate_ids_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class SchemaVersionRow(Base):
+    """The version of our tables' schema (storage/migrations.py); one row. Databases written
+    by evomerge 0.1.0 have no such table: they are version 0."""
+
+    __tablename__ = "evomerge_schema_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -102,7 +102,7 @@ def test_dfs_leaderboard_shows_every_source(searched: Searched) -> None:
     study = repo.get_study("t:dfs")
     assert study is not None
     board = build(study.name, repo.candidates(study.id), 10)
-    shown = {r.recipe for r in board.rows if r.origin == "source"}
+    shown = {r.summary for r in board.baselines if r.origin == "source"}
     assert {"source a", "source b"} <= shown and board.failed == 0, shown
 
 

@@ -50,7 +50,7 @@ def test_one_leaderboard_shows_paths_and_both_stages(ps_dfs: tuple[Path, Path]) 
     searched = (tmp / "search.out").read_text()
     assert searched.splitlines()[0] == out.splitlines()[0] and "ps:source" in searched and "dfs:cma" in searched
     board = json.loads(evomerge("status", "--storage", f"sqlite:///{db}", "--json", cwd=tmp).stdout)
-    origins = {r["origin"].split(":")[0] for r in board["rows"]}
+    origins = {r["origin"].split(":")[0] for r in board["rows"] + board["baselines"]}
     assert origins == {"ps", "dfs"} and any(r["heldout"] for r in board["rows"] if r["origin"].startswith("dfs"))
 
 

@@ -37,7 +37,7 @@ def test_search_resume_status_on_postgres(tmp_path: Path, tiny_models: dict[str,
     _cli("search", str(cfg), "--storage", URL, "--study", study, "--max-trials", "13", cwd=tmp_path)
     board = json.loads(_cli("status", "--storage", URL, "--study", study, "--json", cwd=tmp_path).stdout)
     assert board["done"] == 13 and board["running"] == 0 and board["queued"] == 0
-    assert any(r["heldout"] is not None for r in board["rows"])
+    assert any(r["heldout"] is not None for r in board["rows"] + board["baselines"])
     from sqlalchemy import create_engine, text
 
     engine = create_engine(URL)

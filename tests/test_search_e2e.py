@@ -82,15 +82,22 @@ def test_status_shows_leaderboard_with_heldout(searched: tuple[Path, Path]) -> N
     tmp, db = searched
     board = json.loads(evomerge("status", "--storage", f"sqlite:///{db}", "--json", cwd=tmp).stdout)
     assert board["done"] == 13 and board["failed"] == 0
-    origins = {r["origin"] for r in board["rows"]}
-    assert {"source", "untuned", "cma"} <= origins
+    assert {r["origin"] for r in board["rows"]} == {"cma"}  # baselines have their own section
+    assert {r["origin"] for r in board["baselines"]} == {"source", "untuned"}
+    assert [r["rank"] for r in board["rows"]] == list(range(1, len(board["rows"]) + 1))
+    assert all(r["rank"] is None for r in board["baselines"])
     fitness = [r["fitness"] for r in board["rows"]]
     assert fitness == sorted(fitness, reverse=True)
-    heldout = [r for r in board["rows"] if r["heldout"] is not None]
+    # Structured recipes and genes, not display strings.
+    assert all(r["recipe"]["kind"] == "merge" and len(r["genes"]) == 4 for r in board["rows"])
+    heldout = [r for r in board["rows"] + board["baselines"] if r["heldout"] is not None]
     # Every baseline and the top-2 evolved candidates were re-scored on the held-out split.
     assert sum(r["origin"] != "cma" for r in heldout) == 5 and sum(r["origin"] == "cma" for r in heldout) == 2
     text = evomerge("status", "--storage", f"sqlite:///{db}", cwd=tmp).stdout
-    assert "ho:cipher_mix" in text and "source cipher_a" in text
+    assert "cipher_mix" in text and "source cipher_a" in text and "baselines (" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
+    # One number per candidate: the board's trial number is the one replay takes.
+    assert f"{board['rows'][0]['trial']}" in text.splitlines()[6]
 
 
 def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:

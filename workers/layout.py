@@ -21,8 +21,6 @@ import zlib
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
-
 LayoutKind = Literal["model", "layer_group", "module", "depth"]
 MODULES = ("attention", "mlp", "other")
 
@@ -81,6 +79,8 @@ def value_for(values: Sequence[float], tensor_name: str, num_layers: int, kind: 
     if kind == "module":
         return float(values[MODULES.index(module_kind(tensor_name))])
     if kind == "depth":
+        import numpy as np  # here, not at the top: the CLI's reading commands load recipes
+
         anchors = np.linspace(0.0, 1.0, len(values))
         return float(np.interp(depth_fraction(tensor_name, num_layers), anchors, np.asarray(values, dtype=float)))
     raise ValueError(f"layout {kind!r} takes a single value per parameter, got {len(values)}")
