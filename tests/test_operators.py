@@ -312,25 +312,62 @@ def test_breadcrumbs_matches_direct(name: str, normalize: bool, density: tuple[f
 # --- random operators ---------------------------------------------------------------------
 
 
-def uniform_draws(seed: int, shape: tuple[int, ...], n: int) -> list[torch.Tensor]:
-    """One uniform per entry per expert, in expert order, from the recipe's generator."""
+_M32 = (1 << 32) - 1
+
+
+def lowbias32(x: int) -> int:
+    """C. Wellons' lowbias32 integer hash, on Python ints."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def stream_words(g: torch.Generator, count: int) -> list[int]:
+    """The documented draw rule: a key (odd mul, add) of two words from the recipe's generator,
+    word j = lowbias32(j·mul + add)."""
+    mul, add = (int(v) for v in torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64))
+    return [lowbias32(j * (mul | 1) + add) for j in range(count)]
+
+
+def reference_keeps(seed: int, delta_shape: tuple[int, ...], densities: Sequence[float],
+                    probs: Sequence[np.ndarray] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per expert, in expert order: (keep mask, keep probability) from the recipe's generator.
+    DARE (``probs`` None): entry j's draw is half j % 2 (low half first) of word j // 2, read as a
+    signed 16-bit value; kept iff below q − 2^15 with q = round(d·2^16), so p = q/2^16.
+    DELLA: entry j's uniform is the top 24 bits of word j over 2^24; kept iff below p_j."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(shape, generator=g) for _ in range(n)]
+    n = math.prod(delta_shape)
+    out = []
+    for i, d in enumerate(densities):
+        if probs is None:
+            words = stream_words(g, (n + 1) // 2)
+            halves = [(words[j // 2] >> (16 * (j % 2))) & 0xFFFF for j in range(n)]
+            signed = np.array([h - (1 << 16) if h >= 1 << 15 else h for h in halves])
+            q = min(1 << 16, max(1, round(d * (1 << 16))))
+            p = np.full(delta_shape, q / (1 << 16))
+            out.append(((signed < q - (1 << 15)).reshape(delta_shape), p))
+        else:
+            u = np.array([(w >> 8) / (1 << 24) for w in stream_words(g, n)]).reshape(delta_shape)
+            out.append((u < probs[i], probs[i]))
+    return out
 
 
 @pytest.mark.parametrize("name", RANDOM_OPS)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_random_operator_matches_direct_given_the_draws(name: str, normalize: bool) -> None:
-    """Entry j of expert i is kept iff u_ij < p_ij and rescaled by 1/p_ij (DARE: p = d; DELLA:
-    rank-linear p). Pins the draw order so stored recipes replay to the same model."""
+    """Entry j of expert i is kept iff its draw is below p_ij and rescaled by 1/p_ij (DARE: p = d
+    on the 2^-16 grid; DELLA: rank-linear p). Pins the draws so stored recipes replay to the
+    same model."""
     base, experts = models(4, n=3)
     density, eps, w, scale = (0.5, 0.3, 0.8), (0.1, 0.2, 0.15), (0.9, 0.4, 0.7), 1.2
-    draws = uniform_draws(11, tuple(base.shape), 3)
+    deltas = [e - base for e in experts]
+    probs = ([ref_della_probs(delta, d, ep) for delta, d, ep in zip(deltas, density, eps)]
+             if name.startswith("della") else None)
     dropped = []
-    for e, d, ep, u in zip(experts, density, eps, draws):
-        delta = e - base
-        p = ref_della_probs(delta, d, ep) if name.startswith("della") else np.full(tuple(delta.shape), d)
-        keep = u.double().numpy() < p
+    for delta, (keep, p) in zip(deltas, reference_keeps(11, tuple(base.shape), density, probs)):
         dropped.append(np.where(keep, delta.double().numpy() / np.where(keep, p, 1), 0.0).ravel().tolist())
     merge = ref_ties_merge if name in ("dare_ties", "della") else ref_sum
     kwargs = {"epsilon": eps} if name.startswith("della") else {}

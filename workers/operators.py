@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import sparsify
+from evomerge.workers import sparsify, streaming
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
                               register, register_transform)
@@ -37,32 +37,9 @@ T = ParamSpec("t", 0.0, 1.0, 0.5, "interpolation position: 0 is the base, 1 the 
 SELECT = ParamSpec("select", 0.0, 1.0, 0.5, "layer swapping: the expert with the highest select above "
                    "0.5 supplies the tensor, else the base")
 
-_CHUNK = 1 << 18  # elements per step of the streaming linear combination: fits in L2 cache
-_HALF = (torch.float16, torch.bfloat16)  # sums over these are accumulated in float32, rounded once
-
-
-def _combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None) -> Tensor:
-    """Σ c_j·t_j in one streaming pass: each input read once, ``out`` written once. In a
-    16-bit dtype each chunk is summed in a float32 buffer and rounded once (bf16 keeps 8
-    mantissa bits: rounding after every term would compound one error per model)."""
-    first = terms[0][0]
-    result = torch.empty_like(first) if out is None else out
-    flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
-    wide = (torch.empty(min(_CHUNK, flat_out.numel()), dtype=torch.float32, device=result.device)
-            if result.dtype in _HALF else None)
-    for start in range(0, flat_out.numel(), _CHUNK):
-        piece = flat_out[start:start + _CHUNK]
-        acc = piece if wide is None else wide[:piece.numel()]
-        tensor, coeff = flats[0]
-        if wide is None:
-            torch.mul(tensor[start:start + _CHUNK], coeff, out=acc)
-        else:
-            acc.copy_(tensor[start:start + _CHUNK]).mul_(coeff)
-        for tensor, coeff in flats[1:]:
-            acc.add_(tensor[start:start + _CHUNK], alpha=coeff)
-        if wide is not None:
-            piece.copy_(acc)
-    return result
+_CHUNK = streaming.CHUNK
+_HALF = streaming.HALF
+_combine = streaming.combine
 
 
 def _emit(result: Tensor, out: Tensor | None) -> Tensor:
@@ -77,16 +54,16 @@ def _guarded(total: float) -> float:
 
 def _task_vector_merge(base: Tensor, deltas: Sequence[Tensor], weight: Sequence[float], scale: float,
                        normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
-    """θ_b + λ·merge(w_i·δ_i): a plain (optionally normalized) sum, or TIES sign consensus.
-    ``deltas`` are the caller's temporaries; they are rewritten here."""
-    result = torch.empty_like(base) if out is None else out
-    if not consensus:
-        coeff = scale / (_guarded(sum(weight)) if normalize else 1.0)
-        return _combine([(base, 1.0), *((delta, coeff * w) for delta, w in zip(deltas, weight))], result)
-    mixed = sparsify.disjoint_merge([d.mul_(w) for d, w in zip(deltas, weight)], weight, normalize)
-    if scale != 1.0:
-        mixed.mul_(scale)
-    return torch.add(base, mixed, out=result)
+    """θ_b + λ·merge(w_i·δ_i) of task vectors already formed (DELLA): one streaming pass."""
+    return streaming.task_vector_merge(base, deltas, weight, scale=scale, normalize=normalize,
+                                       consensus=consensus, out=out, deltas=True)
+
+
+def _sparse_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], scale: float,
+                  normalize: bool, consensus: bool, out: Tensor | None, keep: Sequence[streaming.Keep]) -> Tensor:
+    """θ_b + λ·merge(w_i·keep_i(θ_i − θ_b)), the task vectors formed chunk by chunk."""
+    return streaming.task_vector_merge(base, experts, weight, scale=scale, normalize=normalize,
+                                       consensus=consensus, out=out, keep=keep)
 
 
 def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
@@ -144,9 +121,8 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], w
          scale: float = 1.0, normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """TIES (Yadav et al. 2023): trim each δ_i to its top-d_i magnitudes, elect the sign of
     Σ w_i δ_i, sum the agreeing entries (normalized: their weighted mean)."""
-    deltas = [(e - base) for e in experts]
-    deltas = [d.mul_(sparsify.magnitude_mask(d, k)) for d, k in zip(deltas, density)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+    masks = [sparsify.magnitude_keep(e - base, k) for e, k in zip(experts, density)]
+    return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
 
 
 @register("dare_linear", DENSITY, WEIGHT, SCALE, random=True)
@@ -154,8 +130,8 @@ def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
                 scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
                 out: Tensor | None = None, **_: object) -> Tensor:
     """DARE (Yu et al. 2024) then task arithmetic: θ_b + λ Σ w_i DARE(δ_i, d_i)."""
-    deltas = [sparsify.dare(e - base, d, generator) for e, d in zip(experts, density)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
+    draws = [sparsify.DareDraw.draw(d, generator) for d in density]
+    return _sparse_merge(base, experts, weight, scale, normalize, False, out, draws)
 
 
 @register("dare_ties", DENSITY, WEIGHT, SCALE, random=True)
@@ -163,8 +139,8 @@ def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[floa
               scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
               out: Tensor | None = None, **_: object) -> Tensor:
     """DARE then TIES sign election: Sakana's parameter-space setting."""
-    deltas = [sparsify.dare(e - base, d, generator) for e, d in zip(experts, density)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+    draws = [sparsify.DareDraw.draw(d, generator) for d in density]
+    return _sparse_merge(base, experts, weight, scale, normalize, True, out, draws)
 
 
 @register("breadcrumbs", DENSITY, GAMMA, WEIGHT, SCALE)
@@ -173,9 +149,8 @@ def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
                 out: Tensor | None = None, **_: object) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): mask both the top-γ outliers and the
     smallest entries of each δ_i, then task arithmetic."""
-    deltas = [e - base for e in experts]
-    deltas = [d.mul_(sparsify.breadcrumbs_mask(d, k, g)) for d, k, g in zip(deltas, density, gamma)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
+    masks = [sparsify.breadcrumbs_keep(e - base, k, g) for e, k, g in zip(experts, density, gamma)]
+    return _sparse_merge(base, experts, weight, scale, normalize, False, out, masks)
 
 
 @register("breadcrumbs_ties", DENSITY, GAMMA, WEIGHT, SCALE)
@@ -183,9 +158,8 @@ def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequen
                      gamma: Sequence[float], weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                      out: Tensor | None = None, **_: object) -> Tensor:
     """Model Breadcrumbs masks, then TIES sign election."""
-    deltas = [e - base for e in experts]
-    deltas = [d.mul_(sparsify.breadcrumbs_mask(d, k, g)) for d, k, g in zip(deltas, density, gamma)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+    masks = [sparsify.breadcrumbs_keep(e - base, k, g) for e, k, g in zip(experts, density, gamma)]
+    return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
 
 
 @register("della", DENSITY, EPSILON, WEIGHT, SCALE, random=True)

@@ -9,7 +9,9 @@ rescales the whole tensor to its former L1 norm: same expectation in aggregate).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -60,20 +62,197 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return mask.view_as(delta)
 
 
-def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniforms in float32 whatever the weights' dtype (a bf16 grid would bias the keep rate)."""
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+_INTS = {4: torch.int32, 2: torch.int16}
+
+
+@dataclass(frozen=True)
+class MagnitudeBand:
+    """Keep the entries whose |δ| lies in a band, as bit patterns: ``low`` ≤ bits(|δ|) < ``high``
+    (no upper cut when ``high`` is None). The bit pattern of a non-negative float orders like
+    its value, so a band is two integer comparisons, applied chunk by chunk."""
+
+    low: int
+    high: int | None = None
+
+
+def _abs_bits(delta: Tensor) -> Tensor:
+    """|δ| as non-negative integers ordered like the magnitudes (int32 for any float dtype)."""
+    ints = _INTS[delta.element_size()]
+    top = (1 << (8 * delta.element_size() - 1)) - 1
+    return torch.bitwise_and(delta.reshape(-1).view(ints), top).to(torch.int32)
+
+
+def _largest_bits(bits: Tensor, k: int) -> int | None:
+    """The value t with exactly ``k`` entries of ``bits`` ≥ t (0 < k < n), or None when ties
+    at the cut make the k largest ambiguous. A radix selection: a histogram of the top 15
+    bits, then one of the low 16 bits of the bin holding the cut (no sort, no top-k)."""
+    high = torch.bitwise_right_shift(bits, 16)
+    hist = torch.bincount(high, minlength=1 << 15)
+    above = hist.flip(0).cumsum(0)  # above[i]: entries whose top bits ≥ 2^15 − 1 − i
+    i = int(torch.searchsorted(above, k))
+    top = hist.numel() - 1 - i
+    need = k - (int(above[i]) - int(hist[top]))
+    low = torch.bitwise_and(bits[high == top], 0xFFFF)
+    hist2 = torch.bincount(low, minlength=1 << 16)
+    above2 = hist2.flip(0).cumsum(0)
+    j = int(torch.searchsorted(above2, need))
+    if int(above2[j]) != need:
+        return None
+    return (top << 16) | (hist2.numel() - 1 - j)
+
+
+def magnitude_keep(delta: Tensor, density: float) -> MagnitudeBand | Tensor | None:
+    """The TIES trim of :func:`magnitude_mask` as a band (None: keep all). Where ties in |δ|
+    straddle the cut the boolean mask from ``torch.topk`` is returned instead, so the kept
+    set is always the one :func:`magnitude_mask` keeps."""
+    n = delta.numel()
+    k = keep_count(density, n)
+    if k >= n:
+        return None
+    if k == 0:
+        return MagnitudeBand(0, 0)
+    cut = _largest_bits(_abs_bits(delta), k)
+    return MagnitudeBand(cut) if cut is not None else magnitude_mask(delta, density)
+
+
+def breadcrumbs_keep(delta: Tensor, density: float, gamma: float) -> MagnitudeBand | Tensor | None:
+    """The band of :func:`breadcrumbs_mask` (None: keep all; its boolean mask on ties at a cut)."""
+    n = delta.numel()
+    if density >= 1.0:
+        return None
+    kept = int(density * n)
+    top = min(int(gamma * n), n - kept)
+    if kept == 0:
+        return MagnitudeBand(0, 0)
+    bits = _abs_bits(delta)
+    low = _largest_bits(bits, kept + top) if kept + top < n else 0
+    high = _largest_bits(bits, top) if top > 0 else None
+    if low is None or (top > 0 and high is None):
+        return breadcrumbs_mask(delta, density, gamma)
+    return MagnitudeBand(low, high)
+
+
+_WORD = 1 << 32
+_MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32's multipliers (C. Wellons, "hash prospector")
+
+
+def _int32(value: int) -> int:
+    """``value`` mod 2^32 as a signed 32-bit integer (torch's int32 ops wrap)."""
+    value %= _WORD
+    return value - _WORD if value >= _WORD // 2 else value
+
+
+def _const(value: int, like: Tensor) -> Tensor:
+    return torch.tensor(_int32(value), dtype=torch.int32, device=like.device)
+
+
+def _xorshift_right(x: Tensor, shift: int, spare: Tensor) -> None:
+    """x ^= x >>> shift (a logical shift: torch shifts int32 arithmetically, so mask it)."""
+    torch.bitwise_right_shift(x, shift, out=spare)
+    spare.bitwise_and_(_const((1 << (32 - shift)) - 1, x))
+    x.bitwise_xor_(spare)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A counter-based stream of random 32-bit words: word j is lowbias32(j·mul + add) mod 2^32.
+
+    Any word is computed from its index alone, so a tensor's draws are the same whatever the
+    chunking or the number of threads, and chunks can be drawn in any order. The key (odd
+    ``mul``, ``add``) comes from the recipe's per-tensor generator, one draw per expert, so a
+    replay is bit-identical and different experts, tensors and seeds draw unrelated masks.
+    lowbias32 is an invertible integer hash, so the words of one stream are distinct.
+    """
+
+    mul: int
+    add: int
+
+    @classmethod
+    def draw(cls, generator: torch.Generator | None) -> Stream:
+        mul, add = (int(v) for v in torch.randint(0, _WORD, (2,), generator=generator, dtype=torch.int64))
+        return cls(mul | 1, add)
+
+    def words(self, first: int, out: Tensor, spare: Tensor, index: Tensor) -> Tensor:
+        """Words first .. first + len(out) − 1 into ``out`` (int32; ``spare`` the same size,
+        ``index`` = arange of the same size)."""
+        torch.mul(index, _const(self.mul, out), out=out)
+        out.add_(_const(first * self.mul + self.add, out))
+        _xorshift_right(out, 16, spare)
+        out.mul_(_const(_MIX[0], out))
+        _xorshift_right(out, 15, spare)
+        out.mul_(_const(_MIX[1], out))
+        _xorshift_right(out, 16, spare)
+        return out
+
+    def uniform(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """Float32 uniforms in [0, 1) on the 2^-24 grid (torch.rand's), one word per entry."""
+        n = math.prod(shape)
+        words = torch.empty(n, dtype=torch.int32, device=device)
+        self.words(0, words, torch.empty_like(words), torch.arange(n, dtype=torch.int32, device=device))
+        top = torch.bitwise_right_shift(words, 8).bitwise_and_(_const((1 << 24) - 1, words))
+        return top.to(torch.float32).mul_(2.0 ** -24).view(shape)
+
+
+_HALF_WORD = 1 << 16
+
+
+@dataclass(frozen=True)
+class DareDraw:
+    """One expert's DARE drop for one tensor: entry j is kept iff its 16-bit draw (half j % 2
+    of word j // 2 of ``stream``, as a signed value) is below ``threshold``; the keep
+    probability is the density rounded to a multiple of 2^-16, and survivors are rescaled by
+    its exact inverse, so the result stays unbiased."""
+
+    stream: Stream
+    threshold: int
+    probability: float
+
+    @classmethod
+    def draw(cls, density: float, generator: torch.Generator | None) -> DareDraw:
+        stream = Stream.draw(generator)
+        if density >= 1.0:
+            return cls(stream, _HALF_WORD // 2, 1.0)
+        if density <= 0.0:
+            return cls(stream, -_HALF_WORD // 2, 0.0)
+        q = min(_HALF_WORD, max(1, round(density * _HALF_WORD)))
+        return cls(stream, q - _HALF_WORD // 2, q / _HALF_WORD)
+
+    @property
+    def keep_all(self) -> bool:
+        return self.probability >= 1.0
+
+    def mask_bits(self, start: int, bits: Tensor, words: Tensor, spare: Tensor, index: Tensor) -> Tensor:
+        """Into ``bits`` (int32, one per entry from entry ``start``, even): −1 where kept, 0 where
+        dropped. ``words``, ``spare``, ``index``: scratch of at least half as many entries."""
+        if start % 2:
+            raise ValueError("DARE chunks start at an even entry")
+        n = bits.numel()
+        count = (n + 1) // 2
+        drawn = self.stream.words(start // 2, words[:count], spare[:count], index[:count])
+        bits.copy_(drawn.view(torch.int16)[:n])  # sign-extended 16-bit draws
+        bits.sub_(_const(self.threshold, bits))  # |difference| < 2^16: no overflow
+        return bits.bitwise_right_shift_(31)
+
+    def keep_mask(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """The boolean keep mask of a whole tensor (for tests and whole-tensor use)."""
+        n = math.prod(shape)
+        words = (n + 1) // 2
+        bits = torch.empty(n, dtype=torch.int32, device=device)
+        index = torch.arange(words, dtype=torch.int32, device=device)
+        self.mask_bits(0, bits, torch.empty(words, dtype=torch.int32, device=device),
+                       torch.empty(words, dtype=torch.int32, device=device), index)
+        return (bits != 0).view(shape)
 
 
 def dare(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """DARE (Yu et al. 2024, eq. 2): drop each entry with probability 1 − d, rescale the
-    survivors by 1/d so the expectation is δ."""
-    if density >= 1.0:
+    """DARE (Yu et al. 2024, eq. 2) of a whole tensor: drop each entry with probability 1 − d,
+    rescale the survivors by 1/d so the expectation is δ (the operators stream it instead)."""
+    draw = DareDraw.draw(density, generator)
+    if draw.keep_all:
         return delta.clone()
-    if density <= 0.0:
+    if draw.probability <= 0.0:
         return torch.zeros_like(delta)
-    keep = _uniform(delta, generator) < density
-    return (delta * keep).mul_(1.0 / density)
+    return (delta * draw.keep_mask(delta.shape, delta.device)).mul_(1.0 / draw.probability)
 
 
 def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -98,7 +277,7 @@ def della(delta: Tensor, density: float, epsilon: float, generator: torch.Genera
     if density <= 0.0:
         return torch.zeros_like(delta)
     probs = della_probabilities(delta, density, epsilon)
-    keep = _uniform(delta, generator) < probs  # never where p = 0, so dividing by the clamped p is safe
+    keep = Stream.draw(generator).uniform(delta.shape, delta.device) < probs  # never where p = 0, so dividing by the clamped p is safe
     return (delta * keep).div_(probs.clamp_(min=torch.finfo(probs.dtype).tiny))
 
 

@@ -1,0 +1,114 @@
+"""The streaming merge pass: chunking and threads never change a result, deterministic methods
+equal their whole-tensor form bit for bit, and the counter-based DARE draws are independent
+Bernoulli(p) masks (keep rate, independence across neighbours and experts)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from evomerge.workers import sparsify, streaming
+from evomerge.workers.operators import OPERATORS
+
+BIG = 3 * streaming.CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sources(dtype: torch.dtype, n: int = BIG, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    return base.to(dtype), [(base + 0.1 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+
+
+def whole_tensor_ties(base: torch.Tensor, experts: list[torch.Tensor], masks: list[torch.Tensor],
+                      weight: tuple[float, ...], scale: float, normalize: bool) -> torch.Tensor:
+    """The whole-tensor form the operators computed before streaming (same ops, same dtype)."""
+    deltas = [(e - base).mul_(m) for e, m in zip(experts, masks)]
+    mixed = sparsify.disjoint_merge([d.mul_(w) for d, w in zip(deltas, weight)], weight, normalize)
+    return base + mixed.mul_(scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_deterministic_methods_equal_the_whole_tensor_form(one_thread: None, dtype: torch.dtype,
+                                                           normalize: bool, name: str) -> None:
+    """Chunked TIES/Breadcrumbs equal the whole-tensor computation exactly, bf16 (ties in |δ|
+    at the cut: the top-k fallback) included."""
+    base, experts = sources(dtype)
+    density, gamma, weight, scale = (0.3, 0.5, 0.7), (0.01, 0.02, 0.0), (0.9, 0.6, 1.2), 0.8
+    if name == "ties":
+        masks = [sparsify.magnitude_mask(e - base, d) for e, d in zip(experts, density)]
+        out = OPERATORS[name].fn(base, experts, density=density, weight=weight, scale=scale, normalize=normalize)
+    else:
+        masks = [sparsify.breadcrumbs_mask(e - base, d, g) for e, d, g in zip(experts, density, gamma)]
+        out = OPERATORS[name].fn(base, experts, density=density, gamma=gamma, weight=weight, scale=scale,
+                                 normalize=normalize)
+    assert torch.equal(out, whole_tensor_ties(base, experts, masks, weight, scale, normalize))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_band_keeps_the_top_k_set(dtype: torch.dtype) -> None:
+    """The radix-selected band keeps exactly the top-k set; with ties at the cut (integer-valued
+    δ) it falls back to the top-k mask."""
+    g = torch.Generator().manual_seed(3)
+    for delta in (torch.randn(50_000, generator=g).to(dtype), torch.randint(-20, 20, (50_000,), generator=g).to(dtype)):
+        for density in (0.001, 0.1, 0.5, 0.97):
+            keep = sparsify.magnitude_keep(delta, density)
+            merged = streaming.task_vector_merge(torch.zeros_like(delta), [delta], (1.0,), scale=1.0,
+                                                 normalize=False, consensus=False, out=None, keep=[keep])
+            assert torch.equal(merged != 0, sparsify.magnitude_mask(delta, density) & (delta != 0))
+
+
+def test_results_do_not_depend_on_threads_or_chunks() -> None:
+    """1 and 2 threads (different chunk sizes) give bit-identical random merges."""
+    base, experts = sources(torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name in ("dare_ties", "dare_linear"):
+                results.append(OPERATORS[name].fn(base, experts, density=(0.3, 0.5, 0.9), weight=(1.0, 0.5, 0.7),
+                                                  generator=torch.Generator().manual_seed(9)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+
+
+def test_dare_mask_is_a_function_of_the_index() -> None:
+    """Drawing a mask in two pieces gives the whole mask."""
+    draw = sparsify.DareDraw.draw(0.4, torch.Generator().manual_seed(1))
+    whole = draw.keep_mask(torch.Size([BIG]), torch.device("cpu"))
+    cut = 2 * 12_345
+    words = torch.empty(BIG, dtype=torch.int32)
+    spare, index = torch.empty_like(words), torch.arange(BIG, dtype=torch.int32)
+    first = draw.mask_bits(0, torch.empty(cut, dtype=torch.int32), words, spare, index) != 0
+    second = draw.mask_bits(cut, torch.empty(BIG - cut, dtype=torch.int32), words, spare, index) != 0
+    assert torch.equal(torch.cat([first, second]), whole)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9])
+def test_dare_masks_are_independent_bernoulli(density: float) -> None:
+    """Keep rate within 4σ of p; neighbours (two halves of one word) and two experts' masks
+    are uncorrelated (joint keep rate within 4σ of p²)."""
+    g = torch.Generator().manual_seed(2)
+    n = 400_000
+    a, b = (sparsify.DareDraw.draw(density, g) for _ in range(2))
+    assert abs(a.probability - density) <= 2.0 ** -17
+    ma, mb = (d.keep_mask(torch.Size([n]), torch.device("cpu")).double() for d in (a, b))
+    p = a.probability
+    assert abs(float(ma.mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    pairs = ma.view(-1, 2)
+    for joint, count in ((float((pairs[:, 0] * pairs[:, 1]).mean()), n // 2), (float((ma * mb).mean()), n)):
+        assert abs(joint - p * p) < 4 * math.sqrt(p * p * (1 - p * p) / count)
