@@ -112,3 +112,20 @@ def test_dare_masks_are_independent_bernoulli(density: float) -> None:
     pairs = ma.view(-1, 2)
     for joint, count in ((float((pairs[:, 0] * pairs[:, 1]).mean()), n // 2), (float((ma * mb).mean()), n)):
         assert abs(joint - p * p) < 4 * math.sqrt(p * p * (1 - p * p) / count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consensus_equals_the_whole_tensor_form(one_thread: None, dtype: torch.dtype) -> None:
+    """Chunked Consensus/TALL equals the whole-tensor computation exactly."""
+    base, experts = sources(dtype)
+    tall, weight, k, scale = (0.3, 0.5, 0.4), (1.0, 0.8, 0.6), 2.0, 0.9
+    weighted = [(e - base).mul_(w) for e, w in zip(experts, weight)]
+    total = torch.zeros_like(base)
+    for u in weighted:
+        total += u
+    votes = torch.zeros_like(total, dtype=torch.int32)
+    for u, lam in zip(weighted, tall):
+        votes += u.abs() > (total - u).abs_().mul_(lam)
+    expected = total.mul_(votes >= 2).mul_(scale).add_(base)
+    out = OPERATORS["consensus"].fn(base, experts, tall=tall, weight=weight, k=k, scale=scale)
+    assert torch.equal(out, expected)

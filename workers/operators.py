@@ -199,17 +199,23 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
     """Consensus merging with TALL masks (Wang et al. 2024, eqs. 5 and 8): τ = Σ w_i δ_i; expert
     t claims the entries where |w_t δ_t| > λ_t·|τ − w_t δ_t|; entries claimed by fewer than k
     experts are dropped: θ_b + λ·(mask ⊙ τ). With all w_i = 1 this is the paper's form."""
-    weighted = [(e - base).mul_(w) for e, w in zip(experts, weight)]
-    total = torch.zeros_like(base)
-    for u in weighted:
-        total += u
-    votes = torch.zeros_like(total, dtype=torch.int32)
-    for u, lam in zip(weighted, tall):
-        votes += u.abs() > (total - u).abs_().mul_(lam)
-    total = total.mul_(votes >= math.floor(k + 0.5))
-    if normalize:
-        total /= _guarded(sum(weight))
-    return _emit(total.mul_(scale).add_(base), out)
+    result = torch.empty_like(base) if out is None else out
+    flat_base, flat_out, flats = base.reshape(-1), result.view(-1), [e.reshape(-1) for e in experts]
+    size, need = streaming.chunk_size(), math.floor(k + 0.5)
+    for start in range(0, flat_base.numel(), size):  # the whole-tensor ops, one chunk at a time
+        b = flat_base[start:start + size]
+        weighted = [(f[start:start + size] - b).mul_(w) for f, w in zip(flats, weight)]
+        total = torch.zeros_like(b)
+        for u in weighted:
+            total += u
+        votes = torch.zeros_like(total, dtype=torch.int32)
+        for u, lam in zip(weighted, tall):
+            votes += u.abs() > (total - u).abs_().mul_(lam)
+        total = total.mul_(votes >= need)
+        if normalize:
+            total /= _guarded(sum(weight))
+        flat_out[start:start + size].copy_(total.mul_(scale).add_(b))
+    return result
 
 
 def _minmax(x: Tensor) -> Tensor:
