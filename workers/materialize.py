@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
 from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
 from evomerge.workers.recipe import Recipe
-from evomerge.workers.sources import SourceError, load_tensors
+from evomerge.workers.sources import SourceError, load_tensors, model_folder
 
 
 class Materializer:
@@ -27,9 +27,10 @@ class Materializer:
         self.device = device
         self.sources = {name: load_tensors(name, folder, dtype, device, allow_pickle)
                         for name, folder in folders.items()}
+        skeleton = model_folder(base, folders[base])  # an adapter source: its base's config and tokenizer
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            folders[base], dtype=dtype, trust_remote_code=False).to(device).eval()
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folders[base])
+            skeleton, dtype=dtype, trust_remote_code=False).to(device).eval()
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(skeleton)
         self.num_layers = int(self.model.config.num_hidden_layers)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         for name, tensors in self.sources.items():

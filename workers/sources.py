@@ -5,6 +5,14 @@ Only safetensors are read unless the caller passes ``allow_pickle`` (the CLI's
 read with ``torch.load(weights_only=True)``. Configs are read without remote code. Every
 problem is a :class:`SourceError` whose message is one line naming the model and,
 where it applies, the file or tensor.
+
+A source may also be a PEFT LoRA adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``): it stands for its base with the adapter merged (peft's
+``merge_and_unload``). Its base is the folder its ``base_model_name_or_path`` names
+(absolute, relative to the adapter folder or the current one, or a hub id), which must be
+the search's base model; its config and tensor names are the base's, and its LoRA tensors
+are checked against the base's modules and shapes from file headers before any weight is
+loaded.
 """
 
 from __future__ import annotations
@@ -95,7 +103,123 @@ def _read_pickle(name: str, file: Path, device: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter source: its folder, weight file and the base folder it was made for."""
+
+    folder: Path
+    file: Path
+    base: Path
+    base_named: str  # base_model_name_or_path as written
+
+
+def is_adapter(folder: Path) -> bool:
+    """A PEFT adapter folder: ``adapter_config.json`` and no full model weights of its own."""
+    return (folder / "adapter_config.json").is_file() and not (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def read_adapter(name: str, folder: Path) -> Adapter:
+    """Read and check an adapter folder's config and find its base folder (no weights read)."""
+    config_file = folder / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"model {name!r}: unreadable adapter config {config_file}: {_one_line(exc)}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise SourceError(f"model {name!r}: {config_file} is not a LoRA adapter (peft_type {kind!r}); "
+                          "only LoRA adapters can be merged into their base")
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise SourceError(f"model {name!r}: adapter folder {folder} has no adapter_model.safetensors"
+                          + (" (only adapter_model.bin: convert it to safetensors)" if pickled else ""))
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        raise SourceError(f"model {name!r}: {config_file} names no base_model_name_or_path")
+    local = Path(named).expanduser()
+    candidates = [local] if local.is_absolute() else [folder / local, Path.cwd() / local]
+    base = next((c.resolve() for c in candidates if c.is_dir()), None)
+    if base is None:
+        try:
+            base = resolve_folder(SourceModel(f"{name} (base {named})", named))
+        except SourceError:
+            raise SourceError(f"model {name!r}: the adapter's base {named!r} (base_model_name_or_path in "
+                              f"{config_file}) is neither a folder nor a hub id in the local cache") from None
+    return Adapter(folder, file, base, named)
+
+
+def check_adapter_base(adapters: dict[str, Adapter], base: str, base_folder: Path) -> None:
+    """Every adapter must have been made for the configured base model."""
+    for name, adapter in adapters.items():
+        if adapter.base != base_folder.resolve():
+            raise SourceError(f"model {name!r}: the adapter was made for base {adapter.base_named!r} "
+                              f"({adapter.base}), not the configured base {base!r} ({base_folder}); "
+                              "set base_model_name_or_path in its adapter_config.json to the base's folder")
+
+
+def _adapter_tensors(name: str, adapter: Adapter, base: dict[str, TensorInfo]) -> None:
+    """The adapter's tensors must fit the base's modules: a LoRA pair (A: r x in, B: out x r)
+    per targeted module, whole tensors (modules_to_save) of the base's shapes."""
+    config = json.loads((adapter.folder / "adapter_config.json").read_text())
+    transposed = bool(config.get("fan_in_fan_out"))
+    try:
+        with safe_open(adapter.file, framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:
+        raise SourceError(f"model {name!r}: corrupt safetensors file {adapter.file}: {_one_line(exc)}") from None
+    if not any(".lora_" in key for key in shapes):
+        raise SourceError(f"model {name!r}: {adapter.file.name} holds no LoRA tensors")
+    for key, shape in sorted(shapes.items()):
+        inner = key.removeprefix("base_model.model.")
+        module, lora, part = inner.partition(".lora_")
+        target = f"{module}.weight" if lora else inner
+        if target not in base:
+            raise SourceError(f"model {name!r}: adapter tensor {key} targets {target}, which the base lacks")
+        out_in = base[target].shape
+        if not lora:
+            if shape != out_in:
+                raise SourceError(f"model {name!r}: adapter tensor {key} has shape {list(shape)}, "
+                                  f"the base's {target} {list(out_in)}")
+            continue
+        if len(out_in) != 2 or part.startswith("magnitude") or part.endswith("bias"):
+            continue  # DoRA magnitudes, LoRA biases: peft checks them as it loads
+        out_dim, in_dim = reversed(out_in) if transposed or part.startswith("embedding") else out_in
+        fits = (shape[-1] == in_dim) if part.startswith(("A.", "embedding_A")) else (shape[0] == out_dim)
+        if len(shape) != 2 or not fits:
+            raise SourceError(f"model {name!r}: adapter tensor {key} of shape {list(shape)} does not fit "
+                              f"the base's {target} of shape {list(out_in)}")
+
+
+def _merged_adapter(name: str, adapter: Adapter, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """The base's tensors with the adapter merged by peft (in ``dtype``), under the base's
+    own tensor names (a tied head stays out, as in the base's files)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    keys = inspect_tensors(f"{name} (base)", adapter.base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=dtype, trust_remote_code=False)
+        state = PeftModel.from_pretrained(model, adapter.folder).merge_and_unload().state_dict()
+    except Exception as exc:
+        raise SourceError(f"model {name!r}: adapter could not be merged into {adapter.base}: {_one_line(exc)}") from None
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise SourceError(f"model {name!r}: the merged adapter lacks tensor {missing[0]}")
+    return {key: state[key].detach().to(device=device, dtype=dtype) for key in keys}
+
+
+def model_folder(name: str, folder: Path) -> Path:
+    """The folder that holds a loadable model (config, tokenizer) for a source: its own, or
+    an adapter's base."""
+    return read_adapter(name, folder).base if is_adapter(folder) else folder
+
+
 def read_config(name: str, folder: Path) -> PretrainedConfig:
+    """A source's config (an adapter's: its base's)."""
+    if is_adapter(folder):
+        return read_config(name, model_folder(name, folder))
     if not (folder / "config.json").is_file():
         raise SourceError(f"model {name!r}: no config.json in {folder}")
     try:
@@ -105,7 +229,13 @@ def read_config(name: str, folder: Path) -> PretrainedConfig:
 
 
 def inspect_tensors(name: str, folder: Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
-    """Names, dtypes and shapes of a model's tensors, read from file headers only."""
+    """Names, dtypes and shapes of a model's tensors, read from file headers only (an
+    adapter's: its base's, once its own tensors are checked against them)."""
+    if is_adapter(folder):
+        adapter = read_adapter(name, folder)
+        base = inspect_tensors(f"{name} (base)", adapter.base, allow_pickle)
+        _adapter_tensors(name, adapter, base)
+        return base
     infos: dict[str, TensorInfo] = {}
     for file in weight_files(name, folder, allow_pickle):
         if file.suffix != ".safetensors":
@@ -127,10 +257,14 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 def load_tensors(name: str, folder: Path, dtype: torch.dtype, device: str = "cpu",
                  allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of a model, cast to ``dtype``; non-finite weights are refused."""
+    """All tensors of a model, cast to ``dtype`` (an adapter: merged into its base); non-finite
+    weights are refused."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(name, folder, allow_pickle):
-        if file.suffix != ".safetensors":
+    adapter = read_adapter(name, folder) if is_adapter(folder) else None
+    for file in [adapter.file] if adapter else weight_files(name, folder, allow_pickle):
+        if adapter is not None:
+            loaded = _merged_adapter(name, adapter, dtype, device)
+        elif file.suffix != ".safetensors":
             loaded = _read_pickle(name, file, device)
         else:
             try:
@@ -166,9 +300,18 @@ def check_compatible(configs: dict[str, PretrainedConfig], tensors: dict[str, di
                                   f"{ref_t[key].dtype} vs {other_t[key].dtype} (convert one so the sources agree)")
 
 
-def validate_sources(sources: list[SourceModel], allow_pickle: bool = False) -> dict[str, Path]:
-    """Resolve and check every source from configs and file headers (no weights loaded)."""
+def validate_sources(sources: list[SourceModel], allow_pickle: bool = False,
+                     base: str | None = None) -> dict[str, Path]:
+    """Resolve and check every source from configs and file headers (no weights loaded).
+    ``base``: the base model's name; adapter sources must have been made for it (and it
+    cannot be an adapter itself)."""
     folders = {s.name: resolve_folder(s) for s in sources}
+    adapters = {n: read_adapter(n, f) for n, f in folders.items() if is_adapter(f)}
+    if base is not None and base in adapters:
+        raise SourceError(f"model {base!r}: the base model is a LoRA adapter folder; give its base model "
+                          "as base_model and the adapter as an expert")
+    if base is not None and base in folders:
+        check_adapter_base(adapters, base, folders[base])
     configs = {n: read_config(n, f) for n, f in folders.items()}
     tensors = {n: inspect_tensors(n, f, allow_pickle) for n, f in folders.items()}
     check_compatible(configs, tensors)
