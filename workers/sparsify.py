@@ -26,53 +26,31 @@ def keep_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def top_magnitude_mask(delta: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` entries of largest |δ| (exactly k)."""
-    n = delta.numel()
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    if k > 0:
-        mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
-    return mask.view_as(delta)
+@dataclass(frozen=True)
+class Cut:
+    """The k largest |δ| of a tensor, as bit patterns of the magnitudes: entry j is above the
+    cut iff bits_j > ``value``, or bits_j = ``value`` and j < ``until`` (ties at the cut are
+    taken in index order; None takes them all). The bit pattern of a non-negative float
+    orders like its value, so the test is an integer compare against ``threshold(j)``."""
 
+    value: int
+    until: int | None = None
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """TIES trim (Yadav et al. 2023, §3): keep the top-d fraction of |δ|."""
-    return top_magnitude_mask(delta, keep_count(density, delta.numel()))
-
-
-def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the top-γ outliers of |δ| and the
-    smallest entries, keeping ⌊d·n⌋ entries in the band between (mergekit's parametrisation:
-    the paper's bottom fraction β is 1 − d − γ). When d + γ > 1 fewer outliers are dropped."""
-    n = delta.numel()
-    if density >= 1.0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    kept = int(density * n)
-    top = min(int(gamma * n), n - kept)
-    if top == 0:
-        return top_magnitude_mask(delta, kept)
-    # the band is the kept+top largest minus the top largest *of those*: one selection over the
-    # tensor, a small one over its result, and ties in |δ| cannot make the two cuts disagree
-    values, indices = torch.topk(delta.abs().flatten(), kept + top, sorted=False)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[indices] = True
-    mask[indices[torch.topk(values, top, sorted=False).indices]] = False
-    return mask.view_as(delta)
-
-
-_INTS = {4: torch.int32, 2: torch.int16}
+    def threshold(self, index: int) -> int:
+        return self.value if self.until is None or index < self.until else self.value + 1
 
 
 @dataclass(frozen=True)
 class MagnitudeBand:
-    """Keep the entries whose |δ| lies in a band, as bit patterns: ``low`` ≤ bits(|δ|) < ``high``
-    (no upper cut when ``high`` is None). The bit pattern of a non-negative float orders like
-    its value, so a band is two integer comparisons, applied chunk by chunk."""
+    """Keep the entries above ``low`` and not above ``high`` (no upper cut when None);
+    ``empty`` keeps nothing."""
 
-    low: int
-    high: int | None = None
+    low: Cut
+    high: Cut | None = None
+    empty: bool = False
+
+
+_INTS = {4: torch.int32, 2: torch.int16}
 
 
 def _abs_bits(delta: Tensor) -> Tensor:
@@ -82,54 +60,92 @@ def _abs_bits(delta: Tensor) -> Tensor:
     return torch.bitwise_and(delta.reshape(-1).view(ints), top).to(torch.int32)
 
 
-def _largest_bits(bits: Tensor, k: int) -> int | None:
-    """The value t with exactly ``k`` entries of ``bits`` ≥ t (0 < k < n), or None when ties
-    at the cut make the k largest ambiguous. A radix selection: a histogram of the top 15
-    bits, then one of the low 16 bits of the bin holding the cut (no sort, no top-k)."""
+def _largest(bits: Tensor, k: int) -> Cut:
+    """The cut above which exactly ``k`` entries of ``bits`` lie (0 < k < n). A radix selection:
+    a histogram of the top 15 bits, then one of the low 16 bits of the bin holding the cut (no
+    sort, no top-k); ties at the cut go to the lowest indices."""
     high = torch.bitwise_right_shift(bits, 16)
     hist = torch.bincount(high, minlength=1 << 15)
     above = hist.flip(0).cumsum(0)  # above[i]: entries whose top bits ≥ 2^15 − 1 − i
     i = int(torch.searchsorted(above, k))
     top = hist.numel() - 1 - i
     need = k - (int(above[i]) - int(hist[top]))
-    low = torch.bitwise_and(bits[high == top], 0xFFFF)
-    hist2 = torch.bincount(low, minlength=1 << 16)
+    hist2 = torch.bincount(torch.bitwise_and(bits[high == top], 0xFFFF), minlength=1 << 16)
     above2 = hist2.flip(0).cumsum(0)
     j = int(torch.searchsorted(above2, need))
-    if int(above2[j]) != need:
-        return None
-    return (top << 16) | (hist2.numel() - 1 - j)
+    low = hist2.numel() - 1 - j
+    value, ties = (top << 16) | low, int(hist2[low])
+    take = need - (int(above2[j]) - ties)  # of the entries equal to the cut value
+    if take == ties:
+        return Cut(value)
+    return Cut(value, int((bits == value).nonzero()[take - 1]) + 1)
 
 
-def magnitude_keep(delta: Tensor, density: float) -> MagnitudeBand | Tensor | None:
-    """The TIES trim of :func:`magnitude_mask` as a band (None: keep all). Where ties in |δ|
-    straddle the cut the boolean mask from ``torch.topk`` is returned instead, so the kept
-    set is always the one :func:`magnitude_mask` keeps."""
+def _above(bits: Tensor, cut: Cut) -> Tensor:
+    """Boolean: which entries lie above ``cut`` (whole tensor)."""
+    if cut.until is None:
+        return bits >= cut.value
+    index = torch.arange(bits.numel(), device=bits.device)
+    return (bits > cut.value) | ((bits == cut.value) & (index < cut.until))
+
+
+def magnitude_keep(delta: Tensor, density: float) -> MagnitudeBand | None:
+    """TIES trim (Yadav et al. 2023, §3) as a band: the top ⌊d·n⌋ of |δ| (None: keep all)."""
     n = delta.numel()
     k = keep_count(density, n)
     if k >= n:
         return None
     if k == 0:
-        return MagnitudeBand(0, 0)
-    cut = _largest_bits(_abs_bits(delta), k)
-    return MagnitudeBand(cut) if cut is not None else magnitude_mask(delta, density)
+        return MagnitudeBand(Cut(0), empty=True)
+    return MagnitudeBand(_largest(_abs_bits(delta), k))
 
 
-def breadcrumbs_keep(delta: Tensor, density: float, gamma: float) -> MagnitudeBand | Tensor | None:
-    """The band of :func:`breadcrumbs_mask` (None: keep all; its boolean mask on ties at a cut)."""
+def breadcrumbs_keep(delta: Tensor, density: float, gamma: float) -> MagnitudeBand | None:
+    """Model Breadcrumbs (Davari & Belilovsky 2024) as a band: drop the top-γ outliers of |δ|
+    and the smallest entries, keeping ⌊d·n⌋ entries in the band between (mergekit's
+    parametrisation: the paper's bottom fraction β is 1 − d − γ). When d + γ > 1 fewer
+    outliers are dropped. None: keep all."""
     n = delta.numel()
     if density >= 1.0:
         return None
     kept = int(density * n)
     top = min(int(gamma * n), n - kept)
     if kept == 0:
-        return MagnitudeBand(0, 0)
+        return MagnitudeBand(Cut(0), empty=True)
     bits = _abs_bits(delta)
-    low = _largest_bits(bits, kept + top) if kept + top < n else 0
-    high = _largest_bits(bits, top) if top > 0 else None
-    if low is None or (top > 0 and high is None):
-        return breadcrumbs_mask(delta, density, gamma)
-    return MagnitudeBand(low, high)
+    low = _largest(bits, kept + top) if kept + top < n else Cut(0)
+    return MagnitudeBand(low, _largest(bits, top) if top > 0 else None)
+
+
+def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
+    """The boolean keep mask of a band over a whole tensor."""
+    if band is None:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if band.empty:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    bits = _abs_bits(delta)
+    mask = _above(bits, band.low)
+    if band.high is not None:
+        mask &= ~_above(bits, band.high)
+    return mask.view_as(delta)
+
+
+def top_magnitude_mask(delta: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` entries of largest |δ| (exactly k; ties in index order)."""
+    n = delta.numel()
+    if k >= n or k <= 0:
+        return torch.full_like(delta, k >= n, dtype=torch.bool)
+    return band_mask(delta, MagnitudeBand(_largest(_abs_bits(delta), k)))
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """TIES trim (Yadav et al. 2023, §3): keep the top-d fraction of |δ|."""
+    return band_mask(delta, magnitude_keep(delta, density))
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The keep mask of :func:`breadcrumbs_keep`."""
+    return band_mask(delta, breadcrumbs_keep(delta, density, gamma))
 
 
 _WORD = 1 << 32

@@ -104,7 +104,7 @@ def _drop(delta: Tensor, keep: Keep, start: int, s: _Scratch) -> float:
         delta.mul_(keep.view(-1)[start:start + n])
         return 1.0
     if isinstance(keep, MagnitudeBand):
-        _keep_band(delta, keep, s)
+        _keep_band(delta, keep, start, s)
         return 1.0
     if keep.keep_all:
         return 1.0
@@ -120,18 +120,32 @@ def _drop(delta: Tensor, keep: Keep, start: int, s: _Scratch) -> float:
     return 1.0 / keep.probability
 
 
-def _keep_band(delta: Tensor, band: MagnitudeBand, s: _Scratch) -> None:
-    """Zero the entries of ``delta`` whose |δ| bits fall outside the band, with integer ops on
-    the bit patterns: (x − c) >> (bits − 1) is −1 exactly where x < c (no overflow: both ≥ 0)."""
+def _keep_band(delta: Tensor, band: MagnitudeBand, start: int, s: _Scratch) -> None:
+    """Zero the entries of the chunk ``delta`` (from entry ``start``) outside the band, piece by
+    piece where a cut's threshold changes (ties taken in index order)."""
+    if band.empty:
+        delta.zero_()
+        return
+    n = delta.numel()
+    cuts = [c for c in (band.low, band.high) if c is not None]
+    splits = sorted({c.until - start for c in cuts if c.until is not None and 0 < c.until - start < n})
+    for lo, hi in zip([0, *splits], [*splits, n]):
+        high = band.high.threshold(start + lo) if band.high is not None else None
+        _keep_between(delta[lo:hi], band.low.threshold(start + lo), high, s)
+
+
+def _keep_between(delta: Tensor, low: int, high: int | None, s: _Scratch) -> None:
+    """Zero the entries whose |δ| bits are not in [low, high), with integer ops on the bit
+    patterns: (x − c) >> (bits − 1) is −1 exactly where x < c (no overflow: both ≥ 0)."""
     n, size = delta.numel(), delta.element_size()
     ints, shift = _INT_OF[size], _SIGN_SHIFT[size]
     magnitude = s.bits.view(ints)[:n]
     torch.bitwise_and(delta.view(ints), (1 << shift) - 1, out=magnitude)
-    if band.high is not None:
-        below_high = s.tmp[:n].view(ints)
-        torch.sub(magnitude, band.high, out=below_high).bitwise_right_shift_(shift)
-    keep = magnitude.sub_(band.low).bitwise_right_shift_(shift).bitwise_not_()  # -1 where ≥ low
-    if band.high is not None:
+    if high is not None:
+        below_high = s.tmp.view(ints)[:n]
+        torch.sub(magnitude, high, out=below_high).bitwise_right_shift_(shift)
+    keep = magnitude.sub_(low).bitwise_right_shift_(shift).bitwise_not_()  # -1 where ≥ low
+    if high is not None:
         keep.bitwise_and_(below_high)
     delta.view(ints).bitwise_and_(keep)
 
