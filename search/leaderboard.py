@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from evomerge.storage.repository import CandidateRecord
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe_text import summary
 
 WIDTH = 120  # the text board fits a 120-column terminal
 _ELLIPSIS = "…"
@@ -79,9 +79,10 @@ def pareto_front(cands: list[CandidateRecord], objectives: Sequence[str]) -> lis
 
 
 def _row(rank: int | None, cand: CandidateRecord) -> Row:
+    recipe = json.loads(cand.recipe_json)  # as stored: no pydantic model for a quick status
     return Row(rank, cand.trial_number, cand.origin, float(cand.fitness or 0.0), cand.scores or {},
-               cand.heldout_fitness, cand.heldout, Recipe.from_json(cand.recipe_json).summary(),
-               json.loads(cand.recipe_json), list(cand.genes) if cand.genes is not None else None)
+               cand.heldout_fitness, cand.heldout, summary(recipe), recipe,
+               list(cand.genes) if cand.genes is not None else None)
 
 
 def build(study: str, cands: list[CandidateRecord], top: int, optimizer: str = "",

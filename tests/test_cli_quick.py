@@ -1,6 +1,6 @@
 """The quick CLI: --version, and the commands that need no model (--help, status, dashboard's
-checks) import none of torch, transformers, Ray, lm-eval or Optuna; methods' text fits 100
-columns without docstring markup and has a JSON form."""
+checks) import none of torch, transformers, Ray, lm-eval, Optuna (nor numpy, pydantic);
+methods' text fits 100 columns without docstring markup and has a JSON form."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import evomerge
 from tests.conftest import ROOT
 
-HEAVY = ("torch", "transformers", "ray", "lm_eval", "optuna", "optuna_dashboard", "numpy")
+HEAVY = ("torch", "transformers", "ray", "lm_eval", "optuna", "optuna_dashboard", "numpy", "pydantic")
 # Runs one CLI call in a fresh interpreter, then prints which heavy packages it imported.
 PROBE = """
 import json, sys

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from evomerge.workers import recipe_text
 from evomerge.workers.layout import LayoutKind
 
 SCHEMA_VERSION = 2
@@ -109,42 +110,14 @@ class Recipe(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def summary(self) -> str:
-        """A short human-readable line for leaderboards."""
-        if self.kind == "source":
-            return f"source {self.source}"
-        if self.kind == "route":
-            head = f"{self.label}: " if self.label else ""
-            legend = ", ".join(f"{chr(65 + i)}={m}" for i, m in enumerate(self.models))
-            return f"{head}route of {len(self.route)} hops: {self.path_text()} ({legend})"
-        parts = []
-        for model in self.models:
-            vals = " ".join(
-                f"{_SHORT.get(p, p)}={_fmt(self.params[p][model])}" for p in sorted(self.params)
-            )
-            parts.append(f"{model}({vals})")
-        parts += [f"{p}={_fmt(v)}" for p, v in sorted(self.shared.items())]
-        head = f"{self.label}: " if self.label else ""
-        method = "+".join((self.method or "", *self.transforms))
-        return f"{head}{method} " + " ".join(parts)
-
+        """A short human-readable line for leaderboards (:func:`workers.recipe_text.summary`)."""
+        return recipe_text.summary(self.model_dump())
 
     def path_text(self, decimals: int = 2) -> str:
         """``A0 A1 B2×0.83 ...``: each hop as its model's letter (order of ``models``) and layer,
         with its scale where it is not 1."""
-        letters = {m: chr(65 + i) for i, m in enumerate(self.models)}
-        parts = []
-        for (model, layer), scale in zip(self.route, self.scales):
-            tag = f"{letters[model]}{layer}"
-            parts.append(tag if abs(scale - 1.0) < 0.5 * 10 ** -decimals else f"{tag}×{scale:.{decimals}f}")
-        return " ".join(parts)
+        return recipe_text.path_text(self.models, self.route, self.scales, decimals)
 
 
 Recipe.model_rebuild()
 
-_SHORT = {"weight": "w", "density": "d"}
-
-
-def _fmt(values: tuple[float, ...]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return "[" + ",".join(f"{v:.2f}" for v in values) + "]"
