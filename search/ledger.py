@@ -4,6 +4,9 @@ Trials are created RUNNING with their parameters fixed by our optimizer, then to
 Optuna's own samplers are not involved, and nothing is pickled: parameters, scores and
 recipe summaries are plain user attributes.
 
+What the dashboard shows beyond Optuna's columns (a note of per-task and held-out scores on
+each trial, the study's figures) is written through :mod:`search.dashboard`.
+
 Our candidate table is the truth; this ledger follows it. The controller records an
 outcome there first, then tells Optuna, so a stop between the two leaves a RUNNING trial
 whose candidate is settled: :meth:`Ledger.settle_running` tells it what the candidate
@@ -22,7 +25,9 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from evomerge.search.dashboard import save_figures, save_trial_note, trial_note
 from evomerge.storage.engine import engine_kwargs
+from evomerge.storage.repository import CandidateRecord
 from evomerge.storage.retry import patience_s, retrying
 
 T = TypeVar("T")
@@ -45,7 +50,6 @@ class Ledger:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self._retried(lambda: self.study.set_metric_names(list(objectives)))
         self.study_id = self.study._study_id
-        self._heldout: optuna.Study | None = None
 
     @staticmethod
     def exists(url: str, study_name: str) -> bool:
@@ -94,9 +98,14 @@ class Ledger:
             self.fail(number, f"non-finite objective values {list(values)!r}")
             return
 
+        scores = {k.removeprefix("score."): v for k, v in attrs.items() if k.startswith("score.")}
+
         def tell() -> None:
             if not self._finished(number):  # a retry after a lost acknowledgement finds it told
                 self._set_attrs(number, attrs)
+                if scores:
+                    fitness = attrs.get("fitness", values[0] if len(values) == 1 else None)
+                    save_trial_note(self.study, number, trial_note(scores, fitness))
                 self.study.tell(number, list(values) if len(values) > 1 else values[0], skip_if_finished=True)
 
         self._retried(tell)
@@ -115,24 +124,19 @@ class Ledger:
         return self.storage.get_trial(self._trial_id(number)).state.is_finished()
 
     def record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
-        """Add a held-out re-score to the companion study ``<study>:heldout``.
-
-        Optuna freezes finished trials, so held-out results live in a second study whose
-        trials copy the search trial's parameters: the dashboard shows both side by side.
-        """
+        """Show a held-out re-score on search trial ``number`` itself: Optuna freezes finished
+        trials, so it goes into the trial's dashboard note, beside its search scores."""
         self._retried(lambda: self._record_heldout(number, value, scores))
 
     def _record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
-        if self._heldout is None:
-            name = f"{self.study.study_name}:heldout"
-            self._heldout = optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
-                                                load_if_exists=True)
-            self.study.set_user_attr("heldout_study", name)
-        source = self.storage.get_trial(self._trial_id(number))
-        self._heldout.add_trial(create_trial(
-            state=TrialState.COMPLETE, value=value, params=source.params, distributions=source.distributions,
-            user_attrs={**source.user_attrs, "search_trial": number, "search_values": source.values,
-                        "heldout_scores": scores}))
+        trial = self.storage.get_trial(self._trial_id(number))
+        search = {k.removeprefix("score."): float(v) for k, v in trial.user_attrs.items() if k.startswith("score.")}
+        fitness = trial.user_attrs.get("fitness", trial.values[0] if trial.values and len(trial.values) == 1 else None)
+        save_trial_note(self.study, number, trial_note(search, fitness, scores, value))
+
+    def save_figures(self, cands: Sequence[CandidateRecord]) -> None:
+        """Store the study's figures (fitness over trials, the best recipe) for the dashboard."""
+        self._retried(lambda: save_figures(self.study, cands))
 
     def settle_running(self, verdict: Callable[[int], Sequence[float] | str]) -> list[int]:
         """Finish every RUNNING trial (left by a stopped controller) as our table says:
