@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,18 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One scored task: lm-eval task name, the metric read from its results, its weight."""
+    """One scored task: lm-eval task name, the metric read from its results, its weight, and
+    how its prompts are built (evomerge.evaluators.settings; the config resolves the
+    evaluation-wide defaults into each task)."""
 
     name: str
     metric: str = "acc"
     weight: float = 1.0
+    num_fewshot: int | None = None  # None: the task's own (0 if it has none)
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+    generation_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)  # over the task's own
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,9 @@ class TaskSuite:
     task_paths: tuple[Path, ...] = ()
     search_split: str | None = None  # None: the task's own test_split
     heldout_split: str | None = None
-    limit: int | None = None  # documents per task (None: all)
-    fewshot: int | None = None
+    limit: int | None = None  # documents per task on the search split (None: all), a seeded sample
+    heldout_limit: int | None = None  # the same on the held-out split
+    sample_seed: int = 0  # draws the sampled documents: stored with the study, so fixed for it
 
 
 @functools.cache  # one class, created on first use so lm-eval is imported only by workers
@@ -120,13 +129,14 @@ def task_config(spec: TaskSpec, suite: TaskSuite, split: str | None) -> dict[str
     cfg = _resolve_data_files(copy.deepcopy(cfg), file.parent)
     if split is not None:
         cfg["test_split"] = split
-    if suite.fewshot is not None:
-        cfg["num_fewshot"] = suite.fewshot
     return cfg
 
 
 def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
-    """lm-eval Task objects for the search (or held-out) split, keyed by our task name."""
+    """lm-eval Task objects for the search (or held-out) split, keyed by our task name, with
+    each task's settings applied."""
+    from evomerge.evaluators.settings import apply_settings  # it imports this module
+
     split = suite.heldout_split if heldout else suite.search_split
     if heldout and split is None:
         raise TaskError("no held-out split configured")
@@ -166,7 +176,22 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
                 if heldout:
                     task.config.task = f"{spec.name}__{split}"
             built[spec.name] = task
+    for spec in suite.tasks:
+        apply_settings(built[spec.name], spec)
     return built
+
+
+def doc_samples(suite: TaskSuite, tasks: Mapping[str, Any], heldout: bool) -> dict[str, list[int]]:
+    """lm-eval's ``samples``: the documents scored per task where a limit cuts the split."""
+    from evomerge.evaluators.settings import sample_docs
+
+    limit = suite.heldout_limit if heldout else suite.limit
+    samples: dict[str, list[int]] = {}
+    for name, task in tasks.items():
+        chosen = sample_docs(len(task.eval_docs), limit, suite.sample_seed, name, task.config.test_split or "")
+        if chosen is not None:
+            samples[name] = chosen
+    return samples
 
 
 def _check_file_split(name: str, cfg: dict[str, Any], split: str | None, field: str) -> None:
@@ -205,13 +230,20 @@ def _check_is_task(manager: Any, name: str, where: str) -> None:
                         "list its tasks one by one (each with its metric and weight)")
 
 
-def check_suite(suite: TaskSuite) -> None:
+def check_suite(suite: TaskSuite, tokenizer_dir: Path | None = None, model: str = "") -> None:
     """Build every task on the search and held-out splits, as a worker will, and check that
-    each configured metric is one the task reports (TaskError, one line, otherwise)."""
+    each configured metric is one the task reports and each setting is one lm-eval applies
+    (TaskError, one line, otherwise); with ``tokenizer_dir`` (the workers' tokenizer, of
+    ``model``), that it has the chat template the settings ask for."""
+    from evomerge.evaluators.settings import check_chat_template, check_settings
+
     for heldout in (False, True) if suite.heldout_split is not None else (False,):
         tasks = build_task_dict(suite, heldout)
         for spec in suite.tasks:
             check_metric(spec, tasks[spec.name])
+            check_settings(spec, tasks[spec.name], suite.heldout_split)
+    if tokenizer_dir is not None:
+        check_chat_template(suite.tasks, tokenizer_dir, model)
 
 
 def check_metric(spec: TaskSpec, task: Any) -> None:
