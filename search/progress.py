@@ -76,8 +76,10 @@ class Progress:
     # --- what is shown --------------------------------------------------------------
 
     def rate(self) -> float | None:
-        """Trials per second since the first results of this run (None until a second batch)."""
-        if self._anchor is None or self.done <= self._anchor[1]:
+        """Trials per second since the first results of this run; None until a round more
+        (at least two, and one per worker) came in: results that land together (workers
+        started at once, duplicates settled at once) say nothing about the pace."""
+        if self._anchor is None or self.done - self._anchor[1] < max(2, self.workers):
             return None
         return (self.done - self._anchor[1]) / max(self.clock() - self._anchor[0], 1e-9)
 

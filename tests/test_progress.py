@@ -36,7 +36,10 @@ def test_eta_starts_from_the_first_results_not_from_start_up() -> None:
     clock.now += 5
     progress.update(6, 0.5, 2, 2)  # the first results anchor the rate
     assert progress.eta_s() is None
-    clock.now += 10
+    clock.now += 4
+    progress.update(7, 0.6, 2, 2)  # one more result is not yet a pace
+    assert progress.eta_s() is None
+    clock.now += 6
     progress.update(8, 0.6, 2, 2)  # 2 trials in 10 s: 12 to go take 60 s
     assert progress.rate() == 0.2 and progress.eta_s() == 60.0
     assert "12.0/min" in progress.status() and "ETA 1m00s" in progress.status()
