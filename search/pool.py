@@ -286,7 +286,8 @@ def _start_ray(count: int, num_cpus: float, num_gpus: float, address: str | None
     if not ray.is_initialized():
         # As many CPUs as workers ask for (oversubscribing is the user's call).
         with _environ_without(_controller_only):
-            ray.init(num_cpus=max(int(count * num_cpus + 0.999), os.cpu_count() or 1),
+            # address="local": a private Ray, never a cluster that `ray start` (or RAY_ADDRESS) left
+            ray.init(address="local", num_cpus=max(int(count * num_cpus + 0.999), os.cpu_count() or 1),
                      num_gpus=None if num_gpus else 0, include_dashboard=False,
                      _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
         node = ray.util.get_node_ip_address()

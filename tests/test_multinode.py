@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +83,11 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Node, Node]]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     port = _free_port("127.0.0.2")
-    head = Node(["--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--include-dashboard=false"],
-                env, tmp_path / "head.log")
+    # Its own temp dir (short: Ray's socket paths must fit 107 bytes): `ray start --head`
+    # records its address there for later drivers, and must not leave it in /tmp/ray.
+    temp = Path(tempfile.mkdtemp(prefix="evray", dir="/tmp"))
+    head = Node(["--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--include-dashboard=false",
+                 f"--temp-dir={temp}"], env, tmp_path / "head.log")
     nodes = [head]
     try:
         _wait_for("the Ray head", lambda: _port_open("127.0.0.2", port) or head.proc.poll() is not None)
@@ -100,6 +105,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Node, Node]]:
     finally:
         for node in reversed(nodes):
             node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _attempts(db: Path) -> list[tuple[int, int, str, str | None, float | None, str | None]]:
@@ -164,3 +170,15 @@ def test_search_spans_two_nodes_and_loses_nothing_when_one_dies(
         assert later and later[-1][5] == "ok", (cid, rows)
         assert all(not other.owns(_pid(r[3])) for r in later)
     assert head_worker != lost_worker
+
+
+def test_a_search_without_ray_address_never_joins_another_cluster(tmp_path: Path) -> None:
+    """A dead cluster named by RAY_ADDRESS (as by the address file a `ray start --head` leaves
+    in /tmp/ray) is ignored: without --ray-address the search starts its own Ray on loopback
+    (it used to try to join and fail: "num_cpus and num_gpus must not be provided")."""
+    cfg = demo_config(tmp_path / "cfg.yaml", 3, limit=10)
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.9:{_free_port('127.0.0.1')}"}
+    proc = subprocess.run([sys.executable, "-m", "evomerge", "search", str(cfg), "--storage",
+                           f"sqlite:///{tmp_path / 's.db'}", "--workers", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
