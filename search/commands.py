@@ -47,9 +47,11 @@ class Prepared:
 
 def prepare(cfg: SearchConfig, allow_pickle: bool = False) -> Prepared:
     """Check sources and tasks before anything is written (SourceError / TaskError)."""
-    folders = validate_sources(cfg.sources(), allow_pickle)
+    folders = validate_sources(cfg.sources(), allow_pickle, cfg.base_model)
     check_finite(folders, allow_pickle)
-    check_suite(cfg.suite())  # names, splits and metrics, with the tasks built as the workers will
+    # names, splits, metrics and settings, with the tasks built as the workers will; the chat
+    # template of the tokenizer the workers use (the base model's)
+    check_suite(cfg.suite(), folders.get(cfg.base_model), cfg.base_model)
     routed = [m for m in collection(cfg) if m in folders]  # the PS model of ps+dfs has the base's config
     if cfg.space != "ps" and routed:
         try:
@@ -221,7 +223,7 @@ def replay(repo: Repository, study: str, study_id: int, config_json: str, trial:
     """Write a candidate of the study as a model folder; returns the folder."""
     cfg = stored_config(config_json, study)
     cand, recipe = _replayed(repo, study_id, trial)
-    folders = validate_sources(cfg.sources(), allow_pickle)
+    folders = validate_sources(cfg.sources(), allow_pickle, cfg.base_model)
     import torch
 
     materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype),
@@ -266,7 +268,8 @@ def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
     recipe = job.recipe
     base = recipe.base if recipe.kind == "merge" else recipe.source
     used = dict.fromkeys(n for n in (base, *recipe.models, job.tokenizer_source) if n)
-    folders = validate_sources([SourceModel(n, job.sources[n]) for n in used], args.allow_pickle)
+    merge_base = recipe.base if recipe.kind == "merge" else None  # a lone source may be an adapter
+    folders = validate_sources([SourceModel(n, job.sources[n]) for n in used], args.allow_pickle, merge_base)
     import torch
     from transformers import AutoTokenizer
 

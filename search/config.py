@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
+from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.tasks import TaskSpec, TaskSuite
 from evomerge.search.presets import apply_defaults
 from evomerge.workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
@@ -134,10 +135,32 @@ class OptimizerConfig(_Strict):
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a dataset split is a name, never a path
 
 
+class GenerationKwargs(_Strict):
+    """Overrides of a generate_until task's generation kwargs (docs/evaluation.md)."""
+
+    until: str | list[str] | None = None
+    max_gen_toks: StrictInt | None = Field(None, ge=1)
+    do_sample: StrictBool | None = None
+    temperature: StrictFloat | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _greedy(self) -> "GenerationKwargs":
+        if self.do_sample or (self.temperature or 0) > 0:  # duplicates are scored once; CMA-ES ranks
+            raise ValueError("sampling makes a candidate's score random; only greedy decoding is allowed "
+                             "(do_sample: false, temperature: 0)")
+        return self
+
+
 class TaskEntry(_Strict):
     name: str = Field(min_length=1)
     metric: str = "acc"  # or "metric,filter" for a task with several filters
     weight: StrictFloat = Field(1.0, gt=0)
+    # None: the evaluation-wide setting (docs/evaluation.md)
+    num_fewshot: StrictInt | None = Field(None, ge=0)
+    apply_chat_template: StrictBool | None = None
+    system_instruction: str | None = Field(None, min_length=1)
+    fewshot_as_multiturn: StrictBool | None = None
+    generation_kwargs: GenerationKwargs | None = None
 
 
 class EvaluationConfig(_Strict):
@@ -145,9 +168,39 @@ class EvaluationConfig(_Strict):
     tasks: list[TaskEntry] = Field(min_length=1)
     search_split: str | None = None
     heldout_split: str | None = None
-    limit: StrictInt | None = Field(None, ge=1)
+    limit: StrictInt | None = Field(None, ge=1)  # search documents per task: a seeded sample, fixed per study
+    heldout_limit: StrictInt | None = Field(None, ge=1)  # held-out documents per task (None: all)
+    sample_seed: StrictInt = 0  # draws both samples
+    num_fewshot: StrictInt | None = Field(None, ge=0)  # None: each task's own
+    apply_chat_template: StrictBool = False
+    system_instruction: str | None = Field(None, min_length=1)
+    fewshot_as_multiturn: StrictBool = False
     heldout_top_k: StrictInt = Field(3, ge=0)
     batch_size: StrictInt = Field(64, ge=1)
+
+    def spec(self, task: TaskEntry) -> TaskSpec:
+        """``task`` with the evaluation-wide settings filled in where it sets none."""
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        gen = task.generation_kwargs.model_dump(exclude_none=True) if task.generation_kwargs else {}
+        return TaskSpec(task.name, task.metric, task.weight, pick(task.num_fewshot, self.num_fewshot),
+                        pick(task.apply_chat_template, self.apply_chat_template),
+                        pick(task.system_instruction, self.system_instruction),
+                        pick(task.fewshot_as_multiturn, self.fewshot_as_multiturn), gen)
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> "EvaluationConfig":
+        seen: dict[str, TaskSpec] = {}
+        for i, task in enumerate(self.tasks):
+            spec = self.spec(task)
+            if spec.fewshot_as_multiturn and not spec.apply_chat_template:
+                raise ValueError(f"tasks[{i}] {task.name!r}: fewshot_as_multiturn needs apply_chat_template: true")
+            other = seen.setdefault(task.name, spec)
+            if (other.num_fewshot, other.generation_kwargs, *prompt_key(other)) != \
+                    (spec.num_fewshot, spec.generation_kwargs, *prompt_key(spec)):
+                raise ValueError(f"tasks[{i}] {task.name!r}: listed twice with different settings")
+        return self
 
     @field_validator("search_split", "heldout_split")
     @classmethod
@@ -174,6 +227,23 @@ class WorkersConfig(_Strict):
     job_timeout_s: StrictFloat | None = Field(None, gt=0)
 
 
+class TrackingConfig(_Strict):
+    """Optional logging of every candidate to MLflow (search/tracking.py); off by default."""
+
+    backend: Literal["none", "mlflow"] = "none"
+    uri: str = Field("sqlite:///mlflow.db", min_length=1)  # an MLflow tracking URI; a SQLite file works offline
+    experiment: str | None = Field(None, min_length=1)  # None: the study's name
+
+    @field_validator("backend")
+    @classmethod
+    def _installed(cls, backend: str) -> str:
+        import importlib.util
+
+        if backend == "mlflow" and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("mlflow is not installed: pip install 'evomerge[tracking]'")
+        return backend
+
+
 class SearchConfig(_Strict):
     study: str = Field("evomerge", min_length=1)
     preset: Literal["sakana"] | None = None  # fills in what the config leaves out (search/presets.py)
@@ -186,6 +256,7 @@ class SearchConfig(_Strict):
     evaluation: EvaluationConfig
     budget: BudgetConfig = BudgetConfig()
     workers: WorkersConfig = WorkersConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("study")
     @classmethod
@@ -217,9 +288,8 @@ class SearchConfig(_Strict):
 
     def suite(self) -> TaskSuite:
         ev = self.evaluation
-        return TaskSuite(tuple(TaskSpec(t.name, t.metric, t.weight) for t in ev.tasks),
-                         tuple(Path(p) for p in ev.task_paths), ev.search_split, ev.heldout_split,
-                         ev.limit)
+        return TaskSuite(tuple(ev.spec(t) for t in ev.tasks), tuple(Path(p) for p in ev.task_paths),
+                         ev.search_split, ev.heldout_split, ev.limit, ev.heldout_limit, ev.sample_seed)
 
     def identity_json(self) -> str:
         """What a study is defined by: a resumed search must not change these."""
@@ -227,7 +297,8 @@ class SearchConfig(_Strict):
             "models": True, "base_model": True, "space": True, "merge": True, "optimizer": True,
             "dfs": {"models", "repeats", "block", "pin_ends", "scales", "scale_range", "max_hops", "memory_gb",
                     "ps_study"},
-            "evaluation": {"tasks", "search_split", "heldout_split", "limit"}})
+            "evaluation": {"tasks", "search_split", "heldout_split", "limit", "heldout_limit", "sample_seed",
+                           "num_fewshot", "apply_chat_template", "system_instruction", "fewshot_as_multiturn"}})
 
 
 # A study has companions in the same storage: <study>:dfs (search/stages.py, a PS+DFS search's
