@@ -9,6 +9,14 @@
   untuned start has no slope toward combining them.
 - ``distractor``: the demo plus a third expert trained on an irrelevant skill (writing the
   word backwards), Sakana's distraction ablation: a good merge has to leave it out.
+- ``narrow``: built so that no baseline passes and the success region is a small part of the
+  default box: ``unseen``'s experts rescaled along their task vectors (cipher_a to half
+  strength, so it needs amplifying; cipher_b overshot 1.6x, so it needs damping) plus a
+  ``reverse`` distractor trained from ``unseen``'s base, which must be left out.
+- ``layered``: per-layer structure on the demo's base: cipher_a's skill is trained into the
+  lower half of the layers only and cipher_b's into the upper half only, and each expert's
+  other half learns a *wrong* cipher for the other alphabet, so one weight per model cannot
+  take one expert's good half without its harmful one.
 
 Each build is seeded (1 torch thread while training) and takes ~1-2 minutes on one core. A
 landscape lives in ``benchmarks/.landscapes/<name>`` and is rebuilt only when its folder lacks
@@ -19,24 +27,23 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
+
+from evomerge.demo.build_demo import (
+    BATCH, SEPARATOR, TrainingRecipe, accuracy, build, build_tokenizer, ciphers, echo, encipher, make_words,
+    train,
+)
+from evomerge.workers.operators import task_arithmetic
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from evomerge.demo.build_demo import (  # noqa: E402
-    BATCH, SEPARATOR, TrainingRecipe, accuracy, build, build_tokenizer, echo, make_words, train,
-)
-from transformers import LlamaForCausalLM  # noqa: E402
-from evomerge.workers.operators import task_arithmetic  # noqa: E402
-
 CACHE = ROOT / "benchmarks" / ".landscapes"
 DEMO = ROOT / "demo"
 TASKS = ("cipher_a", "cipher_b", "cipher_mix")
@@ -46,6 +53,8 @@ STAMP = ".complete"
 # Lighter experts than the demo's (120 steps, not 300) over other alphabets and ciphers.
 UNSEEN = TrainingRecipe(seed=11, expert_steps=120, alphabets=("acegikmo", "bdfhjlnp"))
 DISTRACTOR_STEPS, DISTRACTOR_LR, DISTRACTOR_SEED = 300, 1e-3, 23
+NARROW_SCALE = {"cipher_a": 0.5, "cipher_b": 1.6}  # each expert is base + scale * its task vector
+LAYERED_STEPS, LAYERED_LR, LAYERED_SEED, WRONG_CIPHER_SEED = 300, 2e-3, 31, 97
 
 
 @dataclass(frozen=True)
@@ -103,13 +112,13 @@ def _make_unseen(out: Path) -> None:
         file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
 
 
-def _make_distractor(out: Path) -> None:
-    """Fine-tune the demo's base to write words backwards, replaying its echo as the demo's
+def _make_distractor(out: Path, base: Path = DEMO / "models" / "base") -> None:
+    """Fine-tune ``base`` to write words backwards, replaying its echo as the demo's
     experts do; the cipher tasks never ask for it."""
     tok = build_tokenizer()
     words = make_words(TrainingRecipe().seed)
     pool = [w for split in words.values() for w in split.train]
-    model = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base")
+    model = LlamaForCausalLM.from_pretrained(base)
     sample = lambda r: [echo(w) if r.random() < TrainingRecipe().replay else (w + SEPARATOR, w[::-1])  # noqa: E731
                         for w in (r.choice(pool) for _ in range(BATCH))]
     model = train(model, sample, DISTRACTOR_STEPS, DISTRACTOR_LR, DISTRACTOR_SEED, tok)
@@ -117,10 +126,66 @@ def _make_distractor(out: Path) -> None:
     tok.save_pretrained(out / "models" / "reverse")
 
 
+def _save(model: LlamaForCausalLM, folder: Path) -> None:
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+
+
+def _make_narrow(unseen: Path) -> Callable[[Path], None]:
+    def make(out: Path) -> None:
+        shutil.copytree(unseen / "tasks", out / "tasks")
+        base = LlamaForCausalLM.from_pretrained(unseen / "models" / "base")
+        _save(base, out / "models" / "base")
+        theta = {k: v.clone() for k, v in base.state_dict().items()}
+        for expert, scale in NARROW_SCALE.items():
+            other = LlamaForCausalLM.from_pretrained(unseen / "models" / expert).state_dict()
+            base.load_state_dict({k: theta[k] + scale * (other[k] - theta[k]) for k in theta})
+            _save(base, out / "models" / expert)
+        _make_distractor(out, unseen / "models" / "base")
+    return make
+
+
+def _train_layers(model: LlamaForCausalLM, layers: range, sample: Callable[[random.Random], list[tuple[str, str]]],
+                  seed: int) -> LlamaForCausalLM:
+    """Train only ``layers`` (embeddings, norms and head frozen), so the skill lives there."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(f"model.layers.{i}.") for i in layers))
+    return train(model, sample, LAYERED_STEPS, LAYERED_LR, seed, build_tokenizer())
+
+
+def _make_layered(out: Path) -> None:
+    """Per expert: its own cipher into its half of the layers (replaying the base's echo of the
+    other alphabet), then a wrong cipher for the other alphabet into the other half (replaying
+    its own cipher, so the expert itself keeps its skill)."""
+    shutil.copytree(DEMO / "tasks", out / "tasks")
+    for task in TASKS:
+        file = out / "tasks" / "data" / f"{task}_search.jsonl"
+        file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
+    recipe = TrainingRecipe()
+    words = make_words(recipe.seed)
+    right, wrong = encipher(ciphers(recipe.seed)), encipher(ciphers(WRONG_CIPHER_SEED))
+    n_layers = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base").config.num_hidden_layers
+    low, high = range(n_layers // 2), range(n_layers // 2, n_layers)
+    _save(LlamaForCausalLM.from_pretrained(DEMO / "models" / "base"), out / "models" / "base")
+    for i, (name, own, other, mine, theirs) in enumerate((("cipher_a", "cipher_a", "cipher_b", low, high),
+                                                          ("cipher_b", "cipher_b", "cipher_a", high, low))):
+        own_w, other_w = words[own].train, words[other].train
+        model = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base")
+        mix = lambda r, first, second: [first(r.choice(own_w)) if r.random() > recipe.replay  # noqa: E731
+                                        else second(r.choice(other_w)) for _ in range(BATCH)]
+        model = _train_layers(model, mine, lambda r: mix(r, right, echo), LAYERED_SEED + i)
+        model = _train_layers(model, theirs, lambda r: [right(r.choice(own_w)) if r.random() < recipe.replay
+                                                        else wrong(r.choice(other_w)) for _ in range(BATCH)],
+                              LAYERED_SEED + 10 + i)
+        _save(model, out / "models" / name)
+
+
 def landscapes(cache: Path = CACHE) -> dict[str, Landscape]:
     """Every landscape, built into ``cache`` first where missing."""
     _stamped(cache / "unseen", _make_unseen)
     _stamped(cache / "distractor", _make_distractor)
+    _stamped(cache / "narrow", _make_narrow(cache / "unseen"))
+    _stamped(cache / "layered", _make_layered)
     demo_models = ("base", "cipher_a", "cipher_b")
     return {
         "demo": Landscape("demo", DEMO, demo_models),
@@ -128,6 +193,8 @@ def landscapes(cache: Path = CACHE) -> dict[str, Landscape]:
         "distractor": Landscape("distractor", DEMO, demo_models + ("reverse",),
                                 model_folders=tuple(DEMO / "models" / m for m in demo_models)
                                 + (cache / "distractor" / "models" / "reverse",)),
+        "narrow": Landscape("narrow", cache / "narrow", demo_models + ("reverse",)),
+        "layered": Landscape("layered", cache / "layered", demo_models),
     }
 
 
@@ -145,17 +212,22 @@ WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @torch.no_grad()
-def task_arithmetic_scores(land: Landscape, points: list[tuple[float, ...]]) -> dict[tuple[float, ...], float]:
+def task_arithmetic_scores(land: Landscape, points: list[tuple[float, ...]],
+                           halves: bool = False) -> dict[tuple[float, ...], float]:
     """Held-out mean accuracy of task arithmetic θ_b + Σ w_i δ_i at each point (one weight
-    per expert, in ``land.experts`` order)."""
+    per expert, in ``land.experts`` order; with ``halves``, one for the lower half of the
+    layers, then one for the upper half and the rest)."""
     paths = land.paths()
     states = {m: LlamaForCausalLM.from_pretrained(p).state_dict() for m, p in paths.items()}
     model = LlamaForCausalLM.from_pretrained(paths[land.base_model]).eval()
     tok = build_tokenizer()
     data = _heldout(land)
+    n, half = len(land.experts), model.config.num_hidden_layers // 2
+    lower = lambda key: any(key.startswith(f"model.layers.{i}.") for i in range(half))  # noqa: E731
     out: dict[tuple[float, ...], float] = {}
     for w in points:
-        merged = {k: task_arithmetic(v, [states[e][k] for e in land.experts], weight=w)
+        pick = (lambda key: w[:n] if lower(key) else w[n:]) if halves else (lambda key: w)
+        merged = {k: task_arithmetic(v, [states[e][k] for e in land.experts], weight=pick(k))
                   for k, v in states[land.base_model].items()}
         model.load_state_dict(merged)
         out[w] = sum(accuracy(model, ex, tok) for ex in data.values()) / len(data)
@@ -182,6 +254,11 @@ def print_grid(land: Landscape) -> None:
             print(f"  {w:5.2f} " + "".join(f"{table[(w, w) + (d,) * extra]:7.3f}" for d in pulls))
     best = max(table, key=table.__getitem__)
     print(f"  best {best}: {table[best]:.3f}")
+    if land.name == "layered":  # what per-layer weights can reach: each expert's good half only
+        points = [(1.0, 0.0, 0.0, 1.0), (1.0, 0.25, 0.25, 1.0), (1.25, 0.0, 0.0, 1.25), (0.75, 0.0, 0.0, 0.75)]
+        halves = task_arithmetic_scores(land, points, halves=True)
+        print(f"  per half (lower w_{land.experts[0]}, w_{land.experts[1]}; upper the same): "
+              + ", ".join(f"{p} {v:.3f}" for p, v in halves.items()))
 
 
 def main() -> None:

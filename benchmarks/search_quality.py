@@ -1,7 +1,8 @@
 """Search quality: does a default search find a merge above every source, and how fast?
 
     python benchmarks/search_quality.py [--optimizers cma,random] [--seeds 5] [--budget 120]
-                                        [--landscapes demo,unseen,distractor] [--quick]
+                                        [--landscapes demo,unseen,distractor,narrow] [--quick]
+    python benchmarks/search_quality.py --landscapes layered --optimizers cma,cma@layer_group,random
 
 For each landscape x optimizer x seed it runs a real search through the project's own path
 (``load_config`` on a generated YAML, ``prepare``, ``run_search`` on a fresh SQLite file;
@@ -20,7 +21,11 @@ candidate beats the best source's held-out by the margin) over seeds; evaluation
 search fitness first beat the best source's search fitness by the margin (median over seeds,
 '-' when the median seed never did; baselines count as evaluations); the best candidate's
 held-out (mean ± std over seeds); and that evaluation count divided by random search's from
-the same run. An optimizer the config does not accept is skipped with a note.
+the same run; the same count and ratio for the optimizer's own proposals; and how many of
+its proposals passed the margin (for random search: the share of the box where success lies).
+An optimizer the config does not accept is skipped with a note. ``layered`` is not in the
+default set: one weight per model cannot succeed there by construction; it measures
+per-layer genes (``cma@layer_group``) against per-model ones.
 """
 
 from __future__ import annotations
@@ -44,8 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # landscapes.py; evomerge is installed
 
 from landscapes import CACHE, TASKS, Landscape, landscapes  # noqa: E402
 from evomerge.search.commands import prepare, run_search  # noqa: E402
@@ -90,6 +94,10 @@ class RunResult:
     # the same count for the first candidate the optimizer proposed past the margin (what the
     # optimizer adds to the baselines it was given; None: none within the budget)
     evolved_to_success: int | None = None
+    # how many of the optimizer's own proposals passed that margin, of how many: for random
+    # search, an estimate of the share of the box where success lies
+    evolved_hits: int = 0
+    evolved_count: int = 0
 
 
 def noise(land: Landscape) -> Noise:
@@ -145,13 +153,15 @@ def summarise(land: Landscape, optimizer: str, seed: int, cands: list[CandidateR
     threshold = (best_src.fitness or 0.0) + margin.search_margin
     first = next((i for i, c in enumerate(trials, 1) if c.fitness is not None and c.fitness > threshold), None)
     first_origin = trials[first - 1].origin if first is not None else None
+    proposed = [c for c in trials if c.origin not in BASELINES]
+    hits = sum(1 for c in proposed if c.fitness is not None and c.fitness > threshold)
     evolved = next((i for i, c in enumerate(trials, 1)
                     if c.origin not in BASELINES and c.fitness is not None and c.fitness > threshold), None)
     gaps = tuple(abs(c.fitness - c.heldout_fitness) for c in cands
                  if c.fitness is not None and c.heldout_fitness is not None and c.duplicate_of is None)
     return RunResult(land.name, optimizer, seed, len(trials), best_src.fitness or 0.0, best_src_heldout,
                      best.fitness or 0.0, scored.heldout_fitness if scored.heldout_fitness is not None else math.nan,
-                     best.origin, first, gaps, seconds, first_origin, evolved)
+                     best.origin, first, gaps, seconds, first_origin, evolved, hits, len(proposed))
 
 
 def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: int, margin: Noise,
@@ -171,16 +181,26 @@ def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: in
 
 def _median_evals(runs: list[RunResult], evolved: bool = False) -> float:
     """Median evaluations to success (by any candidate, or by an ``evolved`` one), a seed that
-    never succeeded counting as infinitely many."""
+    never succeeded counting as infinitely many (more than any budget: censored, so the
+    median is finite only when at least half the seeds succeeded)."""
     counts = (r.evolved_to_success if evolved else r.evals_to_success for r in runs)
     return statistics.median(c if c is not None else math.inf for c in counts)
+
+
+def ratio(median: float, random_median: float, budget: int) -> str:
+    """``median / random_median`` as the table prints it: ``-`` when ``median`` is censored
+    (unknown), ``< x`` with x = median / budget when only random search's is (random needed
+    more than the budget, so the true ratio is below that)."""
+    if not math.isfinite(median):
+        return "-"
+    return f"{median / random_median:.2f}" if math.isfinite(random_median) else f"< {median / budget:.2f}"
 
 
 def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> str:
     lines = ["| landscape | optimizer | success | evals to success (median) | best held-out (mean ± std) "
              "| best source held-out | evals vs random | first success by a baseline "
-             "| evolved to success (median) | evolved vs random |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| evolved to success (median) | evolved vs random | proposals past the margin |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.landscape, r.optimizer), []).append(r)
@@ -190,20 +210,16 @@ def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> st
         med = _median_evals(runs)
         held = [r.best_heldout for r in runs]
         spread = statistics.stdev(held) if len(held) > 1 else 0.0
-        ratio = "-"
-        rnd = groups.get((name, "random"))
-        if rnd is not None and opt != "random" and math.isfinite(med):
-            base = _median_evals(rnd)
-            ratio = f"{med / base:.2f}" if math.isfinite(base) else f"< {med / budget:.2f}"
+        rnd = groups.get((name, "random")) if opt != "random" else None
+        evals_ratio = ratio(med, _median_evals(rnd), budget) if rnd else "-"
         by_baseline = sum(1 for r in runs if r.success_origin in BASELINES)
         evo = _median_evals(runs, evolved=True)
-        evo_ratio = "-"
-        if rnd is not None and opt != "random" and math.isfinite(evo):
-            base = _median_evals(rnd, evolved=True)
-            evo_ratio = f"{evo / base:.2f}" if math.isfinite(base) else f"< {evo / budget:.2f}"
+        evo_ratio = ratio(evo, _median_evals(rnd, evolved=True), budget) if rnd else "-"
+        hits, proposed = sum(r.evolved_hits for r in runs), sum(r.evolved_count for r in runs)
         lines.append(f"| {name} | {opt} | {wins}/{len(runs)} | {'-' if math.isinf(med) else f'{med:g}'} | "
-                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {ratio} | "
-                     f"{by_baseline}/{len(runs)} | {'-' if math.isinf(evo) else f'{evo:g}'} | {evo_ratio} |")
+                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {evals_ratio} | "
+                     f"{by_baseline}/{len(runs)} | {'-' if math.isinf(evo) else f'{evo:g}'} | {evo_ratio} | "
+                     f"{hits}/{proposed} |")
     return "\n".join(lines)
 
 
@@ -223,7 +239,8 @@ def main() -> int:
     parser.add_argument("--optimizers", default="cma,random",
                         help="comma-separated optimizer.name values, or preset=NAME for a preset's defaults; "
                              "NAME@GRANULARITY also sets merge.granularity (cma@layer_group)")
-    parser.add_argument("--landscapes", default="demo,unseen,distractor")
+    parser.add_argument("--landscapes", default="demo,unseen,distractor,narrow",
+                        help="comma-separated, of demo, unseen, distractor, narrow, layered")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=120, help="evaluations per search (baselines included)")
     parser.add_argument("--workers", type=int, default=2)
@@ -233,6 +250,9 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="show each search's progress")
     parser.add_argument("--table-from", type=Path, help="print the table of a --raw file instead of searching")
     args = parser.parse_args()
+    # Each search starts its own local Ray: without this, ray.init joins (or fails on) whatever
+    # cluster /tmp/ray/ray_current_cluster names, e.g. another user's or a test's.
+    os.environ.setdefault("RAY_ADDRESS", "local")
     if args.quick:
         args.seeds, args.budget = 1, 24
     every = landscapes(args.cache)
