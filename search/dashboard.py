@@ -54,6 +54,26 @@ def save_trial_note(study: optuna.Study, number: int, body: str) -> None:
     save_note(optuna.trial.Trial(study, trial_id), body)
 
 
+_NOTE_CHUNK = 2045  # optuna-dashboard's longest system attribute string
+
+
+def first_trial_note(study: optuna.Study, number: int, body: str) -> None:
+    """Write the first note of a new trial, as version 1.
+
+    ``save_note`` reads every system attribute of the study twice (to number the version and
+    clear older chunks): with a note per trial that grows with the study, ~50 ms a trial at
+    300 trials. A new trial has neither a version nor chunks, so this writes optuna-dashboard's
+    keys directly: the version, then the body in chunks. The browser test
+    (tests/test_dashboard_browser.py) reads such a note off the rendered page, so a change of
+    the format in an optuna-dashboard upgrade fails there."""
+    storage, study_id = study._storage, study._study_id
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_study_system_attr(study_id, f"dashboard:{trial_id}:note_ver", 1)
+    for i in range(0, max(len(body), 1), _NOTE_CHUNK):
+        storage.set_study_system_attr(study_id, f"dashboard:{trial_id}:note_str:{i // _NOTE_CHUNK}",
+                                      body[i:i + _NOTE_CHUNK])
+
+
 def save_figures(study: optuna.Study, cands: Sequence[CandidateRecord]) -> int:
     """Store the study's figures (replacing earlier ones by id); returns how many."""
     from optuna_dashboard import save_plotly_graph_object

@@ -25,7 +25,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from evomerge.search.dashboard import save_figures, save_trial_note, trial_note
+from evomerge.search.dashboard import first_trial_note, save_figures, save_trial_note, trial_note
 from evomerge.storage.engine import engine_kwargs
 from evomerge.storage.repository import CandidateRecord
 from evomerge.storage.retry import patience_s, retrying
@@ -105,7 +105,7 @@ class Ledger:
                 self._set_attrs(number, attrs)
                 if scores:
                     fitness = attrs.get("fitness", values[0] if len(values) == 1 else None)
-                    save_trial_note(self.study, number, trial_note(scores, fitness))
+                    first_trial_note(self.study, number, trial_note(scores, fitness))
                 self.study.tell(number, list(values) if len(values) > 1 else values[0], skip_if_finished=True)
 
         self._retried(tell)
