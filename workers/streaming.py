@@ -27,7 +27,7 @@ from torch import Tensor
 
 from evomerge.workers.sparsify import DareDraw, MagnitudeBand
 
-CHUNK = 1 << 17  # elements per step; larger than L2 but small enough for L3, large enough to split over threads
+CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
 HALF = (torch.float16, torch.bfloat16)  # sums over these are accumulated in float32, rounded once
 _INT_OF = {4: torch.int32, 2: torch.int16}
 _SIGN_SHIFT = {4: 31, 2: 15}
