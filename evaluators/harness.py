@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from evomerge.evaluators.settings import FEWSHOT_SEED, prompt_key
-from evomerge.evaluators.tasks import TaskSuite, build_task_dict, doc_samples
+from evomerge.evaluators.racing import Partial, keep_going
+from evomerge.evaluators.settings import FEWSHOT_SEED, DocSample, document_order, prompt_key
+from evomerge.evaluators.tasks import TaskSpec, TaskSuite, build_task_dict, doc_samples
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Scores of one candidate on the search split, the documents they rest on, and whether
+    the evaluation ran to the end (False: stopped by racing, scores from the first stage)."""
+
+    scores: dict[str, float]
+    documents: int
+    complete: bool
+
+
+def _mean_metric(task: Any, metric: str) -> bool:
+    """Whether lm-eval aggregates ``metric`` of ``task`` as a plain mean over documents."""
+    aggregation = task.aggregation().get(metric.partition(",")[0])
+    return getattr(aggregation, "__name__", "") == "mean"
 
 
 class Evaluator:
@@ -27,6 +46,8 @@ class Evaluator:
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         self._tasks: dict[bool, dict[str, Any]] = {}
         self._samples: dict[bool, dict[str, list[int]]] = {}
+        self._order: dict[str, list[int]] | None = None  # racing: built on first use
+        self._first: dict[str, int] = {}
         self._build(heldout=False)
 
     def _build(self, heldout: bool) -> None:
@@ -37,14 +58,60 @@ class Evaluator:
     def score(self, heldout: bool = False) -> dict[str, float]:
         """Metric per task on the search split (or the held-out split); MissingMetric when
         lm-eval reports no value for a configured metric (``check_suite`` catches that first)."""
-        from lm_eval.evaluator import evaluate
-
         if heldout not in self._tasks:
             self._build(heldout=True)
-        tasks, samples = self._tasks[heldout], self._samples[heldout]
+        return self._scores(heldout, self._samples[heldout], self.suite.tasks)
+
+    def race(self, bar: float | None) -> Scoring:
+        """Scores on the search split, stopping after the first stage when the candidate
+        cannot reach ``bar`` (evaluators/racing.py); the full scores when nothing is raced."""
+        order = self._race_order()
+        if bar is None or not order:
+            return Scoring(self.score(), self._documents(self._samples[False]), complete=True)
+        specs = self.suite.tasks
+        first = {name: DocSample(docs[:self._first[name]]) for name, docs in order.items()}
+        stage1 = self._scores(False, {**self._samples[False], **first}, specs)
+        weights = {s.name: s.weight for s in specs}
+        partials = {s.name: Partial(stage1[s.name], self._first[s.name], len(order[s.name]))
+                    if s.name in order else Partial(stage1[s.name], 1, 1) for s in specs}
+        documents = self._documents({**self._samples[False], **first})
+        if not keep_going(partials, weights, bar, self.suite.racing.confidence):
+            return Scoring(stage1, documents, complete=False)
+        rest = {name: DocSample(docs[self._first[name]:]) for name, docs in order.items()}
+        stage2 = self._scores(False, rest, tuple(s for s in specs if s.name in order))
+        scores = dict(stage1)
+        for name, docs in order.items():  # a mean over the two disjoint parts of the sample
+            n = self._first[name]
+            scores[name] = (n * stage1[name] + (len(docs) - n) * stage2[name]) / len(docs)
+        return Scoring(scores, documents + sum(len(d) for d in rest.values()), complete=True)
+
+    def _race_order(self) -> dict[str, list[int]]:
+        """The raced tasks' documents in their seeded order (built once): tasks whose metric
+        is a mean over documents and whose first stage is big enough."""
+        if self._order is None:
+            self._order, self._first = {}, {}
+            for spec in self.suite.tasks:
+                task = self._tasks[False][spec.name]
+                order = document_order(len(task.eval_docs), self.suite.limit, self.suite.sample_seed, spec.name,
+                                       task.config.test_split or "")
+                first = self.suite.racing.first_stage(len(order))
+                if first is not None and _mean_metric(task, spec.metric):
+                    self._order[spec.name], self._first[spec.name] = order, first
+        return self._order
+
+    def _documents(self, samples: Mapping[str, list[int]]) -> int:
+        return sum(len(samples[s.name]) if s.name in samples else len(self._tasks[False][s.name].eval_docs)
+                   for s in self.suite.tasks)
+
+    def _scores(self, heldout: bool, samples: Mapping[str, list[int]], specs: tuple[TaskSpec, ...]
+                ) -> dict[str, float]:
+        """One lm-eval pass over ``specs`` on ``samples`` (tasks absent from it: every document)."""
+        from lm_eval.evaluator import evaluate
+
+        tasks = self._tasks[heldout]
         by_name: dict[str, Any] = {}
         groups: dict[tuple[bool, str | None, bool], list[str]] = {}
-        for spec in self.suite.tasks:  # lm-eval takes these settings per call, not per task
+        for spec in specs:  # lm-eval takes these settings per call, not per task
             names = groups.setdefault(prompt_key(spec), [])
             if spec.name not in names:
                 names.append(spec.name)
@@ -60,7 +127,7 @@ class Evaluator:
                 raise RuntimeError("lm-eval returned no results")
             by_name.update(results["results"])  # keyed like the task dict we passed
         scores: dict[str, float] = {}
-        for spec in self.suite.tasks:
+        for spec in specs:
             metrics = by_name.get(spec.name, {})
             key = spec.metric if "," in spec.metric else f"{spec.metric},none"  # "metric,filter"
             if key not in metrics:  # a missing metric is a wrong config, not a non-finite score: say so
@@ -69,7 +136,6 @@ class Evaluator:
             value = metrics[key]
             scores[spec.name] = float(value) if isinstance(value, (int, float)) else math.nan
         return scores
-
 
     def prompts(self, heldout: bool = False) -> dict[str, list[str]]:
         """The context strings lm-eval built for each task at the last scoring of the split

@@ -107,11 +107,18 @@ class DocSample(list[int]):
         return index in self._members
 
 
+def document_order(count: int, limit: int | None, seed: int, task: str, split: str) -> list[int]:
+    """The documents a split scores, in a random order fixed by the study's stored ``seed``,
+    the task and the split only (the same for every candidate, worker and resume): ``limit``
+    of the ``count`` documents, or all of them. Racing (evaluators/racing.py) scores a
+    prefix of this order first: a uniform random subset of the sample."""
+    rng = random.Random(f"{seed}:{task}:{split}")  # str seeds hash with SHA-512: stable across processes
+    return rng.sample(range(count), count if limit is None else min(limit, count))
+
+
 def sample_docs(count: int, limit: int | None, seed: int, task: str, split: str) -> DocSample | None:
-    """``limit`` of a split's ``count`` documents drawn at random, as a function of the
-    study's stored ``seed``, the task and the split only: the same documents for every
-    candidate, worker and resume. None (every document) when ``limit`` does not cut."""
+    """lm-eval's ``samples`` for a split: the documents of :func:`document_order`; None
+    (every document) when ``limit`` does not cut."""
     if limit is None or limit >= count:
         return None
-    rng = random.Random(f"{seed}:{task}:{split}")  # str seeds hash with SHA-512: stable across processes
-    return DocSample(rng.sample(range(count), limit))
+    return DocSample(document_order(count, limit, seed, task, split))

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from evomerge.evaluators.racing import RacingSettings
+
 
 class TaskError(ValueError):
     """A task cannot be found or built; the message is one line."""
@@ -50,6 +52,7 @@ class TaskSuite:
     limit: int | None = None  # documents per task on the search split (None: all), a seeded sample
     heldout_limit: int | None = None  # the same on the held-out split
     sample_seed: int = 0  # draws the sampled documents: stored with the study, so fixed for it
+    racing: RacingSettings = RacingSettings()  # multi-fidelity scoring of the search split
 
 
 @functools.cache  # one class, created on first use so lm-eval is imported only by workers

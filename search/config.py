@@ -15,6 +15,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
                       field_validator, model_validator)
 
+from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.tasks import TaskSpec, TaskSuite
 from evomerge.search.presets import apply_defaults
@@ -163,6 +164,16 @@ class TaskEntry(_Strict):
     generation_kwargs: GenerationKwargs | None = None
 
 
+class RacingConfig(_Strict):
+    """``evaluation.racing``: multi-fidelity scoring (evomerge.evaluators.racing). Off by
+    default until its saving at equal held-out quality is measured on the benchmark."""
+
+    enabled: StrictBool = False
+    fraction: StrictFloat = Field(0.25, gt=0, lt=1)  # of each task's documents in the first stage
+    confidence: StrictFloat = Field(0.99, ge=0.5, lt=1)  # one-sided, per task, of the stopping bound
+    min_documents: StrictInt = Field(20, ge=1)  # tasks with a smaller first stage are scored in full
+
+
 class EvaluationConfig(_Strict):
     task_paths: list[str] = []
     tasks: list[TaskEntry] = Field(min_length=1)
@@ -171,6 +182,7 @@ class EvaluationConfig(_Strict):
     limit: StrictInt | None = Field(None, ge=1)  # search documents per task: a seeded sample, fixed per study
     heldout_limit: StrictInt | None = Field(None, ge=1)  # held-out documents per task (None: all)
     sample_seed: StrictInt = 0  # draws both samples
+    racing: RacingConfig = RacingConfig()
     num_fewshot: StrictInt | None = Field(None, ge=0)  # None: each task's own
     apply_chat_template: StrictBool = False
     system_instruction: str | None = Field(None, min_length=1)
@@ -289,7 +301,8 @@ class SearchConfig(_Strict):
     def suite(self) -> TaskSuite:
         ev = self.evaluation
         return TaskSuite(tuple(ev.spec(t) for t in ev.tasks), tuple(Path(p) for p in ev.task_paths),
-                         ev.search_split, ev.heldout_split, ev.limit, ev.heldout_limit, ev.sample_seed)
+                         ev.search_split, ev.heldout_split, ev.limit, ev.heldout_limit, ev.sample_seed,
+                         RacingSettings(**ev.racing.model_dump()))
 
     def identity_json(self) -> str:
         """What a study is defined by: a resumed search must not change these."""

@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from evomerge.evaluators.fitness import ScoreError, fitness
 from evomerge.search.optimizers import Evaluated, Optimizer, OptimizerSettings, build_optimizer
 from evomerge.search.optimizers.base import default_popsize
+from evomerge.evaluators.racing import generation_bar
 from evomerge.search.config import SearchConfig
 from evomerge.search.leaderboard import best_candidate
+from evomerge.search.dashboard import StudyPictures
 from evomerge.search.ledger import Ledger
+from evomerge.search.tracking import open_tracker
 from evomerge.search.pool import NOT_RUN, Crash, WorkerPool
 from evomerge.search import signals
 from evomerge.search.progress import Progress
@@ -122,6 +125,8 @@ class Controller:
         self.heldout_failed: dict[int, str] = {}  # candidate -> why its held-out re-score failed
         self._heldout_retry: list[int] = []
         self._beat = 0.0
+        self.pictures = StudyPictures(ledger.save_figures)  # the dashboard's figures (search/dashboard.py)
+        self.tracker = open_tracker(cfg.tracking, ledger.study.study_name, cfg.optimizer.name, space)
 
     # --- setup and recovery ----------------------------------------------------------
 
@@ -209,8 +214,9 @@ class Controller:
         return Evaluated(cand.id, x, self._values(cand), prior=True)
 
     def _tell(self, cand: CandidateRecord) -> None:
-        """Tell the optimizer a finished candidate (an evolved one, or a prior)."""
+        """Tell the optimizer a finished candidate (an evolved one, or a prior), and the tracker."""
         assert self.optimizer is not None
+        self.tracker.log(cand)
         if not (cand.evolved or self._prior(cand)):
             return
         update = self.optimizer.tell(self._evaluated(cand))
@@ -267,6 +273,7 @@ class Controller:
                 if progress:
                     progress.update(done, self.best_fitness, self.pool.active(), len(self.pool.slots))
             self._show_optimizer()
+            self.pictures.flush(self.repo.candidates(self.study_id))
         best = self.best()
         return RunSummary(done, evaluated_now, best.id if best else None, best.fitness if best else None,
                           self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
@@ -322,14 +329,15 @@ class Controller:
             self.repo.end_attempt(cand.id, "search", None, f"rejected: {reason}")
             return self._fail(cand, number, f"rejected before evaluation: {reason}", None)
         self._unfinished[cand.recipe_hash] = cand.id
-        self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt))
+        self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt, bar=self._bar(cand)))
         return 0
 
     def _finish_duplicate(self, cid: int, number: int, twin: CandidateRecord) -> int:
         self.repo.end_attempt(cid, "search", None, f"duplicate of candidate {twin.id}")
         if twin.state != "complete" or twin.fitness is None:
             return self._fail(self.repo.candidate(cid), number, f"duplicate of failed candidate {twin.id}", None)
-        self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id)
+        self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id, twin.documents,
+                           twin.raced_out)
         cand = self.repo.candidate(cid)
         self.ledger.complete(number, self._values(cand) or (twin.fitness,), {"duplicate_of": twin.id})
         self._tell(cand)
@@ -370,16 +378,27 @@ class Controller:
         except ScoreError as exc:
             return self._fail(cand, number, str(exc), result.worker) + self._release(cand)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
-                           result.evaluate_s)
+                           result.evaluate_s, documents=result.documents, raced_out=not result.complete)
         cand = self.repo.candidate(cand.id)
         self.best_fitness = value if self.best_fitness is None else max(self.best_fitness, value)
+        self.pictures.result(value, lambda: self.repo.candidates(self.study_id))
         # One attribute per task score, so the dashboard's trial table shows them as columns.
         self.ledger.complete(number, self._values(cand) or (value,), {
             **{f"score.{task}": score for task, score in result.outcome.scores.items()},
-            "worker": result.worker,
+            "worker": result.worker, "documents": result.documents, "raced_out": not result.complete,
             "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4)}})
         self._tell(cand)
         return 1 + self._release(cand)
+
+    def _bar(self, cand: CandidateRecord) -> float | None:
+        """Racing: the fitness an evolved candidate must be able to reach to be worth scoring
+        in full (evaluators/racing.py); None (score in full) for baselines, for
+        multi-objective searches and while racing is off."""
+        if not self.cfg.evaluation.racing.enabled or not cand.evolved or self.ledger.multi_objective:
+            return None
+        finished = [c.fitness for c in self.repo.candidates(self.study_id)
+                    if c.evolved and c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
+        return generation_bar(finished, self.popsize)
 
     def _spent_attempts(self, cid: int, split: str) -> int:
         """Attempts on ``split`` whose job ran (or may have): one that never started is free."""
@@ -447,6 +466,7 @@ class Controller:
                 todo.extend(self.repo.candidate(cid) for cid in self._heldout_retry)
                 self._heldout_retry.clear()
                 self._heartbeat()
+            self.pictures.flush(self.repo.candidates(self.study_id))
         return scored
 
     def _handle_heldout(self, result: TrialResult | Crash) -> int:
@@ -479,4 +499,5 @@ class Controller:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+        self.tracker.close()
 

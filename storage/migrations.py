@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, inspect, select, update
+from sqlalchemy import Connection, Engine, inspect, select, text, update
 
 from evomerge.storage.tables import Base, SchemaVersionRow, StudyRow
 
@@ -42,8 +42,16 @@ def _stamp_only(_conn: Connection) -> None:
     """0.1.0's tables are version 1's: only the version table is new (made by create_all)."""
 
 
+def _racing_columns(conn: Connection) -> None:
+    """Multi-fidelity racing: the documents a candidate was scored on, and whether racing
+    stopped it (candidates of older versions were scored in full: documents unknown)."""
+    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN documents INTEGER"))
+    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN raced_out BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "record the schema version (databases of evomerge 0.1.0 have none)", _stamp_only),
+    Migration(2, "documents scored per candidate, and whether racing stopped it", _racing_columns),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -80,6 +80,8 @@ class CandidateRecord:
     worker: str | None
     attempt: int
     error: str | None
+    documents: int | None = None  # search documents its scores rest on (None: not recorded)
+    raced_out: bool = False  # racing stopped it after the first stage
 
     @property
     def evolved(self) -> bool:
@@ -99,7 +101,8 @@ def _record(row: CandidateRow) -> CandidateRecord:
         scores=json.loads(row.scores_json) if row.scores_json else None, fitness=row.fitness,
         heldout=json.loads(row.heldout_json) if row.heldout_json else None,
         heldout_fitness=row.heldout_fitness, materialize_s=row.materialize_s,
-        evaluate_s=row.evaluate_s, worker=row.worker, attempt=row.attempt, error=row.error)
+        evaluate_s=row.evaluate_s, worker=row.worker, attempt=row.attempt, error=row.error,
+        documents=row.documents, raced_out=bool(row.raced_out))
 
 
 class Repository:
@@ -287,13 +290,15 @@ class Repository:
 
     @_retried
     def complete(self, candidate_id: int, scores: dict[str, float], fitness: float, worker: str | None,
-                 materialize_s: float | None, evaluate_s: float | None, duplicate_of: int | None = None) -> None:
+                 materialize_s: float | None, evaluate_s: float | None, duplicate_of: int | None = None,
+                 documents: int | None = None, raced_out: bool = False) -> None:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
             row.state, row.scores_json, row.fitness = "complete", json.dumps(scores), fitness
             row.worker, row.materialize_s, row.evaluate_s = worker, materialize_s, evaluate_s
             row.duplicate_of, row.error, row.updated_at = duplicate_of, None, time.time()
+            row.documents, row.raced_out = documents, raced_out
 
     @_retried
     def fail(self, candidate_id: int, reason: str, worker: str | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluators.harness import Evaluator
+from evomerge.evaluators.harness import Evaluator, Scoring
 from evomerge.evaluators.tasks import TaskSuite
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
@@ -68,15 +68,19 @@ class EvalWorker:
                                time.perf_counter() - start, 0.0)
         merged = time.perf_counter()
         try:
-            scores = self.evaluator.score(heldout=job.heldout)
+            if job.heldout:
+                scoring = Scoring(self.evaluator.score(heldout=True), 0, complete=True)
+            else:
+                scoring = self.evaluator.race(job.bar)
         except Exception as exc:
             return TrialResult(job, Failed(f"evaluate: {_one_line(exc)}"), self.name,
                                merged - start, time.perf_counter() - merged)
         done = time.perf_counter()
-        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        bad = [k for k, v in scoring.scores.items() if not math.isfinite(v)]
         outcome: Scored | Failed = (Failed(f"non-finite score for task {bad[0]!r}") if bad
-                                    else Scored(scores))
-        return TrialResult(job, outcome, self.name, merged - start, done - merged)
+                                    else Scored(scoring.scores))
+        return TrialResult(job, outcome, self.name, merged - start, done - merged,
+                           None if job.heldout else scoring.documents, scoring.complete)
 
 
 def remote_worker_class(num_cpus: float, num_gpus: float) -> Any:

@@ -13,6 +13,7 @@ class Job:
     recipe_json: str
     heldout: bool = False
     attempt: int = 1
+    bar: float | None = None  # racing: the fitness worth finishing for (None: score in full)
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,5 @@ class TrialResult:
     worker: str
     materialize_s: float
     evaluate_s: float
+    documents: int | None = None  # documents scored (search split)
+    complete: bool = True  # False: racing stopped it after the first stage
