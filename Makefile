@@ -17,7 +17,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,postgres]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,postgres,tracking]'
 	touch $@
 
 demo: $(STAMP)

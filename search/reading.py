@@ -189,8 +189,8 @@ def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
         print(f"evomerge: warning: the dashboard on {args.host} has no authentication: anyone who reaches "
               "it can read and delete studies", file=sys.stderr)
     open_repo(url, must_exist=True).close()  # a URL SQLAlchemy can use, and (SQLite) a file that exists
-    from optuna_dashboard import run_server  # Optuna itself: only once there is something to serve
+    from evomerge.search.dashboard import serve  # Optuna itself: only once there is something to serve
 
     print(f"optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/", file=sys.stderr)
-    run_server(url, host=args.host, port=args.port)
+    serve(url, args.host, args.port)  # one thread per request (run_server's is single-threaded)
     return 0
