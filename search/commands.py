@@ -242,8 +242,8 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists():
         raise UsageError(f"--out {out} already exists; choose a new folder")
+    cfg = stored_config(config_json, name)  # a stored config that no longer validates: one line, no phase
     if args.mergekit_yaml:
-        cfg = stored_config(config_json, name)
         _, recipe = _replayed(repo, study_id, args.trial)
         try:
             text = to_mergekit(recipe, {m.name: m.path for m in cfg.models}, cfg.workers.dtype)
