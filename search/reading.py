@@ -115,18 +115,18 @@ def cmd_status(args: argparse.Namespace, url: str) -> int:
 
 def method_entries() -> list[dict[str, Any]]:
     """Every registered merge method and transform, from their declarations (JSON-ready)."""
-    from evomerge.workers.operators import OPERATORS, TRANSFORMS  # the declarations live with the kernels
+    from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED  # declarations: no torch
 
     def params(specs: tuple[Any, ...]) -> list[dict[str, Any]]:
         return [{"name": p.name, "low": p.low, "high": p.high, "default": p.default, "doc": p.doc,
                  "per_expert": p.per_expert, "searched": p.searched} for p in specs]
 
     entries: list[dict[str, Any]] = []
-    for op in OPERATORS.values():
+    for op in METHODS.values():
         low, high = op.experts
         entries.append({"kind": "method", "name": op.name, "doc": plain_doc(op.doc), "experts_min": low,
                         "experts_max": high, "random": op.random, "params": params(op.params)})
-    for tr in TRANSFORMS.values():
+    for tr in TRANSFORMS_DECLARED.values():
         entries.append({"kind": "transform", "name": tr.name, "doc": plain_doc(tr.doc), "params": params(tr.params)})
     return entries
 

@@ -49,6 +49,8 @@ def test_version_prints_the_package_version(tmp_path: Path) -> None:
     ["status", "--storage", "sqlite:///db.db"],
     ["status", "--storage", "sqlite:///db.db", "--json"],
     ["dashboard", "--storage", "sqlite:///missing.db"],  # refused before Optuna is loaded
+    ["methods"],
+    ["methods", "--json"],
 ])
 def test_reading_commands_import_nothing_heavy(tmp_path: Path, command: list[str]) -> None:
     shutil.copy(ROOT / "tests" / "data" / "evomerge-0.1.0.db", tmp_path / "db.db")
@@ -82,3 +84,14 @@ def test_the_quick_list_of_multi_objective_optimizers_is_the_registry_s() -> Non
     from evomerge.search.reading import MULTI_OBJECTIVE
 
     assert MULTI_OBJECTIVE == {name for name, cls in OPTIMIZERS.items() if cls.multi_objective}
+
+
+def test_every_declared_method_has_exactly_its_implementation() -> None:
+    """workers/methods.py (torch-free, what `methods` and the config read) and the tensor
+    functions registered in workers/operators.py name the same methods and parameters."""
+    from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED
+    from evomerge.workers.operators import OPERATORS, TRANSFORMS
+
+    assert set(OPERATORS) == set(METHODS) and set(TRANSFORMS) == set(TRANSFORMS_DECLARED)
+    for name, op in OPERATORS.items():
+        assert op.params == METHODS[name].params and op.experts == METHODS[name].experts

@@ -27,15 +27,6 @@ from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpe
 __all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "complete",
            "get_operator", "get_transform"]
 
-WEIGHT = ParamSpec("weight", 0.0, 1.0, 0.5, "scale of the expert's contribution")
-DENSITY = ParamSpec("density", 0.0, 1.0, 0.5, "fraction of the task vector kept")
-GAMMA = ParamSpec("gamma", 0.0, 0.2, 0.01, "fraction of largest-magnitude outliers removed (Breadcrumbs)")
-EPSILON = ParamSpec("epsilon", 0.0, 0.5, 0.15, "spread of DELLA's keep probabilities around the density")
-SCALE = ParamSpec("scale", 0.0, 2.0, 1.0, "global scale of the merged task vector (mergekit's lambda)",
-                  per_expert=False, searched=False)
-T = ParamSpec("t", 0.0, 1.0, 0.5, "interpolation position: 0 is the base, 1 the expert", per_expert=False)
-SELECT = ParamSpec("select", 0.0, 1.0, 0.5, "layer swapping: the expert with the highest select above "
-                   "0.5 supplies the tensor, else the base")
 
 _CHUNK = streaming.CHUNK
 _HALF = streaming.HALF
@@ -94,7 +85,7 @@ def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
 # --- linear family -----------------------------------------------------------------
 
 
-@register("linear", WEIGHT, task_vector=False)
+@register("linear")
 def linear(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], normalize: bool = True,
            out: Tensor | None = None, **_: object) -> Tensor:
     """Model soup (Wortsman et al. 2022): Σ w_i θ_i, divided by Σ w_i when normalized.
@@ -103,7 +94,7 @@ def linear(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], 
     return _combine([(e, w / total) for e, w in zip(experts, weight)], out)
 
 
-@register("task_arithmetic", WEIGHT, SCALE)
+@register("task_arithmetic")
 def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], scale: float = 1.0,
                     normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): θ_b + λ Σ w_i δ_i, computed in one pass as
@@ -116,7 +107,7 @@ def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence
 # --- sparsified task vectors ---------------------------------------------------------
 
 
-@register("ties", DENSITY, WEIGHT, SCALE)
+@register("ties")
 def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
          scale: float = 1.0, normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """TIES (Yadav et al. 2023): trim each δ_i to its top-d_i magnitudes, elect the sign of
@@ -125,7 +116,7 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], w
     return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
 
 
-@register("dare_linear", DENSITY, WEIGHT, SCALE, random=True)
+@register("dare_linear")
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
                 scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
                 out: Tensor | None = None, **_: object) -> Tensor:
@@ -134,7 +125,7 @@ def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
     return _sparse_merge(base, experts, weight, scale, normalize, False, out, draws)
 
 
-@register("dare_ties", DENSITY, WEIGHT, SCALE, random=True)
+@register("dare_ties")
 def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
               scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
               out: Tensor | None = None, **_: object) -> Tensor:
@@ -143,7 +134,7 @@ def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[floa
     return _sparse_merge(base, experts, weight, scale, normalize, True, out, draws)
 
 
-@register("breadcrumbs", DENSITY, GAMMA, WEIGHT, SCALE)
+@register("breadcrumbs")
 def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], gamma: Sequence[float],
                 weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                 out: Tensor | None = None, **_: object) -> Tensor:
@@ -153,7 +144,7 @@ def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
     return _sparse_merge(base, experts, weight, scale, normalize, False, out, masks)
 
 
-@register("breadcrumbs_ties", DENSITY, GAMMA, WEIGHT, SCALE)
+@register("breadcrumbs_ties")
 def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float],
                      gamma: Sequence[float], weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                      out: Tensor | None = None, **_: object) -> Tensor:
@@ -162,7 +153,7 @@ def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequen
     return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
 
 
-@register("della", DENSITY, EPSILON, WEIGHT, SCALE, random=True)
+@register("della")
 def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
           weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
           generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
@@ -172,7 +163,7 @@ def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], 
     return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
 
 
-@register("della_linear", DENSITY, EPSILON, WEIGHT, SCALE, random=True)
+@register("della_linear")
 def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
                  weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                  generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
@@ -183,16 +174,10 @@ def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[f
 
 # --- masks from agreement -----------------------------------------------------------
 
-TALL = ParamSpec("tall", 0.0, 1.0, 0.4, "TALL mask threshold λ_t: expert t claims an entry where "
-                 "|w_t δ_t| > λ_t·|τ − w_t δ_t|")
-AGREE = ParamSpec("k", 0.0, 4.0, 2.0, "Consensus: entries claimed by fewer experts are dropped (rounded)",
-                  per_expert=False, searched=False)
-RATIO = ParamSpec("ratio", 0.02, 0.5, 0.1, "PCB: fraction of entries kept after balancing", per_expert=False)
-PCB_WEIGHT = ParamSpec("weight", 0.0, 2.0, 1.0, "PCB: scale λ_i of the expert's balanced task vector")
 _PCB_CLIP = 0.01  # PCB clips the 1 % smallest and largest magnitudes per task (official pcb_ES code)
 
 
-@register("consensus", TALL, WEIGHT, AGREE, SCALE)
+@register("consensus")
 def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float], weight: Sequence[float],
               k: float = 2.0, scale: float = 1.0, normalize: bool = False, out: Tensor | None = None,
               **_: object) -> Tensor:
@@ -228,7 +213,7 @@ def _kth(x: Tensor, index: int) -> Tensor:
     return torch.kthvalue(x, index + 1).values
 
 
-@register("pcb", RATIO, PCB_WEIGHT, SCALE)
+@register("pcb")
 def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequence[float], scale: float = 1.0,
         out: Tensor | None = None, **_: object) -> Tensor:
     """PCB merging (Du et al. 2024, §3, as in the official pcb_ES code), per tensor: clip each
@@ -265,7 +250,7 @@ def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequen
 # --- geometry ------------------------------------------------------------------------
 
 
-@register("slerp", T, task_vector=False, experts=(1, 1))
+@register("slerp")
 def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | None = None,
           **_: object) -> Tensor:
     """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
@@ -284,7 +269,7 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
     return _combine([(base, c0), (experts[0], c1)], out)
 
 
-@register("model_stock", task_vector=False, experts=(2, None))
+@register("model_stock")
 def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None = None, **_: object) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): t = N·cos θ / (1 + (N−1)·cos θ) with cos θ the
     mean pairwise cosine of the task vectors (whole tensor); θ = t·mean(θ_i) + (1−t)·θ_b.
@@ -304,7 +289,7 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     return _combine([(base, 1.0 - t), *((e, t / n) for e in experts)], out)
 
 
-@register("swap", SELECT, task_vector=False)
+@register("swap")
 def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], out: Tensor | None = None,
          **_: object) -> Tensor:
     """Layer swapping (Bandarkar et al. 2024): each tensor is copied whole from one source,
@@ -318,10 +303,7 @@ def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], ou
 # --- transforms ------------------------------------------------------------------------
 
 
-@register_transform("lines", ParamSpec("alpha", 0.0, 1.0, 0.5, "LiNeS scale of the shallowest layer's task "
-                                       "vector", per_expert=False),
-                    ParamSpec("beta", 0.0, 1.5, 0.5, "LiNeS increase of the scale towards the last layer",
-                              per_expert=False))
+@register_transform("lines")
 def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: float) -> Tensor:
     """LiNeS (Wang et al. 2025, eq. 2): scale the merged task vector of a layer at depth
     ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Tensors outside the

@@ -1,7 +1,8 @@
-"""The merge-method registry: operators and transforms declare their parameters here.
+"""The merge-method registry: each declared method (evomerge.workers.methods) bound to the
+tensor function that implements it (evomerge.workers.operators).
 
-The search space, the config checks, the mergekit import/export and the CLI all read
-these declarations; no other table of parameter names exists.
+The search space, the config checks, the mergekit import/export and the CLI read the
+declarations; no other table of parameter names exists.
 """
 
 from __future__ import annotations
@@ -9,25 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, ParamSpec
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """A parameter of an operator or transform.
+if TYPE_CHECKING:
+    from torch import Tensor
 
-    ``per_expert`` parameters take one value per expert (weight, density), the others one
-    value per merge (SLERP's t, the global scale λ). A parameter that is not ``searched``
-    keeps its default unless the config gives it a range (then it is searched) or pins it.
-    """
-
-    name: str
-    low: float
-    high: float
-    default: float
-    doc: str
-    per_expert: bool = True
-    searched: bool = True
+__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "get_operator", "get_transform",
+           "register", "register_transform"]
 
 
 @dataclass(frozen=True)
@@ -79,23 +70,23 @@ OPERATORS: dict[str, Operator] = {}
 TRANSFORMS: dict[str, Transform] = {}
 
 
-def register(name: str, *params: ParamSpec, random: bool = False, task_vector: bool = True,
-             experts: tuple[int, int | None] = (1, None)) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` as merge method ``name`` with its parameters."""
+def register(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Bind ``fn`` to the declared merge method ``name`` (KeyError: not declared)."""
+    spec = METHODS[name]
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        OPERATORS[name] = Operator(name, fn, tuple(params), random, task_vector, experts,
-                                   (fn.__doc__ or "").strip())
+        OPERATORS[name] = Operator(name, fn, spec.params, spec.random, spec.task_vector, spec.experts, spec.doc)
         return fn
 
     return wrap
 
 
-def register_transform(name: str, *params: ParamSpec) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` as the task-vector transform ``name``."""
+def register_transform(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Bind ``fn`` to the declared task-vector transform ``name``."""
+    spec = TRANSFORMS_DECLARED[name]
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        TRANSFORMS[name] = Transform(name, fn, tuple(params), (fn.__doc__ or "").strip())
+        TRANSFORMS[name] = Transform(name, fn, spec.params, spec.doc)
         return fn
 
     return wrap
