@@ -32,7 +32,7 @@ bench: $(STAMP)
 bench-merge: $(STAMP)  # ~15 min: 3 x 110 M-parameter models, every operator, vs memcpy and mergekit
 	$(VENV)/bin/python benchmarks/merge_throughput.py --size 100m
 
-bench-search: $(STAMP)  # ~30 min: 3 landscapes x optimizers x 5 seeds of 120-evaluation searches
+bench-search: $(STAMP)  # ~40-55 min: 4 landscapes x 2 optimizers x 5 seeds of 120-evaluation searches
 	$(VENV)/bin/python benchmarks/search_quality.py $(BENCH_SEARCH_ARGS)
 
 clean:
