@@ -98,6 +98,8 @@ class RunResult:
     # search, an estimate of the share of the box where success lies
     evolved_hits: int = 0
     evolved_count: int = 0
+    eval_seconds: float = 0.0  # workers' evaluation seconds on the search split (materializing apart)
+    documents: int = 0  # search documents scored in all (racing scores fewer)
 
 
 def noise(land: Landscape) -> Noise:
@@ -111,8 +113,10 @@ def noise(land: Landscape) -> Noise:
 def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder: Path) -> Path:
     """The default configuration, given only models, tasks, budget and the optimizer's name and
     seed; ``preset=NAME`` names a preset instead of an optimizer, and ``NAME@GRANULARITY``
-    (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say."""
-    optimizer, _, granularity = optimizer.partition("@")
+    (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say; a
+    ``+racing`` suffix (``cma+racing``) turns on multi-fidelity racing (evaluation.racing)."""
+    racing = optimizer.endswith("+racing")
+    optimizer, _, granularity = optimizer.removesuffix("+racing").partition("@")
     preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
     cfg = {
         "study": "bench",
@@ -122,7 +126,8 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
         "base_model": land.base_model,
         "optimizer": {"seed": seed} if preset else {"name": optimizer, "seed": seed},
         "evaluation": {"task_paths": [str(land.task_path)], "tasks": [{"name": t} for t in TASKS],
-                       "search_split": "search", "heldout_split": "heldout"},
+                       "search_split": "search", "heldout_split": "heldout",
+                       **({"racing": {"enabled": True}} if racing else {})},
         "budget": {"max_trials": budget},
     }
     file = folder / "config.yaml"
@@ -161,7 +166,9 @@ def summarise(land: Landscape, optimizer: str, seed: int, cands: list[CandidateR
                  if c.fitness is not None and c.heldout_fitness is not None and c.duplicate_of is None)
     return RunResult(land.name, optimizer, seed, len(trials), best_src.fitness or 0.0, best_src_heldout,
                      best.fitness or 0.0, scored.heldout_fitness if scored.heldout_fitness is not None else math.nan,
-                     best.origin, first, gaps, seconds, first_origin, evolved, hits, len(proposed))
+                     best.origin, first, gaps, seconds, first_origin, evolved, hits, len(proposed),
+                     sum(c.evaluate_s or 0.0 for c in cands if c.duplicate_of is None),
+                     sum(c.documents or 0 for c in cands if c.duplicate_of is None))
 
 
 def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: int, margin: Noise,
@@ -223,6 +230,28 @@ def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> st
     return "\n".join(lines)
 
 
+def racing_table(results: list[RunResult], noises: dict[str, Noise]) -> str:
+    """Each ``X+racing`` beside ``X`` of the same run: held-out quality and evaluation seconds."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.landscape, r.optimizer), []).append(r)
+    lines = ["| landscape | optimizer | success | best held-out (mean ± std) | evaluation s per search (mean) "
+             "| documents per search (mean) | evaluation s saved |", "|---|---|---|---|---|---|---|"]
+    for (name, opt), runs in groups.items():
+        if not opt.endswith("+racing") or (name, opt.removesuffix("+racing")) not in groups:
+            continue
+        full = groups[(name, opt.removesuffix("+racing"))]
+        for label, rs in ((opt.removesuffix("+racing"), full), (opt, runs)):
+            held = [r.best_heldout for r in rs]
+            wins = sum(1 for r in rs if r.best_heldout > r.best_source_heldout + noises[name].heldout_margin)
+            saved = 1 - statistics.mean(r.eval_seconds for r in runs) / statistics.mean(r.eval_seconds for r in full)
+            lines.append(f"| {name} | {label} | {wins}/{len(rs)} | {statistics.mean(held):.3f} ± "
+                         f"{statistics.stdev(held) if len(held) > 1 else 0.0:.3f} | "
+                         f"{statistics.mean(r.eval_seconds for r in rs):.1f} | "
+                         f"{statistics.mean(r.documents for r in rs):.0f} | {f'{saved:.0%}' if rs is runs else '-'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def noise_lines(results: list[RunResult], noises: dict[str, Noise]) -> str:
     out = []
     for name, nz in noises.items():
@@ -238,7 +267,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizers", default="cma,random",
                         help="comma-separated optimizer.name values, or preset=NAME for a preset's defaults; "
-                             "NAME@GRANULARITY also sets merge.granularity (cma@layer_group)")
+                             "NAME@GRANULARITY also sets merge.granularity (cma@layer_group); "
+                             "NAME+racing turns on multi-fidelity racing (cma+racing)")
     parser.add_argument("--landscapes", default="demo,unseen,distractor,narrow",
                         help="comma-separated, of demo, unseen, distractor, narrow, layered")
     parser.add_argument("--seeds", type=int, default=5)
@@ -302,6 +332,11 @@ def report(results: list[RunResult], noises: dict[str, Noise], args: argparse.Na
     print(noise_lines(results, noises))
     print()
     print(table(results, noises, args.budget))
+    racing = racing_table(results, noises)
+    if racing:
+        print("\nMulti-fidelity racing against full evaluation, same run (evaluation seconds: the workers' "
+              "scoring time on the search split, summed over the search)\n")
+        print(racing)
 
 
 if __name__ == "__main__":

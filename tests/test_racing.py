@@ -99,6 +99,12 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
     assert stopped.scores == {"cipher_a": 0.0, "cipher_b": 0.0, "cipher_mix": 0.0}
     off = Evaluator(cfg.suite(), mat.model, mat.tokenizer, batch_size=200).race(0.9)  # racing off: in full
     assert off.complete and off.documents == 600
+    # The whole sample and the two stages keep their requests: nothing is rebuilt per call
+    # (a single cached set was rebuilt at every stage: racing cost more than it saved).
+    task = evaluator._tasks[False]["cipher_a"]
+    before = {key: id(instances) for key, instances in task._built.items()}
+    evaluator.race(0.0)
+    assert len(before) == 3 and {key: id(instances) for key, instances in task._built.items()} == before
 
 
 def test_a_racing_search_records_the_documents_of_every_candidate(tmp_path: Path) -> None:
