@@ -114,9 +114,10 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
     """The default configuration, given only models, tasks, budget and the optimizer's name and
     seed; ``preset=NAME`` names a preset instead of an optimizer, and ``NAME@GRANULARITY``
     (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say; a
-    ``+racing`` suffix (``cma+racing``) turns on multi-fidelity racing (evaluation.racing)."""
-    racing = optimizer.endswith("+racing")
-    optimizer, _, granularity = optimizer.removesuffix("+racing").partition("@")
+    ``+racing`` suffix (``cma+racing``) turns on multi-fidelity racing (evaluation.racing),
+    ``+racing=F:C`` with first-stage fraction F and confidence C (``cma+racing=0.2:0.9``)."""
+    optimizer, racing, racing_spec = optimizer.partition("+racing")
+    optimizer, _, granularity = optimizer.partition("@")
     preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
     cfg = {
         "study": "bench",
@@ -127,12 +128,22 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
         "optimizer": {"seed": seed} if preset else {"name": optimizer, "seed": seed},
         "evaluation": {"task_paths": [str(land.task_path)], "tasks": [{"name": t} for t in TASKS],
                        "search_split": "search", "heldout_split": "heldout",
-                       **({"racing": {"enabled": True}} if racing else {})},
+                       **({"racing": racing_settings(racing_spec)} if racing else {})},
         "budget": {"max_trials": budget},
     }
     file = folder / "config.yaml"
     file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return file
+
+
+def racing_settings(spec: str) -> dict[str, object]:
+    """evaluation.racing for a ``+racing`` suffix: the defaults, or ``=F:C`` overriding them."""
+    if not spec:
+        return {"enabled": True}
+    if not spec.startswith("="):
+        raise ValueError(f"racing suffix {spec!r}: expected +racing or +racing=FRACTION:CONFIDENCE")
+    fraction, confidence = (float(x) for x in spec.removeprefix("=").split(":"))
+    return {"enabled": True, "fraction": fraction, "confidence": confidence}
 
 
 def accepted(optimizer: str, land: Landscape) -> str | None:
@@ -238,10 +249,11 @@ def racing_table(results: list[RunResult], noises: dict[str, Noise]) -> str:
     lines = ["| landscape | optimizer | success | best held-out (mean ± std) | evaluation s per search (mean) "
              "| documents per search (mean) | evaluation s saved |", "|---|---|---|---|---|---|---|"]
     for (name, opt), runs in groups.items():
-        if not opt.endswith("+racing") or (name, opt.removesuffix("+racing")) not in groups:
+        plain = opt.partition("+racing")[0]
+        if plain == opt or (name, plain) not in groups:
             continue
-        full = groups[(name, opt.removesuffix("+racing"))]
-        for label, rs in ((opt.removesuffix("+racing"), full), (opt, runs)):
+        full = groups[(name, plain)]
+        for label, rs in ((plain, full), (opt, runs)):
             held = [r.best_heldout for r in rs]
             wins = sum(1 for r in rs if r.best_heldout > r.best_source_heldout + noises[name].heldout_margin)
             saved = 1 - statistics.mean(r.eval_seconds for r in runs) / statistics.mean(r.eval_seconds for r in full)
