@@ -65,8 +65,8 @@ class Evaluator:
     def race(self, bar: float | None) -> Scoring:
         """Scores on the search split, stopping after the first stage when the candidate
         cannot reach ``bar`` (evaluators/racing.py); the full scores when nothing is raced."""
-        order = self._race_order()
-        if bar is None or not order:
+        order = self._race_order() if bar is not None else {}  # no bar (racing off, baselines): no order
+        if not order:
             return Scoring(self.score(), self._documents(self._samples[False]), complete=True)
         specs = self.suite.tasks
         first = {name: DocSample(docs[:self._first[name]]) for name, docs in order.items()}
