@@ -28,7 +28,9 @@ import pytest
 from tests.test_search_e2e import demo_config
 
 RAY = str(Path(sys.executable).with_name("ray"))
-TRIALS = 28
+# Enough work (and every document of the demo's tasks per candidate) that the second node's
+# worker, which starts later under load, still has search jobs queued when it dies.
+TRIALS = 40
 
 
 def _wait_for(what: str, check, timeout: float = 240.0, every: float = 0.5):  # type: ignore[no-untyped-def]
@@ -126,17 +128,19 @@ def _pid(worker: str | None) -> int:
 def test_search_spans_two_nodes_and_loses_nothing_when_one_dies(
         tmp_path: Path, cluster: tuple[str, dict[str, str], Node, Node]) -> None:
     address, env, head, other = cluster
-    cfg = demo_config(tmp_path / "cfg.yaml", TRIALS, limit=60)
+    cfg = demo_config(tmp_path / "cfg.yaml", TRIALS, limit=200)
     db = tmp_path / "s.db"
     log = tmp_path / "search.log"
     search = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}",
                                "--ray-address", address, "--workers", "2"], cwd=tmp_path, env=env,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
-        # Both nodes do work: one finished job on each, then the second node dies at once
-        # (each worker holds up to two jobs, so it has one in flight).
+        # Both nodes do work: one finished search job on each, then the second node dies at once
+        # (each worker holds up to two jobs, so it has one in flight; a held-out job would
+        # mean the search's trials were all dispatched already).
         def on_both() -> list[str]:
-            done = [worker for *_, worker, ended, outcome in _attempts(db) if ended and outcome == "ok" and worker]
+            done = [worker for _, _, split, worker, ended, outcome in _attempts(db)
+                    if ended and outcome == "ok" and worker and split == "search"]
             heads = [w for w in done if head.owns(_pid(w))]
             others = [w for w in done if other.owns(_pid(w))]
             return [heads[0], others[0]] if heads and others else []

@@ -158,7 +158,9 @@ def test_workers_that_cannot_restart_stop_the_search(
 
     # Sources of our own: after the first worker is up they vanish, so no replacement can load them.
     models = {k: Path(shutil.copytree(tiny_models[k], tmp_path / k)) for k in ("base", "a")}
-    cfg = write_config(tmp_path / "c.yaml", models, tiny_tasks, budget={"max_trials": 40},
+    # A budget the killer cannot miss: the search ends at the kill; under load tiny jobs used
+    # to finish all of a 40-trial budget before the killer saw a job running (DID NOT RAISE).
+    cfg = write_config(tmp_path / "c.yaml", models, tiny_tasks, budget={"max_trials": 400},
                        workers={"count": 1, "max_attempts": 2})
     controller, repo, study_id = _controller(cfg, tmp_path / "r.db")
     killed: list[int] = []
@@ -188,7 +190,7 @@ def test_workers_that_cannot_restart_stop_the_search(
     try:
         with pytest.raises(WorkersFailing, match=r"^workers keep dying: 5 deaths in a row .*"
                                                  r"a replacement worker died while starting"):
-            controller.run(40, None)
+            controller.run(400, None)
     finally:
         thread.join()
         controller.close()
