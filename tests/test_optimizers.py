@@ -91,6 +91,26 @@ def test_cma_starts_at_the_best_prior() -> None:
     np.testing.assert_allclose(plain.ask().x, (0.5, 0.5, 0.5), atol=1e-4)
 
 
+def test_cma_shown_before_its_priors_still_starts_at_the_best_and_restores_there() -> None:
+    """The controller shows the optimizer (describe) before the baselines it waits for are
+    told: that read must not start the run at the configured start, and a restore (priors
+    told first) must rebuild the same distribution as the live run."""
+    priors = [Evaluated(-1, (0.9, 0.9, 0.9), (0.1,), prior=True), Evaluated(-2, (0.2, 0.3, 0.4), (0.7,), prior=True)]
+    opt = CMAOptimizer(_settings(sigma0=1e-6))
+    assert "not started" in opt.describe()
+    for prior in priors:
+        opt.tell(prior)
+    np.testing.assert_allclose(opt.ask().x, (0.2, 0.3, 0.4), atol=1e-4)
+    live = CMAOptimizer(_settings())
+    live.describe()
+    for prior in priors:
+        live.tell(prior)
+    updates, rest = _drive(live, 60)
+    fresh = CMAOptimizer(_settings(stream=60))
+    fresh.restore(updates, priors + rest)
+    np.testing.assert_allclose(fresh._run().mean, live._run().mean, rtol=1e-9, atol=1e-12)
+
+
 def test_cma_restarts_with_a_doubled_population_and_restores_them() -> None:
     """A flat landscape stagnates: IPOP restarts (popsize 6, 12, 24) up to the configured
     number, and a restore from the stored updates lands in the same run."""

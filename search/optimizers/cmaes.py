@@ -239,6 +239,12 @@ class CMAOptimizer(Optimizer):
                 self.tell(result)
 
     def describe(self) -> str:
-        es = self._run()
+        # A read: it must not start the run (the controller shows the optimizer before the
+        # baselines it waits for are told; starting here would ignore them as priors).
+        if self._es is None:
+            start = "the best prior" if self._prior is not None else "the configured start"
+            return (f"cma (IPOP restarts 0/{self.settings.restarts}, popsize {self.settings.popsize}, "
+                    f"not started: will start at {start})")
+        es = self._es
         return (f"cma (IPOP restarts {self.restarts}/{self.settings.restarts}, popsize {es.popsize}, "
                 f"generation {es.generation}, step {es.max_std:.3g})")
