@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from evomerge.workers import sparsify, streaming
+from evomerge.workers import fused, sparsify, streaming
 from evomerge.workers.operators import OPERATORS
 
 BIG = 3 * streaming.CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
@@ -151,3 +151,66 @@ def test_consensus_equals_the_whole_tensor_form(one_thread: None, dtype: torch.d
     expected = total.mul_(votes >= 2).mul_(scale).add_(base)
     out = OPERATORS["consensus"].fn(base, experts, tall=tall, weight=weight, k=k, scale=scale)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("consensus", [True, False])
+def test_fused_dare_kernel_equals_the_eager_pass(one_thread: None, consensus: bool) -> None:
+    """The compiled kernel (large float32 tensors) gives the eager pass's result bit for bit:
+    keep-all and drop-all draws, a negative weight, exact zeros in a task vector, λ ≠ 1,
+    normalized sums, an odd length. (Called directly: the operators use it only above
+    fused.FUSE_MIN entries.)"""
+    base, experts = sources(torch.float32, n=100_003, seed=4)
+    experts[2][::7] = base[::7]
+    g = torch.Generator().manual_seed(12)
+    draws = [sparsify.DareDraw.draw(d, g) for d in (0.3, 1.0, 0.0)] + [sparsify.DareDraw.draw(0.7, g)]
+    experts.append(experts[0] * 0.5)
+    weight, scale = (0.9, -0.4, 1.1, 0.5), 0.8
+    for normalize in ([False] if consensus else [False, True]):
+        eager = streaming.task_vector_merge(base, experts, weight, scale=scale, normalize=normalize,
+                                            consensus=consensus, out=None, keep=draws)
+        assert not fused.fusable(base, experts, draws, consensus, normalize, None)  # too small: eager
+        out = torch.full_like(base, float("nan"))
+        coeff = scale / (sum(weight) if normalize else 1.0)
+        if not fused.dare_merge(base, experts, weight, draws, scale=scale, coeff=coeff, consensus=consensus, out=out):
+            pytest.skip("torch.compile does not work here (the operators merge eagerly)")
+        assert torch.equal(out.view(torch.int32), eager.view(torch.int32))
+
+
+def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
+    """Float32 contiguous DARE merges of FUSE_MIN entries or more fuse; bf16, a magnitude band,
+    normalized TIES and smaller tensors stay eager."""
+    big = torch.empty(fused.FUSE_MIN)
+    draw = sparsify.DareDraw.draw(0.5, torch.Generator().manual_seed(0))
+    assert fused.fusable(big, [big, big], [draw, draw], True, False, None)
+    assert fused.fusable(big, [big], [draw], False, True, big)
+    assert not fused.fusable(big[1:], [big[1:]], [draw], True, False, None)
+    assert not fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, False, None)
+    assert not fused.fusable(big, [big], [draw], True, True, None)
+    assert not fused.fusable(big, [big], [sparsify.MagnitudeBand(sparsify.Cut(0))], True, False, None)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A compile failure is logged once and reported (False), and the kernel is not tried again."""
+    def uncompilable(x: torch.Tensor) -> None:
+        torch._dynamo.graph_break()  # fullgraph compilation refuses a graph break
+        x.add_(1.0)
+
+    kernel = fused._Compiled(uncompilable)
+    with caplog.at_level("WARNING", logger="evomerge.workers.fused"):
+        assert kernel(torch.ones(4)) is False
+        assert kernel(torch.ones(4)) is False
+    assert kernel.broken and len(caplog.records) == 1 and "merging eagerly" in caplog.records[0].getMessage()
+
+
+def test_fused_consensus_kernel_equals_the_eager_pass(one_thread: None) -> None:
+    """Consensus/TALL by the compiled kernel equals the eager chunked pass bit for bit (with and
+    without normalization, exact zeros in a task vector, a negative weight)."""
+    base, experts = sources(torch.float32, n=100_003, seed=5)
+    experts[1][::5] = base[::5]
+    tall, weight, k, scale = (0.3, 0.5, 0.4), (1.0, -0.8, 0.6), 2.0, 0.9
+    for normalize in (False, True):
+        eager = OPERATORS["consensus"].fn(base, experts, tall=tall, weight=weight, k=k, scale=scale, normalize=normalize)
+        out = torch.full_like(base, float("nan"))
+        if not fused.consensus_merge(base, experts, weight, tall, 2, sum(weight) if normalize else None, scale, out):
+            pytest.skip("torch.compile does not work here (the operators merge eagerly)")
+        assert torch.equal(out.view(torch.int32), eager.view(torch.int32))

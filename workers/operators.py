@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import sparsify, streaming
+from evomerge.workers import fused, sparsify, streaming
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
                               register, register_transform)
@@ -185,8 +185,12 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
     t claims the entries where |w_t δ_t| > λ_t·|τ − w_t δ_t|; entries claimed by fewer than k
     experts are dropped: θ_b + λ·(mask ⊙ τ). With all w_i = 1 this is the paper's form."""
     result = torch.empty_like(base) if out is None else out
+    need = math.floor(k + 0.5)
+    if fused.large_float32([base, *experts, result]) and fused.consensus_merge(
+            base, experts, weight, tall, need, _guarded(sum(weight)) if normalize else None, scale, result):
+        return result
     flat_base, flat_out, flats = base.reshape(-1), result.view(-1), [e.reshape(-1) for e in experts]
-    size, need = streaming.chunk_size(), math.floor(k + 0.5)
+    size = streaming.chunk_size()
     for start in range(0, flat_base.numel(), size):  # the whole-tensor ops, one chunk at a time
         b = flat_base[start:start + size]
         weighted = [(f[start:start + size] - b).mul_(w) for f, w in zip(flats, weight)]

@@ -149,17 +149,17 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 
 
 _WORD = 1 << 32
-_MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32's multipliers (C. Wellons, "hash prospector")
+MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32's multipliers (C. Wellons, "hash prospector")
 
 
-def _int32(value: int) -> int:
+def signed32(value: int) -> int:
     """``value`` mod 2^32 as a signed 32-bit integer (torch's int32 ops wrap)."""
     value %= _WORD
     return value - _WORD if value >= _WORD // 2 else value
 
 
 def _const(value: int, like: Tensor) -> Tensor:
-    return torch.tensor(_int32(value), dtype=torch.int32, device=like.device)
+    return torch.tensor(signed32(value), dtype=torch.int32, device=like.device)
 
 
 def _xorshift_right(x: Tensor, shift: int, spare: Tensor) -> None:
@@ -194,9 +194,9 @@ class Stream:
         torch.mul(index, _const(self.mul, out), out=out)
         out.add_(_const(first * self.mul + self.add, out))
         _xorshift_right(out, 16, spare)
-        out.mul_(_const(_MIX[0], out))
+        out.mul_(_const(MIX[0], out))
         _xorshift_right(out, 15, spare)
-        out.mul_(_const(_MIX[1], out))
+        out.mul_(_const(MIX[1], out))
         _xorshift_right(out, 16, spare)
         return out
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from evomerge.workers import fused
 from evomerge.workers.sparsify import DareDraw, MagnitudeBand
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
@@ -171,13 +172,16 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
     experts' weights). With ``deltas`` the ``experts`` are task vectors already."""
     result = torch.empty_like(base) if out is None else out
     keep = list(keep) if keep is not None else [None] * len(experts)
+    coeff = scale / (_guarded(sum(weight)) if normalize and not consensus else 1.0)
+    if not deltas and fused.fusable(base, experts, keep, consensus, normalize, result):
+        if fused.dare_merge(base, experts, weight, keep, scale=scale, coeff=coeff, consensus=consensus, out=result):
+            return result
     n = base.numel()
     size = min(chunk_size(), max(n, 1))
     wide = result.dtype in HALF and not consensus
     s = _scratch(base, size, torch.float32 if wide else base.dtype)
     flat_base, flat_out = base.reshape(-1), result.view(-1)
     flats = [e.reshape(-1) for e in experts]
-    coeff = scale / (_guarded(sum(weight)) if normalize and not consensus else 1.0)
     for start in range(0, n, size):
         stop = min(n, start + size)
         m = stop - start
@@ -192,7 +196,10 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
         for flat, k, w in zip(flats, keep, weight):
             delta, rescale = _expert_delta(flat, b, k, start, s, deltas)
             if not consensus:
-                pos.add_(delta, alpha=coeff * w * rescale)
+                if isinstance(k, DareDraw) and not wide:  # two roundings, as the fused kernel (no FMA there)
+                    pos.add_(delta.mul_(coeff * w * rescale))
+                else:
+                    pos.add_(delta, alpha=coeff * w * rescale)
                 continue
             delta.mul_(w * rescale)
             if first:
