@@ -42,6 +42,7 @@ class RacingSettings:
     fraction: float = 0.25  # of each task's documents scored before the first decision
     confidence: float = 0.99  # one-sided, per task
     min_documents: int = 20  # no racing for a task with fewer first-stage documents
+    keep: float = 0.5  # share of a generation worth finishing: sets the bar (generation_bar)
 
     def first_stage(self, count: int) -> int | None:
         """How many of ``count`` documents the first stage scores; None when this task is
@@ -97,13 +98,18 @@ def keep_going(partials: dict[str, Partial], weights: dict[str, float], bar: flo
     return bar is None or fitness_bound(partials, weights, confidence) >= bar
 
 
-def generation_bar(finished: list[float], popsize: int) -> float | None:
-    """The bar of a new candidate: the fitness of the ``popsize // 2``-th best of the last
-    ``popsize`` finished candidates (in the order they were proposed). CMA-ES updates from the
-    best half of a generation (its parents, mu = popsize / 2, Hansen 2016): a candidate that
-    cannot beat the worst parent of a recent generation would not shape the next one. None
-    until one generation has finished (the first is scored in full)."""
+def generation_bar(finished: list[float], popsize: int, keep: float = 0.5) -> float | None:
+    """The bar of a new candidate: the fitness of the ``⌊keep · popsize⌋``-th best (at least
+    the best) of the last ``popsize`` finished candidates (in the order they were proposed).
+
+    ``keep = 0.5`` is the worst parent: CMA-ES updates from the best half of a generation
+    (mu = popsize / 2, Hansen 2016), so a candidate that cannot beat the worst parent of a
+    recent generation would not shape the next one. A smaller ``keep`` finishes only the
+    candidates that could rank among the best ``keep`` share (successive halving's rule,
+    Jamieson & Talwalkar 2016: keep the top share by the current estimate); the others are
+    told their first-stage estimate, which is unbiased, only noisier. None until one
+    generation has finished (the first is scored in full)."""
     if popsize < 2 or len(finished) < popsize:
         return None
     recent = sorted(finished[-popsize:], reverse=True)
-    return recent[popsize // 2 - 1]
+    return recent[max(1, int(keep * popsize)) - 1]

@@ -172,6 +172,7 @@ class RacingConfig(_Strict):
     fraction: StrictFloat = Field(0.25, gt=0, lt=1)  # of each task's documents in the first stage
     confidence: StrictFloat = Field(0.99, ge=0.5, lt=1)  # one-sided, per task, of the stopping bound
     min_documents: StrictInt = Field(20, ge=1)  # tasks with a smaller first stage are scored in full
+    keep: StrictFloat = Field(0.5, gt=0, le=1)  # share of a generation finished: 0.5 = CMA-ES's parents
 
 
 class EvaluationConfig(_Strict):

@@ -337,7 +337,7 @@ class Controller:
         if twin.state != "complete" or twin.fitness is None:
             return self._fail(self.repo.candidate(cid), number, f"duplicate of failed candidate {twin.id}", None)
         self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id, twin.documents,
-                           twin.raced_out)
+                           twin.raced_out, evaluate_cpu_s=0.0)
         cand = self.repo.candidate(cid)
         self.ledger.complete(number, self._values(cand) or (twin.fitness,), {"duplicate_of": twin.id})
         self._tell(cand)
@@ -378,7 +378,8 @@ class Controller:
         except ScoreError as exc:
             return self._fail(cand, number, str(exc), result.worker) + self._release(cand)
         self.repo.complete(cand.id, result.outcome.scores, value, result.worker, result.materialize_s,
-                           result.evaluate_s, documents=result.documents, raced_out=not result.complete)
+                           result.evaluate_s, documents=result.documents, raced_out=not result.complete,
+                           evaluate_cpu_s=result.evaluate_cpu_s)
         cand = self.repo.candidate(cand.id)
         self.best_fitness = value if self.best_fitness is None else max(self.best_fitness, value)
         self.pictures.result(value, lambda: self.repo.candidates(self.study_id))
@@ -386,7 +387,8 @@ class Controller:
         self.ledger.complete(number, self._values(cand) or (value,), {
             **{f"score.{task}": score for task, score in result.outcome.scores.items()},
             "worker": result.worker, "documents": result.documents, "raced_out": not result.complete,
-            "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4)}})
+            "seconds": {"materialize": round(result.materialize_s, 4), "evaluate": round(result.evaluate_s, 4),
+                        "evaluate_cpu": round(result.evaluate_cpu_s, 4)}})
         self._tell(cand)
         return 1 + self._release(cand)
 
@@ -398,7 +400,7 @@ class Controller:
             return None
         finished = [c.fitness for c in self.repo.candidates(self.study_id)
                     if c.evolved and c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
-        return generation_bar(finished, self.popsize)
+        return generation_bar(finished, self.popsize, self.cfg.evaluation.racing.keep)
 
     def _spent_attempts(self, cid: int, split: str) -> int:
         """Attempts on ``split`` whose job ran (or may have): one that never started is free."""

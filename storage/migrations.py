@@ -49,9 +49,16 @@ def _racing_columns(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN raced_out BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
+def _cpu_seconds_column(conn: Connection) -> None:
+    """The worker's CPU seconds while scoring a candidate, beside the wall-clock ones: on a
+    node shared with other work the wall clock measures the neighbours too."""
+    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN evaluate_cpu_s FLOAT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "record the schema version (databases of evomerge 0.1.0 have none)", _stamp_only),
     Migration(2, "documents scored per candidate, and whether racing stopped it", _racing_columns),
+    Migration(3, "CPU seconds of each candidate's scoring", _cpu_seconds_column),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

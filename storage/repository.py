@@ -82,6 +82,7 @@ class CandidateRecord:
     error: str | None
     documents: int | None = None  # search documents its scores rest on (None: not recorded)
     raced_out: bool = False  # racing stopped it after the first stage
+    evaluate_cpu_s: float | None = None  # the worker's CPU seconds while scoring (None: not recorded)
 
     @property
     def evolved(self) -> bool:
@@ -102,7 +103,7 @@ def _record(row: CandidateRow) -> CandidateRecord:
         heldout=json.loads(row.heldout_json) if row.heldout_json else None,
         heldout_fitness=row.heldout_fitness, materialize_s=row.materialize_s,
         evaluate_s=row.evaluate_s, worker=row.worker, attempt=row.attempt, error=row.error,
-        documents=row.documents, raced_out=bool(row.raced_out))
+        documents=row.documents, raced_out=bool(row.raced_out), evaluate_cpu_s=row.evaluate_cpu_s)
 
 
 class Repository:
@@ -291,14 +292,15 @@ class Repository:
     @_retried
     def complete(self, candidate_id: int, scores: dict[str, float], fitness: float, worker: str | None,
                  materialize_s: float | None, evaluate_s: float | None, duplicate_of: int | None = None,
-                 documents: int | None = None, raced_out: bool = False) -> None:
+                 documents: int | None = None, raced_out: bool = False,
+                 evaluate_cpu_s: float | None = None) -> None:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
             row.state, row.scores_json, row.fitness = "complete", json.dumps(scores), fitness
             row.worker, row.materialize_s, row.evaluate_s = worker, materialize_s, evaluate_s
             row.duplicate_of, row.error, row.updated_at = duplicate_of, None, time.time()
-            row.documents, row.raced_out = documents, raced_out
+            row.documents, row.raced_out, row.evaluate_cpu_s = documents, raced_out, evaluate_cpu_s
 
     @_retried
     def fail(self, candidate_id: int, reason: str, worker: str | None = None) -> None:

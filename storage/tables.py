@@ -49,6 +49,7 @@ class CandidateRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     documents: Mapped[int | None] = mapped_column(Integer, nullable=True)  # search documents scored (v2)
     raced_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # stopped by racing (v2)
+    evaluate_cpu_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # worker CPU while scoring (v3)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 

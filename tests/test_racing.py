@@ -72,6 +72,14 @@ def test_generation_bar_is_the_worst_parent_of_the_last_generation() -> None:
     assert generation_bar([0.9, 0.1, 0.2, 0.3, 0.4], popsize=4) == 0.3  # last 4: 0.4 0.3 | 0.2 0.1
 
 
+def test_a_smaller_kept_share_raises_the_bar() -> None:
+    last = [0.5, 0.9, 0.1, 0.7, 0.3, 0.6, 0.2, 0.8]  # popsize 8: 0.9 0.8 | 0.7 0.6 | 0.5 ...
+    assert generation_bar(last, popsize=8, keep=0.5) == 0.6
+    assert generation_bar(last, popsize=8, keep=0.25) == 0.8
+    assert generation_bar(last, popsize=8, keep=0.01) == 0.9  # at least the best one is kept
+    assert generation_bar(last, popsize=8, keep=1.0) == 0.1  # everything but the hopeless finishes
+
+
 def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -> None:
     """The demo's models on its three 200-document tasks, racing after 50 documents each."""
     from evomerge.evaluators.harness import Evaluator
@@ -124,6 +132,7 @@ def test_a_racing_search_records_the_documents_of_every_candidate(tmp_path: Path
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT origin, documents, raced_out, state FROM evomerge_candidates "
                             "WHERE duplicate_of IS NULL").fetchall()
+        cpu = [s for (s,) in conn.execute("SELECT evaluate_cpu_s FROM evomerge_candidates WHERE duplicate_of IS NULL")]
         attrs = conn.execute("SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'documents'").fetchone()[0]
     assert {state for *_, state in rows} == {"complete"}
     for origin, documents, raced_out, _ in rows:
@@ -132,3 +141,4 @@ def test_a_racing_search_records_the_documents_of_every_candidate(tmp_path: Path
         else:  # 50 of each task's 200 documents, or all of them
             assert (documents, raced_out) in ((150, 1), (600, 0))
     assert attrs >= len(rows)
+    assert all(s is not None and s > 0 for s in cpu)  # the worker's CPU seconds of every scoring

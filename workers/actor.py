@@ -66,7 +66,7 @@ class EvalWorker:
         except Exception as exc:  # a bad recipe or a non-finite merge fails this trial only
             return TrialResult(job, Failed(f"materialize: {_one_line(exc)}"), self.name,
                                time.perf_counter() - start, 0.0)
-        merged = time.perf_counter()
+        merged, cpu = time.perf_counter(), time.process_time()
         try:
             if job.heldout:
                 scoring = Scoring(self.evaluator.score(heldout=True), 0, complete=True)
@@ -80,7 +80,8 @@ class EvalWorker:
         outcome: Scored | Failed = (Failed(f"non-finite score for task {bad[0]!r}") if bad
                                     else Scored(scoring.scores))
         return TrialResult(job, outcome, self.name, merged - start, done - merged,
-                           None if job.heldout else scoring.documents, scoring.complete)
+                           None if job.heldout else scoring.documents, scoring.complete,
+                           time.process_time() - cpu)
 
 
 def remote_worker_class(num_cpus: float, num_gpus: float) -> Any:

@@ -37,3 +37,4 @@ class TrialResult:
     evaluate_s: float
     documents: int | None = None  # documents scored (search split)
     complete: bool = True  # False: racing stopped it after the first stage
+    evaluate_cpu_s: float = 0.0  # CPU seconds of the worker process while scoring (all its threads)
