@@ -153,40 +153,61 @@ def test_consensus_equals_the_whole_tensor_form(one_thread: None, dtype: torch.d
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("consensus", [True, False])
-def test_fused_dare_kernel_equals_the_eager_pass(one_thread: None, consensus: bool) -> None:
-    """The compiled kernel (large float32 tensors) gives the eager pass's result bit for bit:
-    keep-all and drop-all draws, a negative weight, exact zeros in a task vector, λ ≠ 1,
-    normalized sums, an odd length. (Called directly: the operators use it only above
-    fused.FUSE_MIN entries.)"""
-    base, experts = sources(torch.float32, n=100_003, seed=4)
-    experts[2][::7] = base[::7]
-    g = torch.Generator().manual_seed(12)
-    draws = [sparsify.DareDraw.draw(d, g) for d in (0.3, 1.0, 0.0)] + [sparsify.DareDraw.draw(0.7, g)]
-    experts.append(experts[0] * 0.5)
-    weight, scale = (0.9, -0.4, 1.1, 0.5), 0.8
-    for normalize in ([False] if consensus else [False, True]):
-        eager = streaming.task_vector_merge(base, experts, weight, scale=scale, normalize=normalize,
-                                            consensus=consensus, out=None, keep=draws)
-        assert not fused.fusable(base, experts, draws, consensus, normalize, None)  # too small: eager
+def fused_equals_eager(base: torch.Tensor, experts: list[torch.Tensor], weight: tuple[float, ...],
+                       keep: list[streaming.Keep], consensus: bool) -> None:
+    """The compiled kernel (called directly: the operators use it only above fused.FUSE_MIN
+    entries) gives the eager pass's result bit for bit, normalized or not, at λ ≠ 1."""
+    for normalize in (False, True):
+        eager = streaming.task_vector_merge(base, experts, weight, scale=0.8, normalize=normalize,
+                                            consensus=consensus, out=None, keep=keep)
+        assert not fused.fusable(base, experts, keep, consensus, None)  # too small: eager
         out = torch.full_like(base, float("nan"))
-        coeff = scale / (sum(weight) if normalize else 1.0)
-        if not fused.dare_merge(base, experts, weight, draws, scale=scale, coeff=coeff, consensus=consensus, out=out):
+        coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
+        if not fused.merge(base, experts, weight, keep, scale=0.8, coeff=coeff, consensus=consensus,
+                           normalize=normalize, out=out):
             pytest.skip("torch.compile does not work here (the operators merge eagerly)")
         assert torch.equal(out.view(torch.int32), eager.view(torch.int32))
 
 
+@pytest.mark.parametrize("consensus", [True, False])
+def test_fused_dare_kernel_equals_the_eager_pass(one_thread: None, consensus: bool) -> None:
+    """DARE draws with keep-all and drop-all experts, a negative weight, exact zeros in a task
+    vector, an odd length."""
+    base, experts = sources(torch.float32, n=100_003, seed=4)
+    experts[2][::7] = base[::7]
+    experts.append(experts[0] * 0.5)
+    g = torch.Generator().manual_seed(12)
+    draws: list[streaming.Keep] = [sparsify.DareDraw.draw(d, g) for d in (0.3, 1.0, 0.0, 0.7)]
+    fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), draws, consensus)
+
+
+def test_fused_ties_kernel_equals_the_eager_pass(one_thread: None) -> None:
+    """TIES/Breadcrumbs bands (integer-valued δ: ties split at the cuts), an empty band and no
+    band, with the TIES election."""
+    g = torch.Generator().manual_seed(13)
+    n = 100_003
+    base = torch.randn(n, generator=g)
+    experts = [base + torch.randint(-20, 20, (n,), generator=g).float() * 0.01 for _ in range(4)]
+    deltas = [e - base for e in experts]
+    keep = [sparsify.magnitude_keep(deltas[0], 0.3), sparsify.breadcrumbs_keep(deltas[1], 0.5, 0.05),
+            sparsify.magnitude_keep(deltas[2], 0.0), None]
+    assert keep[0] is not None and keep[0].low.until is not None and keep[1] is not None and keep[1].high is not None
+    fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), keep, True)
+
+
 def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
-    """Float32 contiguous DARE merges of FUSE_MIN entries or more fuse; bf16, a magnitude band,
-    normalized TIES and smaller tensors stay eager."""
+    """Float32 contiguous merges of FUSE_MIN entries or more fuse (DARE, or bands with the TIES
+    election); bf16, mixed keeps, band sums and smaller tensors stay eager."""
     big = torch.empty(fused.FUSE_MIN)
     draw = sparsify.DareDraw.draw(0.5, torch.Generator().manual_seed(0))
-    assert fused.fusable(big, [big, big], [draw, draw], True, False, None)
-    assert fused.fusable(big, [big], [draw], False, True, big)
-    assert not fused.fusable(big[1:], [big[1:]], [draw], True, False, None)
-    assert not fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, False, None)
-    assert not fused.fusable(big, [big], [draw], True, True, None)
-    assert not fused.fusable(big, [big], [sparsify.MagnitudeBand(sparsify.Cut(0))], True, False, None)
+    band = sparsify.MagnitudeBand(sparsify.Cut(0))
+    assert fused.fusable(big, [big, big], [draw, draw], True, None)
+    assert fused.fusable(big, [big], [draw], False, big)
+    assert fused.fusable(big, [big, big], [band, None], True, None)
+    assert not fused.fusable(big, [big], [band], False, None)  # a band's sum keeps eager's FMA
+    assert not fused.fusable(big, [big, big], [band, draw], True, None)
+    assert not fused.fusable(big[1:], [big[1:]], [draw], True, None)
+    assert not fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, None)
 
 
 def test_a_kernel_that_cannot_compile_falls_back_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers.sparsify import MIX, DareDraw, signed32
+from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, signed32
 
 FUSE_MIN = 1 << 20  # entries: smaller tensors stay eager (compiling costs ~10-20 s once per process and shape family)
 _HALF_WORD = 1 << 15
@@ -35,27 +35,46 @@ def _lsr_xor(x: Tensor, shift: int) -> Tensor:
     return x ^ ((x >> shift) & ((1 << (32 - shift)) - 1))
 
 
-def _dare_merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef: Tensor, scale: Tensor,
-                consensus: bool) -> None:
-    """θ_b + merge(c_i·DARE(δ_i)) into ``out`` (flat float32 tensors). ``keys`` (int32, one row
-    per expert): the stream's mul, add and the draw threshold; ``coef`` (float32): the
-    per-expert factor the eager pass multiplies by; ``scale``: λ (TIES only, as eager)."""
+def _dare_keep(entry: Tensor, key: Tensor) -> Tensor:
+    """−1 where the DARE draw keeps the entry, 0 where it drops it (``key``: mul, add, threshold)."""
     mix0, mix1 = (signed32(m) for m in MIX)
+    word = _lsr_xor((entry >> 1) * key[0] + key[1], 16) * mix0
+    word = _lsr_xor(_lsr_xor(word, 15) * mix1, 16)
+    draw = (word << ((1 - (entry & 1)) << 4)) >> 16  # entry 2j: the low half of word j, sign-extended
+    return (draw - key[2]) >> 31
+
+
+def _band_keep(entry: Tensor, magnitude: Tensor, key: Tensor, high: bool) -> Tensor:
+    """−1 where |δ|'s bits lie in the band, 0 elsewhere (``key``: low cut's value and index of
+    its tie split, then the high cut's): the integer compares of the eager pass."""
+    keep = ~((magnitude - (key[0] + (entry >= key[1]).to(torch.int32))) >> 31)
+    if high:
+        keep = keep & ((magnitude - (key[2] + (entry >= key[3]).to(torch.int32))) >> 31)
+    return keep
+
+
+def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef: Tensor, weight: Tensor,
+           scale: Tensor, consensus: bool, normalize: bool, highs: tuple[bool, ...] | None) -> None:
+    """θ_b + merge(c_i·keep_i(δ_i)) into ``out`` (flat float32 tensors), keep_i a DARE draw
+    (``highs`` None) or a magnitude band (``highs[i]``: whether it has a high cut). ``keys``
+    (int32, one row per expert): the draw's or the band's integers; ``coef`` (float32): the
+    per-expert factor the eager pass multiplies by; ``weight``: w_i, for the normalized TIES
+    divisor; ``scale``: λ (TIES only, as eager)."""
     entry = torch.arange(base.numel(), dtype=torch.int32, device=base.device)
-    word_index, low_half = entry >> 1, (1 - (entry & 1)) << 4  # entry 2j: the low half of word j
     pos = neg = acc = None
     if not consensus:
         acc = base * 1.0
+    us = []
     for i, expert in enumerate(experts):
-        word = _lsr_xor(word_index * keys[i, 0] + keys[i, 1], 16) * mix0
-        word = _lsr_xor(_lsr_xor(word, 15) * mix1, 16)
-        draw = (word << low_half) >> 16  # the half, sign-extended
-        keep = (draw - keys[i, 2]) >> 31  # -1 where kept
-        delta = ((expert - base).view(torch.int32) & keep).view(torch.float32)
+        delta = expert - base
+        bits = delta.view(torch.int32)
+        keep = _dare_keep(entry, keys[i]) if highs is None else _band_keep(entry, bits & 0x7FFFFFFF, keys[i], highs[i])
+        delta = (bits & keep).view(torch.float32)
         if acc is not None:
             acc = acc + delta * coef[i]
             continue
         u = delta * coef[i]
+        us.append(u)
         if pos is None:
             pos, neg = u.clamp(min=0), u.clamp(max=0)
         else:
@@ -63,7 +82,14 @@ def _dare_merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, 
     if acc is None:
         sign = (pos + neg).view(torch.int32) >> 31
         diff = (neg.view(torch.int32) ^ pos.view(torch.int32)) & sign
-        acc = base + (pos.view(torch.int32) ^ diff).view(torch.float32) * scale
+        merged = (pos.view(torch.int32) ^ diff).view(torch.float32)
+        if normalize:
+            elected_positive = (pos + neg) >= 0
+            divisor = torch.zeros_like(base)
+            for i, u in enumerate(us):
+                divisor = divisor + torch.where(elected_positive, u > 0, u < 0) * weight[i]
+            merged = merged / torch.where(divisor == 0, 1.0, divisor)
+        acc = base + merged * scale
     out.copy_(acc)
 
 
@@ -103,7 +129,7 @@ class _Compiled:
             return False
 
 
-_DARE = _Compiled(_dare_merge)
+_MERGE = _Compiled(_merge)
 _CONSENSUS = _Compiled(_consensus_merge)
 
 
@@ -117,33 +143,58 @@ def large_float32(tensors: Sequence[Tensor]) -> bool:
                     for t in tensors))
 
 
-def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], consensus: bool, normalize: bool,
-            out: Tensor | None) -> bool:
-    """Whether the fused DARE kernel computes this merge: :func:`large_float32` tensors, a DARE
-    draw for every expert, and no normalized TIES (its agreeing-weight divisor stays eager)."""
-    return (len(experts) > 0 and not (consensus and normalize) and all(isinstance(k, DareDraw) for k in keep)
+def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], consensus: bool, out: Tensor | None) -> bool:
+    """Whether the fused kernel computes this task-vector merge: :func:`large_float32` tensors
+    and a DARE draw for every expert, or a magnitude band (or none) for every expert of a TIES
+    election (a band's sum keeps the eager FMA, which inductor does not emit)."""
+    dare = all(isinstance(k, DareDraw) for k in keep)
+    bands = consensus and all(k is None or isinstance(k, MagnitudeBand) for k in keep)
+    return (len(experts) > 0 and (dare or bands)
             and large_float32([base, *experts, *([out] if out is not None else [])]))
 
 
-def dare_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep: Sequence[DareDraw], *,
-               scale: float, coeff: float, consensus: bool, out: Tensor) -> bool:
+_NO_SPLIT = (1 << 31) - 1  # a tie split no index reaches
+
+
+def _cut_row(cut: Cut | None) -> list[int]:
+    return [0, _NO_SPLIT] if cut is None else [cut.value, _NO_SPLIT if cut.until is None else cut.until]
+
+
+def _keys(keep: Sequence[DareDraw | MagnitudeBand | None]) -> tuple[list[list[int]], list[float], tuple[bool, ...] | None]:
+    """Per expert: the kernel's integer row, the survivors' rescale, and (bands) whether a high cut applies."""
+    rows, rescales, highs = [], [], []
+    for k in keep:
+        if isinstance(k, DareDraw):
+            if k.keep_all:  # eager skips the drop: a threshold above every draw keeps all
+                rows.append([signed32(k.stream.mul), signed32(k.stream.add), _HALF_WORD])
+                rescales.append(1.0)
+            elif k.probability <= 0.0:  # eager zeroes δ: a threshold below every draw
+                rows.append([signed32(k.stream.mul), signed32(k.stream.add), -_HALF_WORD])
+                rescales.append(1.0)
+            else:
+                rows.append([signed32(k.stream.mul), signed32(k.stream.add), k.threshold])
+                rescales.append(1.0 / k.probability)
+            continue
+        if k is not None and k.empty:  # keeps nothing: below a high cut of 0
+            rows.append([0, _NO_SPLIT, 0, _NO_SPLIT])
+            highs.append(True)
+        else:
+            rows.append(_cut_row(None if k is None else k.low) + _cut_row(None if k is None else k.high))
+            highs.append(k is not None and k.high is not None)
+        rescales.append(1.0)
+    return rows, rescales, (tuple(highs) if highs else None)
+
+
+def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep: Sequence[DareDraw | MagnitudeBand | None],
+          *, scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
     """Run the fused kernel into ``out`` (see :func:`fusable`); False when it could not run (then
     nothing is promised about ``out``). ``coeff``: the eager pass's λ/Σw factor (sums only)."""
-    rows, coefs = [], []
-    for draw, w in zip(keep, weight):
-        if draw.keep_all:  # eager skips the drop: a threshold above every draw keeps all
-            threshold, rescale = _HALF_WORD, 1.0
-        elif draw.probability <= 0.0:  # eager zeroes δ: a threshold below every draw
-            threshold, rescale = -_HALF_WORD, 1.0
-        else:
-            threshold, rescale = draw.threshold, 1.0 / draw.probability
-        rows.append([signed32(draw.stream.mul), signed32(draw.stream.add), threshold])
-        coefs.append(w * rescale if consensus else coeff * w * rescale)
-    keys = torch.tensor(rows, dtype=torch.int32)
-    coef = torch.tensor(coefs, dtype=torch.float32)  # each rounded as eager rounds its Python scalar
-    return _DARE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), keys, coef,
-                 torch.tensor(scale, dtype=torch.float32), consensus)
-
+    rows, rescales, highs = _keys(keep)
+    coefs = [w * r if consensus else coeff * w * r for w, r in zip(weight, rescales)]
+    f32 = torch.float32  # each Python scalar rounded to float32 as eager rounds it
+    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), torch.tensor(rows, dtype=torch.int32),
+                  torch.tensor(coefs, dtype=f32), torch.tensor(weight, dtype=f32), torch.tensor(scale, dtype=f32),
+                  consensus, consensus and normalize, highs)
 
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,
                     divisor: float | None, scale: float, out: Tensor) -> bool:

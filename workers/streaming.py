@@ -173,9 +173,9 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
     result = torch.empty_like(base) if out is None else out
     keep = list(keep) if keep is not None else [None] * len(experts)
     coeff = scale / (_guarded(sum(weight)) if normalize and not consensus else 1.0)
-    if not deltas and fused.fusable(base, experts, keep, consensus, normalize, result):
-        if fused.dare_merge(base, experts, weight, keep, scale=scale, coeff=coeff, consensus=consensus, out=result):
-            return result
+    if not deltas and fused.fusable(base, experts, keep, consensus, result) and fused.merge(
+            base, experts, weight, keep, scale=scale, coeff=coeff, consensus=consensus, normalize=normalize, out=result):
+        return result
     n = base.numel()
     size = min(chunk_size(), max(n, 1))
     wide = result.dtype in HALF and not consensus
