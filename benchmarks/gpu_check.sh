@@ -29,3 +29,4 @@ WALL=$(( $(date +%s) - START ))
 $PY -m evomerge replay --storage "sqlite:///$WORK/gpu.db" --out "$WORK/best"
 $PY -c "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('replayed folder loads:', sys.argv[1])" "$WORK/best"
 $PY benchmarks/gpu_check.py report --db "$WORK/gpu.db" --mem "$MEM" --wall "$WALL"
+$PY benchmarks/gpu_check.py host-sources --folder "$WORK/run"

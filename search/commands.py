@@ -124,7 +124,7 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
                       "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads,
-                      prep.allow_pickle)
+                      prep.allow_pickle, wcfg.sources)
     controller = Controller(cfg, repo, ledger, space,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address,
                                                job_timeout_s=wcfg.job_timeout_s),

@@ -234,6 +234,9 @@ class WorkersConfig(_Strict):
     num_cpus: StrictFloat = Field(1, gt=0)
     threads: StrictInt = Field(1, ge=1)  # torch threads per worker
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where a GPU worker keeps the source models: on the GPU, or in host memory (shared by the
+    # node's workers) streamed to the GPU tensor by tensor; auto: the GPU when they fit there
+    sources: Literal["auto", "device", "host"] = "auto"
     max_attempts: StrictInt = Field(2, ge=1)  # a candidate whose worker dies is retried up to this
     # Seconds one evaluation may run before its worker counts as hung (killed, replaced, the
     # candidate retried). None: derived from finished jobs (search/pool.py JobTimeout).

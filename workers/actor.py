@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +38,7 @@ class WorkerSpec:
     batch_size: int = 64
     threads: int = 1
     allow_pickle: bool = False  # read .bin/.pt checkpoints (the user's explicit --allow-pickle)
+    sources: Literal["auto", "device", "host"] = "auto"  # where the sources live (workers/materialize.py)
 
 
 class EvalWorker:
@@ -47,7 +48,7 @@ class EvalWorker:
         torch.set_num_threads(spec.threads)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.materializer = Materializer(spec.folders, spec.base, getattr(torch, spec.dtype), spec.device,
-                                         spec.allow_pickle)
+                                         spec.allow_pickle, spec.sources)
         self.candidate = CandidateModel(self.materializer)  # sources, merges and layer routes
         # Scoring passes never reuse a KV cache: do not build one (each route hop would hold its
         # own). lm-eval's generation asks for the cache explicitly.

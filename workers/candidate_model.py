@@ -77,14 +77,14 @@ class CandidateModel:
         for sources)."""
         if name in recipe.members:
             return self._merged(recipe.members[name])
-        return self.materializer.sources[name]
+        return self.materializer.source_tensors(name)
 
     @torch.no_grad()
     def _merged(self, member: Recipe) -> dict[str, torch.Tensor]:
         """A merged collection model's tensors (computed once per worker; routes share them)."""
         full = complete(member)
         if full.kind == "source":
-            return self.materializer.sources[full.source or ""]
+            return self.materializer.source_tensors(full.source or "")
         if full.content_hash not in self._members:
             self._members[full.content_hash] = {key: self.materializer.merge_tensor(full, key)
                                                 for key in self.materializer.params}

@@ -3,12 +3,17 @@
 The worker loads its source tensors once. A candidate never copies a whole model: each
 parameter of the working model is computed tensor by tensor from the sources and copied
 into the existing storage, so an evaluator holding the model (lm-eval's HFLM) sees it.
+
+Where the sources live (:func:`source_placement`): on the worker's device, or, when they and
+the working model do not fit there together, in host memory (memory-mapped safetensors, held
+once per node by the page cache), each tensor streamed to the device when it is merged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -19,17 +24,36 @@ from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
 
 
+Placement = Literal["auto", "device", "host"]
+HEADROOM = 0.8  # share of the device memory left free beside the working model that sources may take
+
+
+def source_placement(choice: Placement, source_bytes: int, free_bytes: int | None) -> Literal["device", "host"]:
+    """Where a worker keeps its sources: ``choice`` unless "auto", which keeps them on the
+    device when they fit in :data:`HEADROOM` of the memory the working model left free there
+    (activations need the rest), else in host memory. ``free_bytes`` None: the device is the
+    CPU, where both are host memory."""
+    if choice != "auto":
+        return choice
+    return "device" if free_bytes is None or source_bytes <= HEADROOM * free_bytes else "host"
+
+
 class Materializer:
     """Holds the source tensors and one working model whose weights each recipe rewrites."""
 
     def __init__(self, folders: Mapping[str, Path], base: str, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", allow_pickle: bool = False) -> None:
+                 device: str = "cpu", allow_pickle: bool = False, sources: Placement = "auto") -> None:
         self.device = device
-        self.sources = {name: load_tensors(name, folder, dtype, device, allow_pickle)
-                        for name, folder in folders.items()}
         skeleton = model_folder(base, folders[base])  # an adapter source: its base's config and tokenizer
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             skeleton, dtype=dtype, trust_remote_code=False).to(device).eval()
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else None
+        # every source has the working model's tensors (checked below), so its bytes are the model's
+        self.placement = source_placement(sources, model_bytes * len(folders), free)
+        where = device if self.placement == "device" else "cpu"
+        self.sources = {name: load_tensors(name, folder, dtype, where, allow_pickle)
+                        for name, folder in folders.items()}
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(skeleton)
         self.num_layers = int(self.model.config.num_hidden_layers)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
@@ -69,14 +93,25 @@ class Materializer:
         generator = None
         if op.random:
             generator = torch.Generator(device=self.device).manual_seed(tensor_seed(recipe.seed, key))
-        base = self.sources[recipe.base or ""][key]
-        experts = [self.sources[m][key] for m in recipe.models]
+        base = self.on_device(self.sources[recipe.base or ""][key])
+        experts = [self.on_device(self.sources[m][key]) for m in recipe.models]
         merged = op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
         for name in recipe.transforms:
             transform = get_transform(name)
             values = {p.name: recipe.shared[p.name][0] for p in transform.params}
             merged = transform.fn(merged, base, depth_fraction(key, self.num_layers), **values)
         return merged
+
+    def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the worker's device: itself when the sources live there, else a copy
+        streamed from host memory (one tensor at a time: the device never holds all sources)."""
+        return tensor if self.placement == "device" else tensor.to(self.device)
+
+    def source_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Source ``name``'s tensors on the device (shared when they live there, copied from
+        host memory otherwise): what a layer route built from them computes with."""
+        tensors = self.sources[name]
+        return tensors if self.placement == "device" else {k: self.on_device(v) for k, v in tensors.items()}
 
     def _value(self, recipe: Recipe, values: tuple[float, ...], key: str) -> float:
         return value_for(values, key, self.num_layers, recipe.layout, recipe.group_size)
