@@ -235,3 +235,19 @@ def test_fused_consensus_kernel_equals_the_eager_pass(one_thread: None) -> None:
         if not fused.consensus_merge(base, experts, weight, tall, 2, sum(weight) if normalize else None, scale, out):
             pytest.skip("torch.compile does not work here (the operators merge eagerly)")
         assert torch.equal(out.view(torch.int32), eager.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_across_chunks_splits_ties_in_a_later_chunk(dtype: torch.dtype) -> None:
+    """The chunked radix selection counts over every chunk and finds a tie split past the
+    first chunk: all |δ| equal but 50 larger ones at the end, k reaching into the second chunk."""
+    n = sparsify.SELECT_CHUNK + 4097
+    delta = torch.ones(n, dtype=dtype)
+    delta[-50:] = -3.0
+    delta[7] = 0.0
+    k = 50 + sparsify.SELECT_CHUNK + 100
+    band = sparsify.magnitude_keep(delta, k / n)
+    assert band is not None and band.low.until == sparsify.SELECT_CHUNK + 101  # entry 7 is not a tie
+    assert torch.equal(sparsify.band_mask(delta, band), ref_top(delta, k))
+    base = torch.full((n,), 0.5, dtype=dtype)
+    assert sparsify.magnitude_keep(delta + base, k / n, base) == band  # δ formed chunk by chunk
