@@ -67,12 +67,17 @@ def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
     flat_base = base.reshape(-1) if base is not None else None
     n = len(flats)
     gram = [[0.0] * n for _ in range(n)]
+    work = torch.float32 if flats[0].dtype in _HALF else flats[0].dtype  # a 16-bit dot would round its running sum
+    buffers = ([torch.empty(min(_CHUNK, flats[0].numel()), dtype=work, device=flats[0].device) for _ in flats]
+               if flat_base is not None or work != flats[0].dtype else None)  # reused: no allocation per chunk
     for start in range(0, flats[0].numel(), _CHUNK):
         rows = [f[start:start + _CHUNK] for f in flats]
-        if rows[0].dtype in _HALF:  # a 16-bit dot product would round its running sum
-            rows = [r.float() for r in rows]
-        if flat_base is not None:
-            rows = [r - flat_base[start:start + _CHUNK] for r in rows]
+        if buffers is not None:
+            m = rows[0].numel()
+            rows = [buf[:m].copy_(r) if r.dtype != work else r for r, buf in zip(rows, buffers)]
+            if flat_base is not None:
+                b = flat_base[start:start + m]
+                rows = [torch.sub(r, b, out=buf[:m]) for r, buf in zip(rows, buffers)]
         for i in range(n):
             for j in range(i, n):
                 gram[i][j] += float(torch.dot(rows[i], rows[j]))
