@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -29,6 +30,31 @@ def _mean_metric(task: Any, metric: str) -> bool:
     return getattr(aggregation, "__name__", "") == "mean"
 
 
+@functools.cache  # created on first use: lm-eval is imported by workers only
+def _lm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class EncodingCacheLM(HFLM):  # type: ignore[misc]
+        """HFLM that tokenizes each (context, continuation) pair once per worker.
+
+        lm-eval tokenizes every loglikelihood request again on each call; the tokens do not
+        depend on the weights a worker rewrites between candidates (a fifth of a candidate's
+        scoring on the tiny landscapes)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            key = (context, continuation)
+            if key not in self._encoded:
+                self._encoded[key] = super()._encode_pair(context, continuation)
+            context_enc, continuation_enc = self._encoded[key]
+            return list(context_enc), list(continuation_enc)  # callers may change theirs
+
+    return EncodingCacheLM
+
+
 class Evaluator:
     """Scores whatever weights ``model`` holds at call time on the suite's tasks.
 
@@ -38,12 +64,10 @@ class Evaluator:
 
     def __init__(self, suite: TaskSuite, model: Any, tokenizer: Any, batch_size: int = 64,
                  device: str = "cpu") -> None:
-        from lm_eval.models.huggingface import HFLM
-
         for name in ("lm-eval", "lm_eval"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.suite = suite
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        self.lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         self._tasks: dict[bool, dict[str, Any]] = {}
         self._samples: dict[bool, dict[str, list[int]]] = {}
         self._order: dict[str, list[int]] | None = None  # racing: built on first use
