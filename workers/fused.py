@@ -24,8 +24,9 @@ from torch import Tensor
 
 from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, signed32
 
-FUSE_MIN = 1 << 20  # entries: smaller tensors stay eager (compiling costs ~10-20 s once per process and shape family)
+FUSE_MIN = 1 << 18  # entries (Llama-100M attention: 590 K): smaller stay eager; compiling costs ~10-20 s per process and kernel variant
 _HALF_WORD = 1 << 15
+_VARIANTS = 64
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ class _Compiled:
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self._fn, dynamic=True, fullgraph=True)
-            self._compiled(*args)
+            # one variant per expert count, election, band shape and thread count: more than
+            # dynamo's default 8 (past it, fullgraph fails and every merge would go eager)
+            with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+                self._compiled(*args)
             return True
         except Exception as error:  # no compiler, unsupported platform: the eager pass is exact too
             self.broken = True
