@@ -141,7 +141,9 @@ def mergekit_seconds(op: str, sources: Mapping[str, Mapping[str, torch.Tensor]],
 
 
 def copy_bandwidth(numel: int) -> float:
-    """Bytes read per second by dst.copy_(src) of ``numel`` float32 entries, at the current threads."""
+    """Bytes read per second by dst.copy_(src) of ``numel`` float32 entries (at most 2^26: 256 MB,
+    far past any cache, so two more model-sized tensors need not fit at 1 B), at the current threads."""
+    numel = min(numel, 1 << 26)
     src, dst = torch.randn(numel), torch.empty(numel)
     return numel * 4 / timed(lambda: dst.copy_(src), 5)
 
