@@ -35,15 +35,25 @@ def _lm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class EncodingCacheLM(HFLM):  # type: ignore[misc]
-        """HFLM that tokenizes each (context, continuation) pair once per worker.
+        """HFLM that tokenizes each (context, continuation) pair once per worker, quietly.
 
         lm-eval tokenizes every loglikelihood request again on each call; the tokens do not
         depend on the weights a worker rewrites between candidates (a fifth of a candidate's
-        scoring on the tiny landscapes)."""
+        scoring on the tiny landscapes). Its progress bars, two or three per call, go to a
+        worker's stderr, which Ray copies to the driver's log: noise, and CPU on both ends."""
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = True) -> list[float]:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
+            return super().generate_until(requests, disable_tqdm=True)
 
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
             key = (context, continuation)

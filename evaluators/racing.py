@@ -100,15 +100,16 @@ def keep_going(partials: dict[str, Partial], weights: dict[str, float], bar: flo
 
 def generation_bar(finished: list[float], popsize: int, keep: float = 0.5) -> float | None:
     """The bar of a new candidate: the fitness of the ``⌊keep · popsize⌋``-th best (at least
-    the best) of the last ``popsize`` finished candidates (in the order they were proposed).
+    the best) of the last ``popsize`` finished candidates (in the order they were proposed;
+    the controller counts the baselines, so the first generation is raced against them).
 
     ``keep = 0.5`` is the worst parent: CMA-ES updates from the best half of a generation
     (mu = popsize / 2, Hansen 2016), so a candidate that cannot beat the worst parent of a
     recent generation would not shape the next one. A smaller ``keep`` finishes only the
     candidates that could rank among the best ``keep`` share (successive halving's rule,
     Jamieson & Talwalkar 2016: keep the top share by the current estimate); the others are
-    told their first-stage estimate, which is unbiased, only noisier. None until one
-    generation has finished (the first is scored in full)."""
+    told their first-stage estimate, which is unbiased, only noisier. None until ``popsize``
+    candidates have finished (until then every candidate is scored in full)."""
     if popsize < 2 or len(finished) < popsize:
         return None
     recent = sorted(finished[-popsize:], reverse=True)

@@ -394,12 +394,13 @@ class Controller:
 
     def _bar(self, cand: CandidateRecord) -> float | None:
         """Racing: the fitness an evolved candidate must be able to reach to be worth scoring
-        in full (evaluators/racing.py); None (score in full) for baselines, for
-        multi-objective searches and while racing is off."""
+        in full (evaluators/racing.py), from the last finished candidates, the baselines
+        among them (so the first generation is raced against the sources and untuned merges);
+        None (score in full) for baselines, for multi-objective searches and while racing is off."""
         if not self.cfg.evaluation.racing.enabled or not cand.evolved or self.ledger.multi_objective:
             return None
         finished = [c.fitness for c in self.repo.candidates(self.study_id)
-                    if c.evolved and c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
+                    if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
         return generation_bar(finished, self.popsize, self.cfg.evaluation.racing.keep)
 
     def _spent_attempts(self, cid: int, split: str) -> int:
