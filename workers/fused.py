@@ -1,16 +1,18 @@
-"""Fused DARE merges: the streaming pass of a large tensor compiled into one loop.
+"""Fused merges: the streaming pass of a large tensor compiled into one loop.
 
 The eager pass (:func:`workers.streaming.task_vector_merge`) runs ~20 torch ops per expert and
 chunk; each is fast, but together they are far from the memory limit. Here the same per-entry
-arithmetic — δ_i = θ_i − θ_b, the counter-based 16-bit draw, the drop, the rescale, the TIES
-election and θ_b + λ·merge — is written once as whole-tensor ops and handed to
-``torch.compile`` (inductor's C++ code generation), which emits one vectorized loop: each
-source read once, the target written once, no chunk buffers.
+arithmetic — δ_i = θ_i − θ_b, the drop (a counter-based 16-bit DARE draw, or a TIES/Breadcrumbs
+magnitude band), the rescale, the sum or TIES election and θ_b + λ·merge — and Consensus/TALL
+are written once as whole-tensor ops and handed to ``torch.compile`` (inductor's C++ code
+generation), which emits one vectorized loop: each source read once, the target written once,
+no chunk buffers.
 
 The ops and their order and dtypes are those of the eager pass, so the result is bit-identical
 to it (tested in tests/test_streaming_merge.py): which path a tensor takes changes its speed,
-never its value. The path is chosen by size and dtype alone (:func:`fusable`), float32 tensors of
-at least :data:`FUSE_MIN` entries, which the test suite's tiny models never reach; where no
+never its value. The path is chosen by size and dtype alone (:func:`fusable`,
+:func:`large_float32`): float32 tensors of at least :data:`FUSE_MIN` entries, which the test
+suite's tiny models never reach (a few synthetic test tensors do, on purpose). Where no
 compiler works the first failure is logged once and every tensor takes the eager pass.
 """
 

@@ -15,6 +15,9 @@ function of (stream key, j) only (see :class:`workers.sparsify.Stream`).
 
 For the deterministic methods (TIES, Breadcrumbs) every chunk runs exactly the ops the
 whole-tensor form ran, in the same dtypes, so results are bit-identical to it.
+
+Large float32 DARE and TIES-election merges skip the chunk loop: :mod:`workers.fused` runs the
+same ops as one compiled loop, with bit-identical results (see :func:`fused.fusable`).
 """
 
 from __future__ import annotations
