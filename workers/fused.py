@@ -113,7 +113,8 @@ def _consensus_merge(base: Tensor, experts: list[Tensor], out: Tensor, weight: T
 
 
 class _Compiled:
-    """The compiled kernel, built on first use; None once compiling failed (logged once)."""
+    """A kernel compiled on first use; ``broken`` (and every call False) once a call failed,
+    logged once: the caller then merges eagerly, with the same results."""
 
     def __init__(self, fn: Callable[..., None]) -> None:
         self._fn, self._compiled, self.broken = fn, None, False
