@@ -116,8 +116,8 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
     seed; ``preset=NAME`` names a preset instead of an optimizer, and ``NAME@GRANULARITY``
     (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say; a
     ``+racing`` suffix (``cma+racing``) turns on multi-fidelity racing (evaluation.racing),
-    ``+racing=F:C[:K]`` with first-stage fraction F, confidence C and the kept share K of a
-    generation (``cma+racing=0.2:0.9``, ``cma+racing=0.2:0.5:0.25``)."""
+    ``+racing=F:C[:K[:S]]`` with first-stage fraction F, confidence C, the kept share K of a
+    generation and S stages (``cma+racing=0.2:0.9``, ``cma+racing=0.2:0.5:0.25:2``)."""
     optimizer, racing, racing_spec = optimizer.partition("+racing")
     optimizer, _, granularity = optimizer.partition("@")
     preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
@@ -139,15 +139,17 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
 
 
 def racing_settings(spec: str) -> dict[str, object]:
-    """evaluation.racing for a ``+racing`` suffix: the defaults, or ``=F:C[:K]`` overriding them."""
+    """evaluation.racing for a ``+racing`` suffix: the defaults, or ``=F:C[:K[:S]]`` overriding them."""
     if not spec:
         return {"enabled": True}
     if not spec.startswith("="):
-        raise ValueError(f"racing suffix {spec!r}: expected +racing or +racing=FRACTION:CONFIDENCE[:KEEP]")
-    values = [float(x) for x in spec.removeprefix("=").split(":")]
-    if len(values) not in (2, 3):
-        raise ValueError(f"racing suffix {spec!r}: expected +racing=FRACTION:CONFIDENCE[:KEEP]")
-    return {"enabled": True, **dict(zip(("fraction", "confidence", "keep"), values))}
+        raise ValueError(f"racing suffix {spec!r}: expected +racing or +racing=FRACTION:CONFIDENCE[:KEEP[:STAGES]]")
+    values: list[float | int] = [float(x) for x in spec.removeprefix("=").split(":")]
+    if len(values) not in (2, 3, 4):
+        raise ValueError(f"racing suffix {spec!r}: expected +racing=FRACTION:CONFIDENCE[:KEEP[:STAGES]]")
+    if len(values) == 4:
+        values[3] = int(values[3])
+    return {"enabled": True, **dict(zip(("fraction", "confidence", "keep", "stages"), values))}
 
 
 def accepted(optimizer: str, land: Landscape) -> str | None:

@@ -81,7 +81,7 @@ class Evaluator:
         self._tasks: dict[bool, dict[str, Any]] = {}
         self._samples: dict[bool, dict[str, list[int]]] = {}
         self._order: dict[str, list[int]] | None = None  # racing: built on first use
-        self._first: dict[str, int] = {}
+        self._cuts: dict[str, tuple[int, ...]] = {}  # documents scored after each stage, per raced task
         self._build(heldout=False)
 
     def _build(self, heldout: bool) -> None:
@@ -97,40 +97,51 @@ class Evaluator:
         return self._scores(heldout, self._samples[heldout], self.suite.tasks)
 
     def race(self, bar: float | None) -> Scoring:
-        """Scores on the search split, stopping after the first stage when the candidate
-        cannot reach ``bar`` (evaluators/racing.py); the full scores when nothing is raced."""
+        """Scores on the search split in stages (evaluators/racing.py), stopping after a stage
+        when the candidate cannot reach ``bar``; the full scores when nothing is raced."""
         order = self._race_order() if bar is not None else {}  # no bar (racing off, baselines): no order
         if not order:
             return Scoring(self.score(), self._documents(self._samples[False]), complete=True)
         specs = self.suite.tasks
-        first = {name: DocSample(docs[:self._first[name]]) for name, docs in order.items()}
-        stage1 = self._scores(False, {**self._samples[False], **first}, specs)
         weights = {s.name: s.weight for s in specs}
-        partials = {s.name: Partial(stage1[s.name], self._first[s.name], len(order[s.name]))
-                    if s.name in order else Partial(stage1[s.name], 1, 1) for s in specs}
-        documents = self._documents({**self._samples[False], **first})
-        if not keep_going(partials, weights, bar, self.suite.racing.confidence):
-            return Scoring(stage1, documents, complete=False)
-        rest = {name: DocSample(docs[self._first[name]:]) for name, docs in order.items()}
-        stage2 = self._scores(False, rest, tuple(s for s in specs if s.name in order))
-        scores = dict(stage1)
-        for name, docs in order.items():  # a mean over the two disjoint parts of the sample
-            n = self._first[name]
-            scores[name] = (n * stage1[name] + (len(docs) - n) * stage2[name]) / len(docs)
-        return Scoring(scores, documents + sum(len(d) for d in rest.values()), complete=True)
+        seen = {name: 0 for name in order}
+        scores: dict[str, float] = {}
+        documents = 0
+        for stage in range(max(len(c) for c in self._cuts.values())):
+            part = {name: DocSample(docs[seen[name]:self._cuts[name][min(stage, len(self._cuts[name]) - 1)]])
+                    for name, docs in order.items() if seen[name] < len(docs)}
+            # the first stage also scores the tasks that are not raced, in full and once
+            samples = {**self._samples[False], **part} if stage == 0 else part
+            todo = specs if stage == 0 else tuple(s for s in specs if s.name in part)
+            got = self._scores(False, samples, todo)
+            documents += self._documents(samples) if stage == 0 else sum(len(d) for d in part.values())
+            for spec in todo:
+                if spec.name in part:  # a mean over disjoint parts of the sample
+                    n, k = seen[spec.name], len(part[spec.name])
+                    scores[spec.name] = (n * scores.get(spec.name, 0.0) + k * got[spec.name]) / (n + k)
+                    seen[spec.name] = n + k
+                else:
+                    scores[spec.name] = got[spec.name]
+            if all(seen[name] == len(docs) for name, docs in order.items()):
+                break
+            partials = {s.name: Partial(scores[s.name], seen[s.name], len(order[s.name])) if s.name in order
+                        else Partial(scores[s.name], 1, 1) for s in specs}
+            if not keep_going(partials, weights, bar, self.suite.racing.confidence):
+                return Scoring(scores, documents, complete=False)
+        return Scoring(scores, documents, complete=True)
 
     def _race_order(self) -> dict[str, list[int]]:
         """The raced tasks' documents in their seeded order (built once): tasks whose metric
         is a mean over documents and whose first stage is big enough."""
         if self._order is None:
-            self._order, self._first = {}, {}
+            self._order, self._cuts = {}, {}
             for spec in self.suite.tasks:
                 task = self._tasks[False][spec.name]
                 order = document_order(len(task.eval_docs), self.suite.limit, self.suite.sample_seed, spec.name,
                                        task.config.test_split or "")
-                first = self.suite.racing.first_stage(len(order))
-                if first is not None and _mean_metric(task, spec.metric):
-                    self._order[spec.name], self._first[spec.name] = order, first
+                cuts = self.suite.racing.cuts(len(order))
+                if cuts is not None and _mean_metric(task, spec.metric):
+                    self._order[spec.name], self._cuts[spec.name] = order, cuts
         return self._order
 
     def _documents(self, samples: Mapping[str, list[int]]) -> int:

@@ -39,10 +39,11 @@ class RacingSettings:
     """``evaluation.racing`` (search/config.py RacingConfig holds the defaults users see)."""
 
     enabled: bool = False
-    fraction: float = 0.25  # of each task's documents scored before the first decision
-    confidence: float = 0.99  # one-sided, per task
+    fraction: float = 0.2  # of each task's documents scored before the first decision
+    confidence: float = 0.5  # one-sided, per task (0.5: the estimate itself decides)
     min_documents: int = 20  # no racing for a task with fewer first-stage documents
-    keep: float = 0.5  # share of a generation worth finishing: sets the bar (generation_bar)
+    keep: float = 0.125  # share of a generation worth finishing: sets the bar (generation_bar)
+    stages: int = 3  # scoring stages: a decision after each but the last
 
     def first_stage(self, count: int) -> int | None:
         """How many of ``count`` documents the first stage scores; None when this task is
@@ -51,6 +52,18 @@ class RacingSettings:
         if not self.enabled or n < self.min_documents or n >= count:
             return None
         return n
+
+    def cuts(self, count: int) -> tuple[int, ...] | None:
+        """The documents scored after each stage (the last: all ``count``), or None when the
+        task is not raced. Stages grow geometrically from ``fraction`` to the whole sample,
+        as successive halving's rungs do (Jamieson & Talwalkar 2016): with 3 stages and
+        fraction 0.2, after 20 %, 45 % and 100 % of the documents."""
+        first = self.first_stage(count)
+        if first is None:
+            return None
+        steps = max(1, self.stages - 1)
+        marks = [first, *(math.ceil(self.fraction ** ((steps - k) / steps) * count) for k in range(1, steps)), count]
+        return tuple(sorted({min(count, max(first, m)) for m in marks}))
 
 
 def wilson_upper(mean: float, n: int, confidence: float) -> float:

@@ -105,7 +105,7 @@ def _reusable_task_class() -> type:
     return ReusableTask
 
 
-_REQUEST_SETS = 4  # full sample, racing's two stages, and one spare
+_REQUEST_SETS = 6  # the full sample, racing's stages (3 by default), and spares
 
 
 def _frozen(samples: object) -> tuple[int, ...] | None:

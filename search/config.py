@@ -169,10 +169,11 @@ class RacingConfig(_Strict):
     default until its saving at equal held-out quality is measured on the benchmark."""
 
     enabled: StrictBool = False
-    fraction: StrictFloat = Field(0.25, gt=0, lt=1)  # of each task's documents in the first stage
-    confidence: StrictFloat = Field(0.99, ge=0.5, lt=1)  # one-sided, per task, of the stopping bound
+    fraction: StrictFloat = Field(0.2, gt=0, lt=1)  # of each task's documents in the first stage
+    confidence: StrictFloat = Field(0.5, ge=0.5, lt=1)  # one-sided, per task (0.5: the estimate decides)
     min_documents: StrictInt = Field(20, ge=1)  # tasks with a smaller first stage are scored in full
-    keep: StrictFloat = Field(0.5, gt=0, le=1)  # share of a generation finished: 0.5 = CMA-ES's parents
+    keep: StrictFloat = Field(0.125, gt=0, le=1)  # share of a generation finished (0.5: CMA-ES's parents)
+    stages: StrictInt = Field(3, ge=2, le=8)  # growing geometrically from ``fraction`` to every document
 
 
 class EvaluationConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def test_first_stage_size() -> None:
     assert RacingSettings(enabled=False).first_stage(200) is None
 
 
+def test_stages_grow_geometrically_to_the_whole_sample() -> None:
+    three = RacingSettings(enabled=True, fraction=0.2, stages=3)
+    assert three.cuts(200) == (40, 90, 200)  # 20 %, 0.2 ** 0.5 = 44.7 %, all
+    assert RacingSettings(enabled=True, fraction=0.2, stages=2).cuts(200) == (40, 200)
+    assert three.cuts(60) is None  # a 12-document first stage: not raced
+    assert RacingSettings(enabled=False).cuts(200) is None
+
+
+@given(st.integers(1, 5000), st.floats(0.01, 0.95), st.integers(2, 8))
+def test_stage_cuts_increase_to_every_document(count: int, fraction: float, stages: int) -> None:
+    cuts = RacingSettings(enabled=True, fraction=fraction, stages=stages, min_documents=1).cuts(count)
+    if cuts is None:  # the first stage would already be every document
+        assert math.ceil(fraction * count) >= count
+        return
+    assert cuts[0] == math.ceil(fraction * count) and cuts[-1] == count
+    assert list(cuts) == sorted(set(cuts)) and len(cuts) <= stages
+
+
 def test_generation_bar_is_the_worst_parent_of_the_last_generation() -> None:
     assert generation_bar([0.1, 0.2, 0.3], popsize=4) is None  # the first generation runs in full
     assert generation_bar([0.9, 0.1, 0.2, 0.3, 0.4], popsize=4) == 0.3  # last 4: 0.4 0.3 | 0.2 0.1
@@ -81,7 +100,8 @@ def test_a_smaller_kept_share_raises_the_bar() -> None:
 
 
 def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -> None:
-    """The demo's models on its three 200-document tasks, racing after 50 documents each."""
+    """The demo's models on its three 200-document tasks, racing in the default three stages
+    (after 40, 90 and 200 documents of each)."""
     from evomerge.evaluators.harness import Evaluator
     from evomerge.search.config import load_config
     from evomerge.workers.materialize import Materializer
@@ -103,7 +123,7 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
         assert scoring.scores == pytest.approx(full, abs=1e-12)  # two disjoint parts, one mean
     mat.apply(Recipe(kind="source", source="base"))  # echoes words: scores 0 everywhere
     stopped = evaluator.race(0.9)
-    assert not stopped.complete and stopped.documents == 150
+    assert not stopped.complete and stopped.documents == 120
     assert stopped.scores == {"cipher_a": 0.0, "cipher_b": 0.0, "cipher_mix": 0.0}
     off = Evaluator(cfg.suite(), mat.model, mat.tokenizer, batch_size=200).race(0.9)  # racing off: in full
     assert off.complete and off.documents == 600
@@ -112,7 +132,7 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
     task = evaluator._tasks[False]["cipher_a"]
     before = {key: id(instances) for key, instances in task._built.items()}
     evaluator.race(0.0)
-    assert len(before) == 3 and {key: id(instances) for key, instances in task._built.items()} == before
+    assert len(before) == 4 and {key: id(instances) for key, instances in task._built.items()} == before
 
 
 def test_a_racing_search_records_the_documents_of_every_candidate(tmp_path: Path) -> None:
@@ -138,7 +158,7 @@ def test_a_racing_search_records_the_documents_of_every_candidate(tmp_path: Path
     for origin, documents, raced_out, _ in rows:
         if origin in ("source", "untuned"):  # baselines are always scored in full
             assert (documents, raced_out) == (600, 0)
-        else:  # 50 of each task's 200 documents, or all of them
-            assert (documents, raced_out) in ((150, 1), (600, 0))
+        else:  # 40 or 90 of each task's 200 documents (stopped after stage 1 or 2), or all of them
+            assert (documents, raced_out) in ((120, 1), (270, 1), (600, 0))
     assert attrs >= len(rows)
     assert all(s is not None and s > 0 for s in cpu)  # the worker's CPU seconds of every scoring
