@@ -203,6 +203,7 @@ def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep
                   torch.tensor(coefs, dtype=f32), torch.tensor(weight, dtype=f32), torch.tensor(scale, dtype=f32),
                   consensus, consensus and normalize, highs)
 
+
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,
                     divisor: float | None, scale: float, out: Tensor) -> bool:
     """Consensus/TALL of :func:`large_float32` tensors into ``out`` by the fused kernel; False when
