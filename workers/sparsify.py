@@ -53,11 +53,17 @@ class MagnitudeBand:
 _INTS = {4: torch.int32, 2: torch.int16}
 
 
-def _abs_bits(delta: Tensor) -> Tensor:
-    """|δ| as non-negative integers ordered like the magnitudes (int32 for any float dtype)."""
+def _abs_bits(delta: Tensor, out: Tensor | None = None) -> Tensor:
+    """|δ| as non-negative integers ordered like the magnitudes (int32 for any float dtype),
+    flat; written into ``out`` (int32, δ's size) when given."""
     ints = _INTS[delta.element_size()]
     top = (1 << (8 * delta.element_size() - 1)) - 1
-    return torch.bitwise_and(delta.reshape(-1).view(ints), top).to(torch.int32)
+    bits = delta.reshape(-1).view(ints)
+    if out is None:
+        return torch.bitwise_and(bits, top).to(torch.int32)
+    if ints == torch.int32:
+        return torch.bitwise_and(bits, top, out=out)
+    return out.copy_(torch.bitwise_and(bits, top))
 
 
 SELECT_CHUNK = 1 << 20  # entries per step of a selection pass (4 MB of int32: inside L3)
@@ -81,19 +87,12 @@ class _Magnitudes:
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """(first entry, bits of the chunk); the buffer is overwritten by the next chunk."""
-        ints = _INTS[self._expert.element_size()]
-        top = (1 << (8 * self._expert.element_size() - 1)) - 1
         for start in range(0, self.n, self._size):
             piece = self._expert[start:start + self._size]
             m = piece.numel()
             if self._base is not None:
                 piece = torch.sub(piece, self._base[start:start + m], out=self._delta[:m])
-            bits = self._bits[:m]
-            if ints == torch.int32:
-                torch.bitwise_and(piece.view(ints), top, out=bits)
-            else:
-                bits.copy_(torch.bitwise_and(piece.view(ints), top))
-            yield start, bits
+            yield start, _abs_bits(piece, out=self._bits[:m])
 
     def top_histogram(self) -> Tensor:
         """Counts of the top 15 bits (bits >> 16) over the tensor."""
