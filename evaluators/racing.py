@@ -36,7 +36,8 @@ from statistics import NormalDist
 
 @dataclass(frozen=True)
 class RacingSettings:
-    """``evaluation.racing`` (search/config.py RacingConfig holds the defaults users see)."""
+    """``evaluation.racing``; its defaults are the config's (search/config.py RacingConfig reads
+    them from here and adds the bounds users may set)."""
 
     enabled: bool = False
     fraction: float = 0.2  # of each task's documents scored before the first decision

@@ -164,16 +164,21 @@ class TaskEntry(_Strict):
     generation_kwargs: GenerationKwargs | None = None
 
 
-class RacingConfig(_Strict):
-    """``evaluation.racing``: multi-fidelity scoring (evomerge.evaluators.racing). Off by
-    default until its saving at equal held-out quality is measured on the benchmark."""
+_RACING = RacingSettings()  # the racing defaults, defined once with the rule they parametrise
 
-    enabled: StrictBool = False
-    fraction: StrictFloat = Field(0.2, gt=0, lt=1)  # of each task's documents in the first stage
-    confidence: StrictFloat = Field(0.5, ge=0.5, lt=1)  # one-sided, per task (0.5: the estimate decides)
-    min_documents: StrictInt = Field(20, ge=1)  # tasks with a smaller first stage are scored in full
-    keep: StrictFloat = Field(0.125, gt=0, le=1)  # share of a generation finished (0.5: CMA-ES's parents)
-    stages: StrictInt = Field(3, ge=2, le=8)  # growing geometrically from ``fraction`` to every document
+
+class RacingConfig(_Strict):
+    """``evaluation.racing``: multi-fidelity scoring (evomerge.evaluators.racing), with the
+    bounds users may set; the defaults are RacingSettings' (measured: docs/evaluation.md).
+    Off by default: a stopped candidate's stored fitness is an estimate from part of its
+    documents."""
+
+    enabled: StrictBool = _RACING.enabled
+    fraction: StrictFloat = Field(_RACING.fraction, gt=0, lt=1)  # of each task's documents in the first stage
+    confidence: StrictFloat = Field(_RACING.confidence, ge=0.5, lt=1)  # one-sided, per task (0.5: the estimate decides)
+    min_documents: StrictInt = Field(_RACING.min_documents, ge=1)  # tasks with a smaller first stage are scored in full
+    keep: StrictFloat = Field(_RACING.keep, gt=0, le=1)  # share of a generation finished (0.5: CMA-ES's parents)
+    stages: StrictInt = Field(_RACING.stages, ge=2, le=8)  # growing geometrically from ``fraction`` to every document
 
 
 class EvaluationConfig(_Strict):
