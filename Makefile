@@ -5,6 +5,10 @@
 
 PYTHON ?= python3
 VENV   := .venv
+# pytest-xdist processes: most of the suite's time is end-to-end searches waiting on
+# processes, Ray and deadlines, so two share two cores well (tests/conftest.py keeps the
+# PostgreSQL-stopping tests on one of them).
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
@@ -24,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evomerge demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/candidate_time.py

@@ -196,6 +196,19 @@ def arch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
             for arch in ARCHITECTURES}
 
 
+# Modules whose tests share one outside resource, run in turn on one pytest-xdist worker
+# (`make test` runs two): test_outage stops and restarts the one PostgreSQL server under the feet
+# of every other test that uses it.
+_SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_lease": "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _SERIAL_GROUPS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def system_tool(*names: str) -> str:
     """The first of ``names`` found on PATH (Debian packages the suite uses: docker-compose,
     chromium). ``.ci/run`` installs them and sets EVOMERGE_CI, so there a missing one fails

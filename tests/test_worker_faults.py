@@ -213,7 +213,7 @@ def test_workers_killed_for_memory_are_named_oom(tmp_path: Path, tiny_models: di
         ray.shutdown()
     # Ray's memory monitor kills workers while the node uses more than this fraction of its
     # memory: at 1 %, every worker it sees (the real OutOfMemoryError path, no fake).
-    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              _system_config={"memory_usage_threshold": 0.01, "memory_monitor_refresh_ms": 100})
     try:
         cfg = load_config(write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks))
