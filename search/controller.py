@@ -399,8 +399,7 @@ class Controller:
         None (score in full) for baselines, for multi-objective searches and while racing is off."""
         if not self.cfg.evaluation.racing.enabled or not cand.evolved or self.ledger.multi_objective:
             return None
-        finished = [c.fitness for c in self.repo.candidates(self.study_id)
-                    if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
+        finished = self.repo.recent_fitnesses(self.study_id, self.popsize)
         return generation_bar(finished, self.popsize, self.cfg.evaluation.racing.keep)
 
     def _spent_attempts(self, cid: int, split: str) -> int:

@@ -247,6 +247,18 @@ class Repository:
             return [_record(r) for r in rows]
 
     @_retried
+    def recent_fitnesses(self, study_id: int, count: int) -> list[float]:
+        """The fitness of the last ``count`` complete candidates that are not duplicates, in
+        the order they were proposed (racing's bar reads them at every dispatch: one query of
+        ``count`` rows, not the whole study)."""
+        with self._session() as s:
+            values = s.scalars(select(CandidateRow.fitness).where(
+                CandidateRow.study_id == study_id, CandidateRow.state == "complete",
+                CandidateRow.fitness.is_not(None), CandidateRow.duplicate_of.is_(None))
+                .order_by(CandidateRow.id.desc()).limit(count))
+            return [float(v) for v in values][::-1]
+
+    @_retried
     def completed_with_hash(self, study_id: int, recipe_hash: str) -> CandidateRecord | None:
         with self._session() as s:
             row = s.scalar(select(CandidateRow).where(

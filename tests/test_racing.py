@@ -91,6 +91,25 @@ def test_generation_bar_is_the_worst_parent_of_the_last_generation() -> None:
     assert generation_bar([0.9, 0.1, 0.2, 0.3, 0.4], popsize=4) == 0.3  # last 4: 0.4 0.3 | 0.2 0.1
 
 
+def test_the_bar_reads_the_last_finished_candidates_in_proposal_order(tmp_path: Path) -> None:
+    from evomerge.storage.repository import Repository
+
+    repo = Repository(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        study = repo.create_study("s", "{}").id
+        ids = [repo.add_candidate(study, "{}", f"h{i}", "cma") for i in range(7)]
+        for cid, fitness in zip(ids[:4], (0.4, 0.1, 0.3, 0.2)):
+            repo.complete(cid, {"t": fitness}, fitness, "w", 0.0, 0.0)
+        repo.complete(ids[4], {"t": 0.9}, 0.9, "w", 0.0, 0.0, duplicate_of=ids[0])  # a copy: not counted
+        repo.fail(ids[5], "boom")
+        repo.complete(ids[6], {"t": 0.5}, 0.5, "w", 0.0, 0.0)
+        assert repo.recent_fitnesses(study, 3) == [0.3, 0.2, 0.5]
+        assert repo.recent_fitnesses(study, 10) == [0.4, 0.1, 0.3, 0.2, 0.5]
+        assert generation_bar(repo.recent_fitnesses(study, 4), popsize=4) == 0.3
+    finally:
+        repo.close()
+
+
 def test_a_smaller_kept_share_raises_the_bar() -> None:
     last = [0.5, 0.9, 0.1, 0.7, 0.3, 0.6, 0.2, 0.8]  # popsize 8: 0.9 0.8 | 0.7 0.6 | 0.5 ...
     assert generation_bar(last, popsize=8, keep=0.5) == 0.6
