@@ -204,7 +204,8 @@ _SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        group = _SERIAL_GROUPS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None
+        module = getattr(item, "module", None)
+        group = _SERIAL_GROUPS.get(module.__name__.rsplit(".", 1)[-1]) if module is not None else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
