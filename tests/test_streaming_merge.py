@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from evomerge.workers import fused, sparsify, streaming
+from evomerge.workers import fused, selection, sparsify, streaming
 from evomerge.workers.operators import OPERATORS
 
 BIG = 3 * streaming.CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
@@ -191,9 +191,10 @@ def test_fused_dare_kernel_equals_the_eager_pass(one_thread: None, consensus: bo
     fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), draws, consensus)
 
 
-def test_fused_ties_kernel_equals_the_eager_pass(one_thread: None) -> None:
+@pytest.mark.parametrize("consensus", [True, False])
+def test_fused_band_kernel_equals_the_eager_pass(one_thread: None, consensus: bool) -> None:
     """TIES/Breadcrumbs bands (integer-valued δ: ties split at the cuts), an empty band and no
-    band, with the TIES election."""
+    band, with the TIES election (TIES, Breadcrumbs-TIES) or summed (Breadcrumbs)."""
     g = torch.Generator().manual_seed(13)
     n = 100_003
     base = torch.randn(n, generator=g)
@@ -202,19 +203,19 @@ def test_fused_ties_kernel_equals_the_eager_pass(one_thread: None) -> None:
     keep = [sparsify.magnitude_keep(deltas[0], 0.3), sparsify.breadcrumbs_keep(deltas[1], 0.5, 0.05),
             sparsify.magnitude_keep(deltas[2], 0.0), None]
     assert keep[0] is not None and keep[0].low.until is not None and keep[1] is not None and keep[1].high is not None
-    fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), keep, True)
+    fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), keep, consensus)
 
 
 def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
-    """Float32 contiguous merges of FUSE_MIN entries or more fuse (DARE, or bands with the TIES
-    election); bf16, mixed keeps, band sums and smaller tensors stay eager."""
+    """Float32 contiguous merges of FUSE_MIN entries or more fuse (DARE, or bands summed or with
+    the TIES election); bf16, mixed keeps and smaller tensors stay eager."""
     big = torch.empty(fused.FUSE_MIN)
     draw = sparsify.DareDraw.draw(0.5, torch.Generator().manual_seed(0))
     band = sparsify.MagnitudeBand(sparsify.Cut(0))
     assert fused.fusable(big, [big, big], [draw, draw], True, None)
     assert fused.fusable(big, [big], [draw], False, big)
     assert fused.fusable(big, [big, big], [band, None], True, None)
-    assert not fused.fusable(big, [big], [band], False, None)  # a band's sum keeps eager's FMA
+    assert fused.fusable(big, [big, big], [band, None], False, None)
     assert not fused.fusable(big, [big, big], [band, draw], True, None)
     assert not fused.fusable(big[1:], [big[1:]], [draw], True, None)
     assert not fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, None)
@@ -249,15 +250,17 @@ def test_fused_consensus_kernel_equals_the_eager_pass(one_thread: None) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selection_across_chunks_splits_ties_in_a_later_chunk(dtype: torch.dtype) -> None:
-    """The chunked radix selection counts over every chunk and finds a tie split past the
-    first chunk: all |δ| equal but 50 larger ones at the end, k reaching into the second chunk."""
-    n = sparsify.SELECT_CHUNK + 4097
+    """The selection (native, and the chunked radix path) counts over every chunk and finds a tie
+    split past the first chunk: all |δ| equal but 50 larger ones at the end, k reaching into the
+    second chunk."""
+    n = selection.SELECT_CHUNK + 4097
     delta = torch.ones(n, dtype=dtype)
     delta[-50:] = -3.0
     delta[7] = 0.0
-    k = 50 + sparsify.SELECT_CHUNK + 100
+    k = 50 + selection.SELECT_CHUNK + 100
     band = sparsify.magnitude_keep(delta, k / n)
-    assert band is not None and band.low.until == sparsify.SELECT_CHUNK + 101  # entry 7 is not a tie
+    assert band is not None and band.low.until == selection.SELECT_CHUNK + 101  # entry 7 is not a tie
+    assert sparsify.bands([delta], sparsify.ties_trims([k / n], n), native_path=False) == [band]  # the radix path
     assert torch.equal(sparsify.band_mask(delta, band), ref_top(delta, k))
     base = torch.full((n,), 0.5, dtype=dtype)
     assert sparsify.magnitude_keep(delta + base, k / n, base) == band  # δ formed chunk by chunk

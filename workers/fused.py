@@ -152,10 +152,10 @@ def large_float32(tensors: Sequence[Tensor]) -> bool:
 
 def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], consensus: bool, out: Tensor | None) -> bool:
     """Whether the fused kernel computes this task-vector merge: :func:`large_float32` tensors
-    and a DARE draw for every expert, or a magnitude band (or none) for every expert of a TIES
-    election (a band's sum keeps the eager FMA, which inductor does not emit)."""
+    and a DARE draw for every expert, or a magnitude band (or none) for every expert, summed or
+    with the TIES election (the eager sums of these multiply then add, as the kernel does)."""
     dare = all(isinstance(k, DareDraw) for k in keep)
-    bands = consensus and all(k is None or isinstance(k, MagnitudeBand) for k in keep)
+    bands = all(k is None or isinstance(k, MagnitudeBand) for k in keep)
     return (len(experts) > 0 and (dare or bands)
             and large_float32([base, *experts, *([out] if out is not None else [])]))
 

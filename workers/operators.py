@@ -117,8 +117,8 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], w
          scale: float = 1.0, normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """TIES (Yadav et al. 2023): trim each δ_i to its top-d_i magnitudes, elect the sign of
     Σ w_i δ_i, sum the agreeing entries (normalized: their weighted mean)."""
-    masks = [sparsify.magnitude_keep(e, k, base) for e, k in zip(experts, density)]
-    return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
+    return streaming.trimmed_merge(base, experts, weight, sparsify.ties_trims(density, base.numel()), scale=scale,
+                                   normalize=normalize, consensus=True, out=out)
 
 
 @register("dare_linear")
@@ -145,8 +145,8 @@ def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
                 out: Tensor | None = None, **_: object) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): mask both the top-γ outliers and the
     smallest entries of each δ_i, then task arithmetic."""
-    masks = [sparsify.breadcrumbs_keep(e, k, g, base) for e, k, g in zip(experts, density, gamma)]
-    return _sparse_merge(base, experts, weight, scale, normalize, False, out, masks)
+    return streaming.trimmed_merge(base, experts, weight, sparsify.breadcrumbs_trims(density, gamma, base.numel()),
+                                   scale=scale, normalize=normalize, consensus=False, out=out)
 
 
 @register("breadcrumbs_ties")
@@ -154,8 +154,8 @@ def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequen
                      gamma: Sequence[float], weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                      out: Tensor | None = None, **_: object) -> Tensor:
     """Model Breadcrumbs masks, then TIES sign election."""
-    masks = [sparsify.breadcrumbs_keep(e, k, g, base) for e, k, g in zip(experts, density, gamma)]
-    return _sparse_merge(base, experts, weight, scale, normalize, True, out, masks)
+    return streaming.trimmed_merge(base, experts, weight, sparsify.breadcrumbs_trims(density, gamma, base.numel()),
+                                   scale=scale, normalize=normalize, consensus=True, out=out)
 
 
 @register("della")

@@ -10,11 +10,13 @@ rescales the whole tensor to its former L1 norm: same expectation in aggregate).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from evomerge.workers.selection import Cut, abs_bits, largest_cuts
 
 
 def keep_count(density: float, n: int) -> int:
@@ -27,20 +29,6 @@ def keep_count(density: float, n: int) -> int:
 
 
 @dataclass(frozen=True)
-class Cut:
-    """The k largest |δ| of a tensor, as bit patterns of the magnitudes: entry j is above the
-    cut iff bits_j > ``value``, or bits_j = ``value`` and j < ``until`` (ties at the cut are
-    taken in index order; None takes them all). The bit pattern of a non-negative float
-    orders like its value, so the test is an integer compare against ``threshold(j)``."""
-
-    value: int
-    until: int | None = None
-
-    def threshold(self, index: int) -> int:
-        return self.value if self.until is None or index < self.until else self.value + 1
-
-
-@dataclass(frozen=True)
 class MagnitudeBand:
     """Keep the entries above ``low`` and not above ``high`` (no upper cut when None);
     ``empty`` keeps nothing."""
@@ -48,100 +36,6 @@ class MagnitudeBand:
     low: Cut
     high: Cut | None = None
     empty: bool = False
-
-
-_INTS = {4: torch.int32, 2: torch.int16}
-
-
-def _abs_bits(delta: Tensor, out: Tensor | None = None) -> Tensor:
-    """|δ| as non-negative integers ordered like the magnitudes (int32 for any float dtype),
-    flat; written into ``out`` (int32, δ's size) when given."""
-    ints = _INTS[delta.element_size()]
-    top = (1 << (8 * delta.element_size() - 1)) - 1
-    bits = delta.reshape(-1).view(ints)
-    if out is None:
-        return torch.bitwise_and(bits, top).to(torch.int32)
-    if ints == torch.int32:
-        return torch.bitwise_and(bits, top, out=out)
-    return out.copy_(torch.bitwise_and(bits, top))
-
-
-SELECT_CHUNK = 1 << 20  # entries per step of a selection pass (4 MB of int32: inside L3)
-
-
-class _Magnitudes:
-    """The bit patterns of |δ| (int32), δ = ``expert`` − ``base`` (``expert`` itself when ``base``
-    is None), produced chunk by chunk into reused buffers: a selection reads them in a few
-    passes without a temporary of the tensor's size (each page-faulted anew: ~2 ns/entry).
-    The histogram of the top 15 bits is computed once and shared by every cut."""
-
-    def __init__(self, expert: Tensor, base: Tensor | None) -> None:
-        self._expert = expert.reshape(-1)
-        self._base = base.reshape(-1) if base is not None else None
-        self.n = self._expert.numel()
-        size = max(1, min(SELECT_CHUNK, self.n))
-        self._size, self._delta = size, torch.empty(size, dtype=expert.dtype, device=expert.device)
-        self._bits = torch.empty(size, dtype=torch.int32, device=expert.device)
-        self._spare = torch.empty(size, dtype=torch.int32, device=expert.device)
-        self._hist: Tensor | None = None
-
-    def chunks(self) -> Iterator[tuple[int, Tensor]]:
-        """(first entry, bits of the chunk); the buffer is overwritten by the next chunk."""
-        for start in range(0, self.n, self._size):
-            piece = self._expert[start:start + self._size]
-            m = piece.numel()
-            if self._base is not None:
-                piece = torch.sub(piece, self._base[start:start + m], out=self._delta[:m])
-            yield start, _abs_bits(piece, out=self._bits[:m])
-
-    def top_histogram(self) -> Tensor:
-        """Counts of the top 15 bits (bits >> 16) over the tensor."""
-        if self._hist is None:
-            hist = torch.zeros(1 << 15, dtype=torch.int64, device=self._bits.device)
-            for _, bits in self.chunks():
-                high = torch.bitwise_right_shift(bits, 16, out=self._spare[:bits.numel()])
-                hist += torch.bincount(high, minlength=1 << 15)
-            self._hist = hist
-        return self._hist
-
-    def low_histogram(self, top: int) -> Tensor:
-        """Counts of the low 16 bits over the entries whose top bits equal ``top``."""
-        hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._bits.device)
-        for _, bits in self.chunks():
-            high = torch.bitwise_right_shift(bits, 16, out=self._spare[:bits.numel()])
-            hist += torch.bincount(torch.bitwise_and(bits[high == top], 0xFFFF), minlength=1 << 16)
-        return hist
-
-    def position(self, value: int, rank: int) -> int:
-        """Index of the ``rank``-th (1-based) entry whose bits equal ``value``."""
-        seen = 0
-        for start, bits in self.chunks():
-            equal = bits == value
-            count = int(equal.sum())
-            if seen + count >= rank:
-                return start + int(equal.nonzero()[rank - seen - 1])
-            seen += count
-        raise ValueError(f"fewer than {rank} entries equal {value}")
-
-
-def _largest(bits: _Magnitudes, k: int) -> Cut:
-    """The cut above which exactly ``k`` entries of ``bits`` lie (0 < k < n). A radix selection:
-    a histogram of the top 15 bits, then one of the low 16 bits of the bin holding the cut (no
-    sort, no top-k); ties at the cut go to the lowest indices."""
-    hist = bits.top_histogram()
-    above = hist.flip(0).cumsum(0)  # above[i]: entries whose top bits ≥ 2^15 − 1 − i
-    i = int(torch.searchsorted(above, k))
-    top = hist.numel() - 1 - i
-    need = k - (int(above[i]) - int(hist[top]))
-    hist2 = bits.low_histogram(top)
-    above2 = hist2.flip(0).cumsum(0)
-    j = int(torch.searchsorted(above2, need))
-    low = hist2.numel() - 1 - j
-    value, ties = (top << 16) | low, int(hist2[low])
-    take = need - (int(above2[j]) - ties)  # of the entries equal to the cut value
-    if take == ties:
-        return Cut(value)
-    return Cut(value, bits.position(value, take) + 1)
 
 
 def _above(bits: Tensor, cut: Cut) -> Tensor:
@@ -152,33 +46,61 @@ def _above(bits: Tensor, cut: Cut) -> Tensor:
     return (bits > cut.value) | ((bits == cut.value) & (index < cut.until))
 
 
+@dataclass(frozen=True)
+class Trim:
+    """One expert's magnitude trim: keep its ``keep`` largest |δ| (0: no such cut, −1: keep
+    nothing) and drop its ``drop`` largest among them (0: none). Keep all: Trim(0)."""
+
+    keep: int
+    drop: int = 0
+
+
+def ties_trims(density: Sequence[float], n: int) -> list[Trim]:
+    """TIES trim (Yadav et al. 2023, §3) of each expert: its top ⌊d_i·n⌋ magnitudes."""
+    counts = [keep_count(d, n) for d in density]
+    return [Trim(0) if k >= n else Trim(-1) if k == 0 else Trim(k) for k in counts]
+
+
+def breadcrumbs_trims(density: Sequence[float], gamma: Sequence[float], n: int) -> list[Trim]:
+    """Model Breadcrumbs (Davari & Belilovsky 2024) of each expert: drop the top-γ outliers of
+    |δ| and the smallest entries, keeping ⌊d·n⌋ entries in the band between (mergekit's
+    parametrisation: the paper's bottom fraction β is 1 − d − γ). When d + γ > 1 fewer outliers
+    are dropped."""
+    trims = []
+    for d, g in zip(density, gamma):
+        kept = int(d * n)
+        top = min(int(g * n), n - kept)
+        trims.append(Trim(0) if d >= 1.0 else Trim(-1) if kept == 0 else Trim(kept + top if kept + top < n else 0, top))
+    return trims
+
+
+def bands(experts: Sequence[Tensor], trims: Sequence[Trim], base: Tensor | None = None,
+          native_path: bool = True) -> list[MagnitudeBand | None]:
+    """The trims as bands of |δ_i| (None: keep all), δ_i = ``experts[i]`` − ``base`` (the expert
+    itself when None); every cut found in one selection (:func:`workers.selection.largest_cuts`)."""
+    wants = [(i, k) for i, t in enumerate(trims) if t.keep >= 0 for k in (t.keep, t.drop) if k > 0]
+    cuts = iter(largest_cuts(experts, base, wants, native_path))
+    result: list[MagnitudeBand | None] = []
+    for t in trims:
+        if t.keep < 0:
+            result.append(MagnitudeBand(Cut(0), empty=True))
+        elif t.keep == 0 and t.drop == 0:
+            result.append(None)
+        else:
+            low = next(cuts) if t.keep > 0 else Cut(0)
+            result.append(MagnitudeBand(low, next(cuts) if t.drop > 0 else None))
+    return result
+
+
 def magnitude_keep(delta: Tensor, density: float, base: Tensor | None = None) -> MagnitudeBand | None:
-    """TIES trim (Yadav et al. 2023, §3) as a band: the top ⌊d·n⌋ of |δ| (None: keep all).
-    With ``base``, δ = ``delta`` − ``base``, formed chunk by chunk."""
-    n = delta.numel()
-    k = keep_count(density, n)
-    if k >= n:
-        return None
-    if k == 0:
-        return MagnitudeBand(Cut(0), empty=True)
-    return MagnitudeBand(_largest(_Magnitudes(delta, base), k))
+    """TIES trim of one tensor as a band: the top ⌊d·n⌋ of |δ| (None: keep all). With ``base``,
+    δ = ``delta`` − ``base``, formed chunk by chunk."""
+    return bands([delta], ties_trims([density], delta.numel()), base)[0]
 
 
 def breadcrumbs_keep(delta: Tensor, density: float, gamma: float, base: Tensor | None = None) -> MagnitudeBand | None:
-    """Model Breadcrumbs (Davari & Belilovsky 2024) as a band: drop the top-γ outliers of |δ|
-    and the smallest entries, keeping ⌊d·n⌋ entries in the band between (mergekit's
-    parametrisation: the paper's bottom fraction β is 1 − d − γ). When d + γ > 1 fewer
-    outliers are dropped. None: keep all. With ``base``, δ = ``delta`` − ``base``."""
-    n = delta.numel()
-    if density >= 1.0:
-        return None
-    kept = int(density * n)
-    top = min(int(gamma * n), n - kept)
-    if kept == 0:
-        return MagnitudeBand(Cut(0), empty=True)
-    bits = _Magnitudes(delta, base)
-    low = _largest(bits, kept + top) if kept + top < n else Cut(0)
-    return MagnitudeBand(low, _largest(bits, top) if top > 0 else None)
+    """Breadcrumbs trim of one tensor as a band (None: keep all)."""
+    return bands([delta], breadcrumbs_trims([density], [gamma], delta.numel()), base)[0]
 
 
 def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
@@ -187,7 +109,7 @@ def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if band.empty:
         return torch.zeros_like(delta, dtype=torch.bool)
-    bits = _abs_bits(delta)
+    bits = abs_bits(delta)
     mask = _above(bits, band.low)
     if band.high is not None:
         mask &= ~_above(bits, band.high)
@@ -199,7 +121,7 @@ def top_magnitude_mask(delta: Tensor, k: int) -> Tensor:
     n = delta.numel()
     if k >= n or k <= 0:
         return torch.full_like(delta, k >= n, dtype=torch.bool)
-    return band_mask(delta, MagnitudeBand(_largest(_Magnitudes(delta, None), k)))
+    return band_mask(delta, MagnitudeBand(largest_cuts([delta], None, [(0, k)])[0]))
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused
-from evomerge.workers.sparsify import DareDraw, MagnitudeBand
+from evomerge.workers import fused, magnitude_merge, sparsify
+from evomerge.workers.sparsify import DareDraw, MagnitudeBand, Trim
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
 HALF = (torch.float16, torch.bfloat16)  # sums over these are accumulated in float32, rounded once
@@ -175,7 +175,7 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
     experts' weights). With ``deltas`` the ``experts`` are task vectors already."""
     result = torch.empty_like(base) if out is None else out
     keep = list(keep) if keep is not None else [None] * len(experts)
-    coeff = scale / (_guarded(sum(weight)) if normalize and not consensus else 1.0)
+    coeff = _sum_factor(weight, scale, normalize, consensus)
     if not deltas and fused.fusable(base, experts, keep, consensus, result) and fused.merge(
             base, experts, weight, keep, scale=scale, coeff=coeff, consensus=consensus, normalize=normalize, out=result):
         return result
@@ -199,7 +199,7 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
         for flat, k, w in zip(flats, keep, weight):
             delta, rescale = _expert_delta(flat, b, k, start, s, deltas)
             if not consensus:
-                if isinstance(k, DareDraw) and not wide:  # two roundings, as the fused kernel (no FMA there)
+                if not (wide or deltas or isinstance(k, Tensor)):  # two roundings, as the fused kernel (no FMA there)
                     pos.add_(delta.mul_(coeff * w * rescale))
                 else:
                     pos.add_(delta, alpha=coeff * w * rescale)
@@ -227,6 +227,25 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
             merged.mul_(scale)
         torch.add(b, merged, out=flat_out[start:stop])
     return result
+
+
+def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
+                  scale: float, normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
+    """:func:`task_vector_merge` of magnitude-trimmed task vectors (TIES, Breadcrumbs): one native
+    pass where it runs (:mod:`workers.magnitude_merge`), else the cuts are selected and the bands
+    merged; both give the same bits."""
+    result = torch.empty_like(base) if out is None else out
+    if magnitude_merge.merge(base, experts, trims, weight, coeff=_sum_factor(weight, scale, normalize, consensus),
+                             scale=scale, consensus=consensus, normalize=normalize, out=result):
+        return result
+    keep = sparsify.bands(experts, trims, base)
+    return task_vector_merge(base, experts, weight, scale=scale, normalize=normalize, consensus=consensus,
+                             out=result, keep=keep)
+
+
+def _sum_factor(weight: Sequence[float], scale: float, normalize: bool, consensus: bool) -> float:
+    """λ, or λ/Σw for a normalized sum: the factor of w_i·δ_i in a summed merge."""
+    return scale / (_guarded(sum(weight)) if normalize and not consensus else 1.0)
 
 
 def _expert_delta(flat: Tensor, b: Tensor, keep: Keep, start: int, s: _Scratch, given: bool) -> tuple[Tensor, float]:

@@ -1,0 +1,152 @@
+"""The native magnitude kernels (workers/band_scan.cpp, band_merge.cpp) against the torch paths:
+the same cuts and the same merged bits, whatever the sample, the dtype, the ties or the threads,
+and a fallback that still gives them where a sample misleads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evomerge.workers import magnitude_merge, native, selection, sparsify, streaming
+from evomerge.workers.operators import OPERATORS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_the_kernels_build_here() -> None:
+    """This machine has a C++ compiler (torch.compile needs one too): the native paths run in
+    these tests rather than silently falling back."""
+    assert native.library("band_scan") is not None
+    assert native.library("band_merge") is not None
+
+
+def _tensors(seed: int, n: int, experts: int, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.02
+    if kind == "ties":  # integer-valued deltas: many entries equal at every cut
+        out = [base + torch.randint(-6, 7, (n,), generator=g).float() * 1e-3 for _ in range(experts)]
+    elif kind == "zeros":  # exact zeros in the task vectors and in the base
+        out = [base + torch.randn(n, generator=g) * 2e-3 for _ in range(experts)]
+        out[0][::5] = base[::5]
+        base[::13] = 0.0
+    else:
+        out = [base + torch.randn(n, generator=g) * 2e-3 for _ in range(experts)]
+    return base.to(dtype), [e.to(dtype) for e in out]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), n=st.integers(64, 40_000), kind=st.sampled_from(["plain", "ties", "zeros"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_base=st.booleans(),
+       fractions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4))
+def test_native_cuts_equal_the_radix_cuts(seed: int, n: int, kind: str, dtype: torch.dtype, with_base: bool,
+                                          fractions: list[float]) -> None:
+    base, experts = _tensors(seed, n, 2, kind, dtype)
+    wants = [(i % 2, min(n - 1, max(1, int(f * n)))) for i, f in enumerate(fractions)]
+    b = base if with_base else None
+    assert selection.largest_cuts(experts, b, wants) == selection.largest_cuts(experts, b, wants, native_path=False)
+
+
+def _misleading(n: int = 64 * 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A tensor whose large magnitudes all sit between the sample's blocks: every block sees only
+    small ones, so the sampled bracket lies far below the true cut."""
+    delta = torch.full((n,), 1e-3)
+    block = selection.sample_size(n) // 64
+    starts = [(b * (n - block)) // 63 for b in range(64)]
+    sampled = torch.zeros(n, dtype=torch.bool)
+    for s in starts:
+        sampled[s:s + block] = True
+    gaps = (~sampled).nonzero().flatten()
+    delta[gaps[::3]] = torch.linspace(1.0, 2.0, len(gaps[::3]))
+    return torch.zeros(n), delta, len(gaps[::3]) // 2
+
+
+def test_a_misleading_sample_misses_and_the_fallback_is_exact(threads: int) -> None:
+    base, delta, k = _misleading()
+    lib = selection._kernel()
+    assert lib is not None
+    assert selection._native_cuts(lib, [delta], base, [(0, k)], selection.WIDTHS[0]) == [None]  # missed
+    assert selection.largest_cuts([delta], base, [(0, k)]) == selection.largest_cuts([delta], base, [(0, k)],
+                                                                                       native_path=False)
+    out = torch.empty_like(base)
+    trims = sparsify.ties_trims([k / delta.numel()], delta.numel())
+    assert not magnitude_merge.merge(base, [delta], trims, [1.0], coeff=1.0, scale=1.0, consensus=True,
+                                     normalize=False, out=out)  # the one pass declines ...
+    merged = OPERATORS["ties"].fn(base, [base + delta], density=(k / delta.numel(),), weight=(1.0,))
+    assert int((merged != base).sum()) == k  # ... and the operator still keeps exactly k
+
+
+def _two_step(base: torch.Tensor, experts: list[torch.Tensor], weight: list[float], trims: list[sparsify.Trim],
+              consensus: bool, normalize: bool) -> torch.Tensor:
+    keep = sparsify.bands(experts, trims, base, native_path=False)
+    return streaming.task_vector_merge(base, experts, weight, scale=0.8, normalize=normalize, consensus=consensus,
+                                       out=None, keep=keep)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("kind", ["plain", "ties", "zeros"])
+def test_one_pass_merge_equals_the_two_step_merge_bit_for_bit(threads: int, method: str, kind: str) -> None:
+    """Odd sizes (a scalar tail), 1-3 experts with a negative weight, a keep-nothing and a
+    keep-all trim, the election normalized or not, the sum."""
+    for n, count in ((100_003, 3), (40_000, 2), (5_001, 1)):
+        base, experts = _tensors(n + count, n, count, kind, torch.float32)
+        density, gamma, weight = [0.3, 0.0, 1.0][:count], [0.02, 0.1, 0.0][:count], [0.9, -0.4, 1.1][:count]
+        if count == 1:
+            density = [0.45]
+        trims = (sparsify.ties_trims(density, n) if method == "ties"
+                 else sparsify.breadcrumbs_trims(density, gamma, n))
+        consensus = method != "breadcrumbs"
+        for normalize in (False, True):
+            out = torch.full_like(base, float("nan"))
+            coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
+            assert magnitude_merge.merge(base, experts, trims, weight, coeff=coeff, scale=0.8, consensus=consensus,
+                                         normalize=normalize, out=out)
+            expected = _two_step(base, experts, weight, trims, consensus, normalize)
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (n, count, normalize)
+
+
+def test_the_one_pass_takes_only_what_it_can() -> None:
+    big = torch.zeros(1 << 12)
+    assert magnitude_merge.eligible(big, [big, big], big)
+    assert not magnitude_merge.eligible(big.bfloat16(), [big.bfloat16()], big.bfloat16())
+    assert not magnitude_merge.eligible(big[::2], [big[::2]], big[::2])  # not contiguous
+    assert not magnitude_merge.eligible(big[:32], [big[:32]], big[:32])  # under NATIVE_MIN
+    assert not magnitude_merge.eligible(big, [big] * 17, big)  # more experts than the kernel takes
+
+
+def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path) -> None:
+    """EVOMERGE_NATIVE=0 (or no compiler): the torch paths merge, to the same bits."""
+    script = (
+        "import sys, torch\n"
+        "from evomerge.workers.operators import OPERATORS\n"
+        "from evomerge.workers import native\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "base = torch.randn(300_007, generator=g)\n"
+        "experts = [base + 0.1 * torch.randn(300_007, generator=g) for _ in range(2)]\n"
+        "out = OPERATORS['breadcrumbs_ties'].fn(base, experts, density=(0.4, 0.6), gamma=(0.02, 0.05), weight=(1.0, 0.5))\n"
+        "torch.save(out, sys.argv[1])\n"
+        "print(native.library('band_merge') is None)\n")
+    results = {}
+    for flag in ("0", "1"):
+        env = {**os.environ, "EVOMERGE_NATIVE": flag}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{flag}.pt")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == ("True" if flag == "0" else "False")
+        results[flag] = torch.load(tmp_path / f"{flag}.pt")
+    assert torch.equal(results["0"].view(torch.int32), results["1"].view(torch.int32))

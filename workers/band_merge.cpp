@@ -1,0 +1,400 @@
+// TIES / Breadcrumbs(-TIES) merges of float32 tensors in one pass over the sources
+// (workers/magnitude_merge.py). Their trims keep the top k of each expert's |δ|, so the cut is
+// only known once every entry was read; a separate selection pass reads the sources twice. Here a
+// sample brackets each cut (magnitude.h); the pass merges every entry whose magnitudes lie outside
+// the brackets (its keep is already certain), counts the entries above each bracket and keeps the
+// few inside one (index and values); the exact cuts then come from those, and only those entries
+// are merged again. The arithmetic is eager's (workers/streaming.py), op for op, in float32 with
+// no FMA contraction, so the result is bit-identical to the torch path.
+#include "magnitude.h"
+
+namespace evomerge {
+namespace {
+
+struct Plan {
+    int n_experts;
+    int64_t n;
+    const float* base;
+    const float* const* experts;
+    float* out;
+    float coef[kMaxExperts];    // per expert: the factor of its kept δ (eager's, rounded to float32)
+    float weight[kMaxExperts];  // w_i, for the normalized election's divisor
+    float scale;                // λ (election only)
+    bool consensus, normalize;
+    bool empty[kMaxExperts];    // keeps nothing
+    int low[kMaxExperts];       // slot of the expert's low cut (keep the k largest), -1: none
+    int high[kMaxExperts];      // slot of its high cut (drop the k largest), -1: none
+    Slot slots[kMaxSlots];
+    int n_slots;
+};
+
+struct Cut {  // entry j with bit pattern m is above the cut iff m >= value + (j >= until)
+    uint32_t value;
+    int64_t until;
+
+    bool above(uint32_t m, int64_t j) const { return uint64_t(m) >= uint64_t(value) + (j >= until ? 1 : 0); }
+};
+
+// One entry by eager's ops: the sum θ_b·1 + Σ c_i·δ_i, or the TIES election of u_i = c_i·δ_i
+// (P = Σ max(u_i, 0), N = Σ min(u_i, 0); N where P + N is negative, else P; normalized: divided by
+// the agreeing experts' Σ w_i), then θ_b + λ·merged. Dropped entries are +0, as eager's bit mask.
+inline float merge1(const Plan& p, float b, const float* e, const bool* keep) {
+    if (!p.consensus) {
+        float acc = b * 1.0f;
+        for (int i = 0; i < p.n_experts; ++i) acc = acc + (keep[i] ? e[i] - b : 0.0f) * p.coef[i];
+        return acc;
+    }
+    float u[kMaxExperts], pos = 0.0f, neg = 0.0f;
+    for (int i = 0; i < p.n_experts; ++i) {
+        u[i] = (keep[i] ? e[i] - b : 0.0f) * p.coef[i];
+        float up = u[i] < 0.0f ? 0.0f : u[i], un = u[i] > 0.0f ? 0.0f : u[i];
+        pos = i == 0 ? up : pos + up;
+        neg = i == 0 ? un : neg + un;
+    }
+    float sum = pos + neg, merged = std::signbit(sum) ? neg : pos;
+    if (p.normalize) {
+        bool positive = sum >= 0.0f;
+        float divisor = 0.0f;
+        for (int i = 0; i < p.n_experts; ++i)
+            divisor = divisor + ((positive ? u[i] > 0.0f : u[i] < 0.0f) ? 1.0f : 0.0f) * p.weight[i];
+        merged = merged / (divisor == 0.0f ? 1.0f : divisor);
+    }
+    return b + merged * p.scale;
+}
+
+#ifdef __AVX512F__
+// A plan's per-expert constants as vectors, for E experts (E > 0 known at compile time, so the
+// loops unroll and everything stays in registers; 0: p.n_experts at run time).
+template <int E>
+struct Lanes {
+    static constexpr int kCap = E ? E : kMaxExperts;
+    int n;
+    __m512 coef[kCap], weight[kCap], scale;
+    __m512i lo[kCap][2], hi[kCap][2];  // per expert, per side (low, high cut): its bracket
+    int slot[kCap][2];                 // the bracket's slot, -1: no such cut
+    __mmask16 all[kCap];               // 0 where the expert keeps nothing
+
+    explicit Lanes(const Plan& p) : n(E ? E : p.n_experts), scale(_mm512_set1_ps(p.scale)) {
+        for (int i = 0; i < n; ++i) {
+            coef[i] = _mm512_set1_ps(p.coef[i]);
+            weight[i] = _mm512_set1_ps(p.weight[i]);
+            all[i] = p.empty[i] ? 0 : 0xFFFF;
+            for (int side = 0; side < 2; ++side) {
+                int s = side == 0 ? p.low[i] : p.high[i];
+                slot[i][side] = s;
+                lo[i][side] = _mm512_set1_epi32(s < 0 ? 0 : int32_t(p.slots[s].lo));
+                hi[i][side] = _mm512_set1_epi32(s < 0 ? 0 : int32_t(p.slots[s].hi));
+            }
+        }
+    }
+};
+
+// merge1 for 16 entries at once: the same ops in the same order (dk: the kept δ_i, +0 if dropped).
+template <int E>
+inline __m512 merge16(const Lanes<E>& l, bool consensus, bool normalize, __m512 b, const __m512* dk) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    if (!consensus) {
+        __m512 acc = _mm512_mul_ps(b, one);
+        for (int i = 0; i < l.n; ++i) acc = _mm512_add_ps(acc, _mm512_mul_ps(dk[i], l.coef[i]));
+        return acc;
+    }
+    __m512 u[Lanes<E>::kCap], pos = zero, neg = zero;
+    for (int i = 0; i < l.n; ++i) {
+        u[i] = _mm512_mul_ps(dk[i], l.coef[i]);
+        __m512 up = _mm512_mask_mov_ps(u[i], _mm512_cmp_ps_mask(u[i], zero, _CMP_LT_OQ), zero);
+        __m512 un = _mm512_mask_mov_ps(u[i], _mm512_cmp_ps_mask(u[i], zero, _CMP_GT_OQ), zero);
+        pos = i == 0 ? up : _mm512_add_ps(pos, up);
+        neg = i == 0 ? un : _mm512_add_ps(neg, un);
+    }
+    __m512 sum = _mm512_add_ps(pos, neg);
+    __m512 merged = _mm512_mask_mov_ps(pos, _mm512_movepi32_mask(_mm512_castps_si512(sum)), neg);
+    if (normalize) {
+        __mmask16 positive = _mm512_cmp_ps_mask(sum, zero, _CMP_GE_OQ);
+        __m512 divisor = zero;
+        for (int i = 0; i < l.n; ++i) {
+            __mmask16 agree = (positive & _mm512_cmp_ps_mask(u[i], zero, _CMP_GT_OQ)) |
+                              (__mmask16(~positive) & _mm512_cmp_ps_mask(u[i], zero, _CMP_LT_OQ));
+            divisor = _mm512_add_ps(divisor, _mm512_mul_ps(_mm512_mask_mov_ps(zero, agree, one), l.weight[i]));
+        }
+        divisor = _mm512_mask_mov_ps(divisor, _mm512_cmp_ps_mask(divisor, zero, _CMP_EQ_OQ), one);
+        merged = _mm512_div_ps(merged, divisor);
+    }
+    return _mm512_add_ps(b, _mm512_mul_ps(merged, l.scale));
+}
+#endif
+
+struct Pending {  // one part's entries inside a bracket: index, base and expert values
+    std::unique_ptr<uint32_t[]> index;
+    std::unique_ptr<float[]> values;  // per source (base, then experts) cap entries: values[s * cap + q]
+    int64_t cap = 0, size = 0, limit = 0;
+    int sources = 0;
+    bool full = false;
+    std::vector<int64_t> above;  // per slot: entries above its bracket
+
+    void allocate(int64_t entries) {  // not zeroed: only what the pass writes is read
+        std::unique_ptr<uint32_t[]> at(new uint32_t[entries]);
+        std::unique_ptr<float[]> vals(new float[sources * entries]);
+        if (size > 0) {
+            std::copy(index.get(), index.get() + size, at.get());
+            for (int s = 0; s < sources; ++s) std::copy(&values[s * cap], &values[s * cap] + size, &vals[s * entries]);
+        }
+        index = std::move(at), values = std::move(vals), cap = entries;
+    }
+
+    // Room for `more` entries (16-lane stores write up to 16 past the last): grows the buffers, up
+    // to `limit` (many ties at a cut put them all in its bracket); false past it.
+    bool room(int64_t more) {
+        if (size + more + kBlock <= cap) return true;
+        if (size + more + kBlock > limit) return false;
+        allocate(std::min(limit, std::max(2 * cap, size + more + kBlock)));
+        return true;
+    }
+};
+
+// Where entry j's keep is still open: some cut of some expert brackets its magnitude.
+// keep[i] is the provisional keep (certain where no bracket holds the entry).
+inline bool classify1(const Plan& p, const uint32_t* mag, bool* keep, int64_t* above) {
+    bool open = false;
+    for (int i = 0; i < p.n_experts; ++i) {
+        keep[i] = !p.empty[i];
+        for (int side = 0; side < 2; ++side) {
+            int s = side == 0 ? p.low[i] : p.high[i];
+            if (s < 0) continue;
+            const Slot& c = p.slots[s];
+            bool over = mag[i] > c.hi, under = mag[i] < c.lo;
+            above[s] += over;
+            open = open || !(over || under);
+            keep[i] = keep[i] && (side == 0 ? over : under);
+        }
+    }
+    return open;
+}
+
+#ifdef __AVX512F__
+// The blocks of 16 from j to end (a multiple of 16 apart) of one tile, E experts (0: any).
+template <int E>
+void blocks(const Plan& p, int64_t j, int64_t end, Pending& pend) {
+    const Lanes<E> l(p);
+    const bool consensus = p.consensus, normalize = p.normalize;
+    const float* base = p.base;
+    const float* src[Lanes<E>::kCap];
+    float* keep_values[Lanes<E>::kCap + 1];
+    for (int i = 0; i < l.n; ++i) src[i] = p.experts[i];
+    for (int i = 0; i <= l.n; ++i) keep_values[i] = pend.values.get() + i * pend.cap;
+    uint32_t* keep_index = pend.index.get();
+    float* out = p.out;
+    const __m512i sign_off = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t size = pend.size, over[Lanes<E>::kCap][2] = {};
+    for (; j < end; j += kBlock) {
+        __m512 b = _mm512_loadu_ps(base + j), e[Lanes<E>::kCap], dk[Lanes<E>::kCap];
+        __mmask16 open = 0;
+        for (int i = 0; i < l.n; ++i) {
+            e[i] = _mm512_loadu_ps(src[i] + j);
+            __m512 d = _mm512_sub_ps(e[i], b);
+            __m512i mag = _mm512_and_si512(_mm512_castps_si512(d), sign_off);
+            __mmask16 keep = l.all[i];
+            for (int side = 0; side < 2; ++side) {
+                if (l.slot[i][side] < 0) continue;
+                __mmask16 hi = _mm512_cmpgt_epu32_mask(mag, l.hi[i][side]);
+                __mmask16 lo = _mm512_cmplt_epu32_mask(mag, l.lo[i][side]);
+                over[i][side] += __builtin_popcount(hi);
+                open |= __mmask16(~(hi | lo));
+                keep &= side == 0 ? hi : lo;
+            }
+            dk[i] = _mm512_maskz_mov_ps(keep, d);
+        }
+        _mm512_storeu_ps(out + j, merge16<E>(l, consensus, normalize, b, dk));
+        // the open entries' index and values, 16 lanes stored whatever the count (no branch)
+        _mm512_storeu_si512(keep_index + size, _mm512_maskz_compress_epi32(open, _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(j)))));
+        _mm512_storeu_ps(keep_values[0] + size, _mm512_maskz_compress_ps(open, b));
+        for (int i = 0; i < l.n; ++i) _mm512_storeu_ps(keep_values[1 + i] + size, _mm512_maskz_compress_ps(open, e[i]));
+        size += __builtin_popcount(open);
+    }
+    pend.size = size;
+    for (int i = 0; i < l.n; ++i)
+        for (int side = 0; side < 2; ++side)
+            if (l.slot[i][side] >= 0) pend.above[l.slot[i][side]] += over[i][side];
+}
+#endif
+
+#ifdef __AVX512F__
+// The open entries r0 .. r1 (a multiple of 16 apart) merged again with the exact cuts, scattered
+// to their places in out.
+template <int E>
+void refine(const Plan& p, const Cut* cuts, const Pending& pend, int64_t r0, int64_t r1) {
+    const Lanes<E> l(p);
+    const __m512i sign_off = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
+    __m512i value[Lanes<E>::kCap][2], until[Lanes<E>::kCap][2];
+    for (int i = 0; i < l.n; ++i)
+        for (int side = 0; side < 2; ++side) {
+            int s = l.slot[i][side];
+            value[i][side] = _mm512_set1_epi32(s < 0 ? 0 : int32_t(cuts[s].value));
+            until[i][side] = _mm512_set1_epi32(s < 0 ? INT32_MAX : int32_t(std::min<int64_t>(cuts[s].until, INT32_MAX)));
+        }
+    for (int64_t r = r0; r < r1; r += kBlock) {
+        __m512i at = _mm512_loadu_si512(pend.index.get() + r);
+        __m512 b = _mm512_loadu_ps(pend.values.get() + r), dk[Lanes<E>::kCap];
+        for (int i = 0; i < l.n; ++i) {
+            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(pend.values.get() + (1 + i) * pend.cap + r), b);
+            __m512i mag = _mm512_and_si512(_mm512_castps_si512(d), sign_off);
+            __mmask16 keep = l.all[i];
+            for (int side = 0; side < 2; ++side) {
+                if (l.slot[i][side] < 0) continue;
+                // above the cut: m >= value + (j >= until)
+                __m512i threshold = _mm512_mask_add_epi32(value[i][side], _mm512_cmpge_epu32_mask(at, until[i][side]),
+                                                          value[i][side], one);
+                __mmask16 above = _mm512_cmpge_epu32_mask(mag, threshold);
+                keep &= side == 0 ? above : __mmask16(~above);
+            }
+            dk[i] = _mm512_maskz_mov_ps(keep, d);
+        }
+        _mm512_i32scatter_ps(p.out, at, merge16<E>(l, p.consensus, p.normalize, b, dk), 4);
+    }
+}
+#endif
+
+void pass(const Plan& p, int64_t start, int64_t stop, Pending& pend) {
+    for (int64_t tile = start; tile < stop; tile += kTile) {
+        int64_t tile_end = std::min(stop, tile + kTile), j = tile;
+        if (!pend.room(tile_end - tile)) {
+            pend.full = true;  // a bracket holds a large share of the tensor: the caller takes the other path
+            return;
+        }
+#ifdef __AVX512F__
+        int64_t end = tile + (tile_end - tile) / kBlock * kBlock;
+        switch (p.n_experts) {
+            case 1: blocks<1>(p, j, end, pend); break;
+            case 2: blocks<2>(p, j, end, pend); break;
+            case 3: blocks<3>(p, j, end, pend); break;
+            case 4: blocks<4>(p, j, end, pend); break;
+            default: blocks<0>(p, j, end, pend);
+        }
+        j = end;
+#endif
+        for (; j < tile_end; ++j) {  // the tail (and every entry without AVX-512), branch-free too
+            float b = p.base[j], e[kMaxExperts];
+            uint32_t mag[kMaxExperts];
+            bool keep[kMaxExperts];
+            for (int i = 0; i < p.n_experts; ++i) {
+                e[i] = p.experts[i][j];
+                mag[i] = mag_f32(p.experts[i], p.base, j);
+            }
+            bool open = classify1(p, mag, keep, pend.above.data());
+            p.out[j] = merge1(p, b, e, keep);
+            pend.index[pend.size] = uint32_t(j);
+            pend.values[pend.size] = b;
+            for (int i = 0; i < p.n_experts; ++i) pend.values[(1 + i) * pend.cap + pend.size] = e[i];
+            pend.size += open;
+        }
+    }
+}
+
+}  // namespace
+}  // namespace evomerge
+
+using namespace evomerge;
+
+extern "C" {
+
+// θ_b + λ·merge of trimmed task vectors into out, in one pass (float32, n < 2^31). Per expert i:
+// coef[i], weight[i]; low_k[i] > 0 keeps its low_k largest |δ| (0: no low cut; -1: keeps nothing),
+// high_k[i] > 0 drops its high_k largest (0: none); every k < n. consensus: the TIES election
+// (normalize: the agreeing weights' mean), else the sum. Brackets: a sample of `sample` entries,
+// `width` binomial deviations. Returns 1 when out holds the merge, 0 when a bracket missed its cut
+// or held too many entries (out is then partly written: the caller merges another way), -1 on
+// bad arguments.
+int evomerge_band_merge(const float* base, const float* const* experts, int n_experts, int64_t n, float* out,
+                        const int64_t* low_k, const int64_t* high_k, const float* coef, const float* weight,
+                        float scale, int consensus, int normalize, int64_t sample, double width, int threads) {
+    if (n_experts < 1 || n_experts > kMaxExperts || n < 2 || n >= (int64_t(1) << 31) || threads < 1 ||
+        sample < 1 || sample > n || !(width > 0))
+        return -1;
+    Plan p{};
+    p.n_experts = n_experts, p.n = n, p.base = base, p.experts = experts, p.out = out, p.scale = scale;
+    p.consensus = consensus != 0, p.normalize = normalize != 0;
+    int64_t ks[kMaxSlots];
+    for (int i = 0; i < n_experts; ++i) {
+        p.coef[i] = coef[i], p.weight[i] = weight[i], p.empty[i] = low_k[i] < 0, p.low[i] = p.high[i] = -1;
+        for (int side = 0; side < 2; ++side) {
+            int64_t k = side == 0 ? low_k[i] : high_k[i];
+            if (k == 0 || (side == 0 && k < 0)) continue;
+            if (k < 0 || k >= n || p.n_slots >= kMaxSlots) return -1;
+            (side == 0 ? p.low : p.high)[i] = p.n_slots;
+            p.slots[p.n_slots].expert = i;
+            ks[p.n_slots++] = k;
+        }
+    }
+    int64_t expected[kMaxSlots] = {}, total = 0;
+    in_parallel(threads, p.n_slots, [&](int64_t s) {
+        int i = p.slots[s].expert;
+        p.slots[s] = bracket<float, mag_f32>(experts[i], base, n, ks[s], sample, width, i, expected + s);
+    });
+    for (int s = 0; s < p.n_slots; ++s) total += expected[s];
+    int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / kTile));
+    std::vector<Pending> pending(parts);
+    for (auto& pend : pending) {
+        pend.sources = 1 + n_experts;
+        pend.limit = n / parts / 4 + kTile + 4 * kBlock;
+        pend.allocate(std::min(pend.limit, 2 * total / parts + kTile + 4 * kBlock));
+        pend.above.assign(p.n_slots, 0);
+    }
+    in_parallel(threads, parts, [&](int64_t q) { pass(p, n * q / parts, n * (q + 1) / parts, pending[q]); });
+    for (const auto& pend : pending)
+        if (pend.full) return 0;
+    // the exact cuts, from the open entries in index order (parts in order)
+    Cut cuts[kMaxSlots];
+    int ok[kMaxSlots];
+    in_parallel(threads, p.n_slots, [&](int64_t s) {
+        const Slot& c = p.slots[s];
+        int64_t need = ks[s];
+        int64_t open = 0, count = 0;
+        for (const auto& pend : pending) open += pend.size;
+        std::unique_ptr<uint32_t[]> bits(new uint32_t[open + 1]), at(new uint32_t[open + 1]);
+        for (const auto& pend : pending) {  // this slot's band among the open entries, branch-free
+            need -= pend.above[s];
+            const float* b = pend.values.get();
+            const float* e = pend.values.get() + (1 + c.expert) * pend.cap;
+            for (int64_t q = 0; q < pend.size; ++q) {
+                uint32_t m = mag_f32(e + q, b + q, 0);
+                bits[count] = m;
+                at[count] = pend.index[q];
+                count += m - c.lo <= c.hi - c.lo;
+            }
+        }
+        int64_t until = -1;
+        ok[s] = resolve(bits.get(), at.get(), count, need, &cuts[s].value, &until);
+        cuts[s].until = until < 0 ? INT64_MAX : until;
+    });
+    for (int s = 0; s < p.n_slots; ++s)
+        if (!ok[s]) return 0;
+    // the open entries merged again with the exact keeps
+    in_parallel(threads, parts, [&](int64_t q) {
+        const Pending& pend = pending[q];
+        int64_t r = 0;
+#ifdef __AVX512F__
+        r = pend.size / kBlock * kBlock;
+        switch (n_experts) {
+            case 1: refine<1>(p, cuts, pend, 0, r); break;
+            case 2: refine<2>(p, cuts, pend, 0, r); break;
+            case 3: refine<3>(p, cuts, pend, 0, r); break;
+            case 4: refine<4>(p, cuts, pend, 0, r); break;
+            default: refine<0>(p, cuts, pend, 0, r);
+        }
+#endif
+        for (; r < pend.size; ++r) {
+            int64_t j = pend.index[r];
+            float b = pend.values[r], e[kMaxExperts];
+            bool keep[kMaxExperts];
+            for (int i = 0; i < n_experts; ++i) {
+                e[i] = pend.values[(1 + i) * pend.cap + r];
+                uint32_t m = mag_f32(e + i, &b, 0);
+                keep[i] = !p.empty[i] && (p.low[i] < 0 || cuts[p.low[i]].above(m, j)) &&
+                          (p.high[i] < 0 || !cuts[p.high[i]].above(m, j));
+            }
+            out[j] = merge1(p, b, e, keep);
+        }
+    });
+    return 1;
+}
+}

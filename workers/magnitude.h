@@ -1,0 +1,174 @@
+// Shared by the magnitude kernels (band_scan.cpp, band_merge.cpp): |δ| bit patterns formed
+// exactly as torch forms δ = θ_i − θ_b (float32: one IEEE subtraction; bfloat16: the float32
+// difference rounded to nearest even, NaN as 0x7FC0), a sample's bracket of the k-th largest, and
+// the exact cut from the entries inside a bracket. Header-only; compiled into each library.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace evomerge {
+
+constexpr int64_t kBlock = 16;         // entries per vectorized step
+constexpr int64_t kTile = 1 << 14;     // entries per tile: the base's tile stays in cache across experts
+constexpr int kMaxSlots = 32;          // cuts per call
+constexpr int kMaxExperts = 16;        // experts per call
+constexpr int64_t kSampleBlocks = 64;  // contiguous blocks a sample is drawn in
+
+inline uint32_t mag_f32(const float* e, const float* b, int64_t j) {
+    float d = b ? e[j] - b[j] : e[j];
+    uint32_t u;
+    std::memcpy(&u, &d, 4);
+    return u & 0x7FFFFFFFu;
+}
+
+inline uint32_t mag_bf16(const uint16_t* e, const uint16_t* b, int64_t j) {
+    if (!b) return e[j] & 0x7FFFu;
+    uint32_t ue = uint32_t(e[j]) << 16, ub = uint32_t(b[j]) << 16;
+    float fe, fb;
+    std::memcpy(&fe, &ue, 4);
+    std::memcpy(&fb, &ub, 4);
+    float d = fe - fb;
+    uint32_t u;
+    std::memcpy(&u, &d, 4);
+    if (d != d) return 0x7FC0u;
+    u += ((u >> 16) & 1u) + 0x7FFFu;  // c10's round_to_nearest_even
+    return (u >> 16) & 0x7FFFu;
+}
+
+#ifdef __AVX512F__
+// 16 magnitudes from entry j: float32 δ's bits without the sign.
+inline __m512i mags16(const float* e, const float* b, int64_t j) {
+    __m512 d = _mm512_loadu_ps(e + j);
+    if (b) d = _mm512_sub_ps(d, _mm512_loadu_ps(b + j));
+    return _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
+}
+
+// bfloat16: the float32 difference rounded to nearest even (NaN: 0x7FC0), as torch rounds it.
+inline __m512i mags16(const uint16_t* e, const uint16_t* b, int64_t j) {
+    __m512i ue = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + j))), 16);
+    if (!b) return _mm512_and_si512(_mm512_srli_epi32(ue, 16), _mm512_set1_epi32(0x7FFF));
+    __m512i ub = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + j))), 16);
+    __m512 d = _mm512_sub_ps(_mm512_castsi512_ps(ue), _mm512_castsi512_ps(ub));
+    __mmask16 nan = _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+    __m512i u = _mm512_castps_si512(d);
+    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                    _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_and_si512(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16), _mm512_set1_epi32(0x7FFF));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+}
+#endif
+
+struct Slot {  // one cut of one expert: band [lo, hi] (inclusive, unsigned)
+    int expert;
+    uint32_t lo, hi;
+};
+
+// Runs task(0 .. tasks-1) on up to `threads` threads (this one included).
+template <typename Task>
+void in_parallel(int threads, int64_t tasks, Task&& task) {
+    int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
+    auto run = [&](int64_t w) {
+        for (int64_t t = w; t < tasks; t += workers) task(t);
+    };
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w);
+    run(0);
+    for (auto& t : pool) t.join();
+}
+
+// The k-th largest (1-based, 1 <= k <= n) of n unsigned values, which it leaves as they are. A
+// histogram of the values' top bits over their range finds the bin holding it, then nth_element
+// on a copy of that bin: about three passes instead of nth_element's several over a copy of all.
+uint32_t kth_largest(const uint32_t* values, int64_t n, int64_t k) {
+    auto larger = [](uint32_t a, uint32_t b) { return a > b; };
+    if (n <= 4096) {
+        std::vector<uint32_t> work(values, values + n);
+        std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), larger);
+        return work[k - 1];
+    }
+    auto [low, high] = std::minmax_element(values, values + n);
+    uint32_t lo = *low, span = *high - *low;
+    int shift = 0;
+    while ((span >> shift) >= 4096) ++shift;
+    std::vector<int64_t> hist((span >> shift) + 1, 0);
+    for (int64_t j = 0; j < n; ++j) ++hist[(values[j] - lo) >> shift];
+    int64_t bin = int64_t(hist.size()) - 1, seen = 0;
+    while (seen + hist[bin] < k) seen += hist[bin--];
+    std::vector<uint32_t> inside;
+    inside.reserve(hist[bin]);
+    for (int64_t j = 0; j < n; ++j)
+        if (((values[j] - lo) >> shift) == uint64_t(bin)) inside.push_back(values[j]);
+    std::nth_element(inside.begin(), inside.begin() + (k - seen - 1), inside.end(), larger);
+    return inside[k - seen - 1];
+}
+
+// The cut of one slot from its band's entries (bits and indices in index order): the need-th
+// largest bit pattern, and where ties at it stop being taken (index + 1 of the last taken; -1:
+// all taken). False if fewer than need entries are given.
+bool resolve(const uint32_t* bits, const uint32_t* index, int64_t count, int64_t need, uint32_t* value,
+             int64_t* until) {
+    if (need < 1 || need > count) return false;
+    uint32_t v = kth_largest(bits, count, need);
+    int64_t greater = 0, ties = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        greater += bits[j] > v;
+        ties += bits[j] == v;
+    }
+    int64_t take = need - greater;  // of the entries equal to v, the first `take` in index order
+    *value = v;
+    *until = -1;
+    for (int64_t j = 0, seen = 0; take < ties && j < count; ++j)
+        if (bits[j] == v && ++seen == take) {
+            *until = int64_t(index[j]) + 1;
+            break;
+        }
+    return true;
+}
+
+// resolve() for a slot whose expert has other cuts too: its bucket holds the entries of all their
+// bands, so first keep those in this slot's band.
+bool resolve_among(const uint32_t* bits, const uint32_t* index, int64_t count, const Slot& slot, int64_t need,
+                   uint32_t* value, int64_t* until) {
+    std::vector<uint32_t> mine, at;
+    mine.reserve(count);
+    at.reserve(count);
+    for (int64_t j = 0; j < count; ++j)
+        if (bits[j] - slot.lo <= slot.hi - slot.lo) {
+            mine.push_back(bits[j]);
+            at.push_back(index[j]);
+        }
+    return resolve(mine.data(), at.data(), int64_t(mine.size()), need, value, until);
+}
+
+// The sample's bracket of the k-th largest of n: bits in [lo, hi] unless the sample misleads, and
+// the number of entries expected inside. Ranks `width` binomial deviations either side of k's.
+template <typename T, uint32_t (*Mag)(const T*, const T*, int64_t)>
+Slot bracket(const T* e, const T* base, int64_t n, int64_t k, int64_t sample, double width, int expert,
+             int64_t* expected) {
+    int64_t block = std::max<int64_t>(1, sample / kSampleBlocks);
+    std::vector<uint32_t> drawn;
+    drawn.reserve(block * kSampleBlocks);
+    for (int64_t b = 0; b < kSampleBlocks; ++b) {  // contiguous blocks spread evenly over the tensor
+        int64_t first = b * (n - block) / (kSampleBlocks - 1);
+        for (int64_t j = first; j < first + block; ++j) drawn.push_back(Mag(e, base, j));
+    }
+    double size = double(drawn.size()), p = double(k) / double(n);
+    double rank = p * size, spread = width * std::sqrt(size * p * (1 - p)) + 2;
+    int64_t hi_rank = int64_t(std::floor(rank - spread)), lo_rank = int64_t(std::ceil(rank + spread));
+    uint32_t hi = hi_rank < 1 ? 0x7FFFFFFFu : kth_largest(drawn.data(), int64_t(drawn.size()), hi_rank);
+    uint32_t lo = lo_rank > int64_t(drawn.size()) ? 0u : kth_largest(drawn.data(), int64_t(drawn.size()), lo_rank);
+    *expected = int64_t(std::ceil(double(n) * double(std::min<int64_t>(lo_rank, int64_t(drawn.size())) -
+                                                     std::max<int64_t>(hi_rank, 0)) / size));
+    return Slot{expert, lo, std::max(lo, hi)};
+}
+
+}  // namespace evomerge

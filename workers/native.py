@@ -1,0 +1,77 @@
+"""Native kernels: C++ sources shipped beside this module, compiled on first use and loaded
+with ctypes (no torch headers, no build step at install).
+
+A library is built once per source (with the folder's headers), compiler and CPU (the key
+hashes all of them: it is compiled with ``-march=native``) into ``$EVOMERGE_NATIVE_CACHE``
+(default ``~/.cache/evomerge/native``), written to a temporary name and renamed, so workers
+starting together never load a half-written file. Where no compiler works, or ``EVOMERGE_NATIVE=0``, :func:`library` returns None after one
+logged line and callers take their torch path, which computes the same values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+# no FMA contraction: a·b + c rounds twice, as torch's ops do, so results are bit-identical to them
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _build(source: Path, cache: Path) -> Path:
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *_FLAGS, _cpu_key()]).encode()).hexdigest()
+    target = cache / f"{source.stem}-{key[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=cache, suffix=".so.part")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, "-o", partial, str(source)], capture_output=True, text=True, check=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled ``name``.cpp of this folder, or None where it cannot be built or is turned off
+    (logged once per process)."""
+    if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
+        return None
+    cache = Path(os.environ.get("EVOMERGE_NATIVE_CACHE", Path.home() / ".cache" / "evomerge" / "native"))
+    try:
+        return ctypes.CDLL(str(_build(_HERE / f"{name}.cpp", cache)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        log.warning("native kernel %s unavailable (%s); using the torch path", name,
+                    detail.strip().splitlines()[0] if detail.strip() else type(error).__name__)
+        return None
