@@ -290,6 +290,57 @@ void pass(const Plan& p, int64_t start, int64_t stop, Pending& pend) {
     }
 }
 
+// The exact cut of slot s (rank k) from the open entries in index order (parts in order); false
+// where its bracket missed the k-th entry.
+bool exact_cut(const Plan& p, const std::vector<Pending>& pending, int s, int64_t k, Cut* cut) {
+    const Slot& c = p.slots[s];
+    int64_t need = k, open = 0, count = 0;
+    for (const auto& pend : pending) open += pend.size;
+    std::unique_ptr<uint32_t[]> bits(new uint32_t[open + 1]), at(new uint32_t[open + 1]);
+    for (const auto& pend : pending) {  // this slot's bracket among the open entries, branch-free
+        need -= pend.above[s];
+        const float* b = pend.values.get();
+        const float* e = pend.values.get() + (1 + c.expert) * pend.cap;
+        for (int64_t q = 0; q < pend.size; ++q) {
+            uint32_t m = mag_f32(e + q, b + q, 0);
+            bits[count] = m;
+            at[count] = pend.index[q];
+            count += m - c.lo <= c.hi - c.lo;
+        }
+    }
+    int64_t until = -1;
+    bool found = resolve(bits.get(), at.get(), count, need, &cut->value, &until);
+    cut->until = until < 0 ? INT64_MAX : until;
+    return found;
+}
+
+// One part's open entries merged again with the exact keeps, written to their places in out.
+void refine_part(const Plan& p, const Cut* cuts, const Pending& pend) {
+    int64_t r = 0;
+#ifdef __AVX512F__
+    r = pend.size / kBlock * kBlock;
+    switch (p.n_experts) {
+        case 1: refine<1>(p, cuts, pend, 0, r); break;
+        case 2: refine<2>(p, cuts, pend, 0, r); break;
+        case 3: refine<3>(p, cuts, pend, 0, r); break;
+        case 4: refine<4>(p, cuts, pend, 0, r); break;
+        default: refine<0>(p, cuts, pend, 0, r);
+    }
+#endif
+    for (; r < pend.size; ++r) {
+        int64_t j = pend.index[r];
+        float b = pend.values[r], e[kMaxExperts];
+        bool keep[kMaxExperts];
+        for (int i = 0; i < p.n_experts; ++i) {
+            e[i] = pend.values[(1 + i) * pend.cap + r];
+            uint32_t m = mag_f32(e + i, &b, 0);
+            keep[i] = !p.empty[i] && (p.low[i] < 0 || cuts[p.low[i]].above(m, j)) &&
+                      (p.high[i] < 0 || !cuts[p.high[i]].above(m, j));
+        }
+        p.out[j] = merge1(p, b, e, keep);
+    }
+}
+
 }  // namespace
 }  // namespace evomerge
 
@@ -325,76 +376,38 @@ int evomerge_band_merge(const float* base, const float* const* experts, int n_ex
             ks[p.n_slots++] = k;
         }
     }
-    int64_t expected[kMaxSlots] = {}, total = 0;
-    in_parallel(threads, p.n_slots, [&](int64_t s) {
-        int i = p.slots[s].expert;
-        p.slots[s] = bracket<float, mag_f32>(experts[i], base, n, ks[s], sample, width, i, expected + s);
-    });
-    for (int s = 0; s < p.n_slots; ++s) total += expected[s];
-    int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / kTile));
+    int slot_expert[kMaxSlots];
+    for (int s = 0; s < p.n_slots; ++s) slot_expert[s] = p.slots[s].expert;
+    int64_t expected[kMaxSlots] = {}, parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / kTile));
     std::vector<Pending> pending(parts);
-    for (auto& pend : pending) {
-        pend.sources = 1 + n_experts;
-        pend.limit = n / parts / 4 + kTile + 4 * kBlock;
-        pend.allocate(std::min(pend.limit, 2 * total / parts + kTile + 4 * kBlock));
-        pend.above.assign(p.n_slots, 0);
-    }
-    in_parallel(threads, parts, [&](int64_t q) { pass(p, n * q / parts, n * (q + 1) / parts, pending[q]); });
-    for (const auto& pend : pending)
-        if (pend.full) return 0;
-    // the exact cuts, from the open entries in index order (parts in order)
     Cut cuts[kMaxSlots];
-    int ok[kMaxSlots];
-    in_parallel(threads, p.n_slots, [&](int64_t s) {
-        const Slot& c = p.slots[s];
-        int64_t need = ks[s];
-        int64_t open = 0, count = 0;
-        for (const auto& pend : pending) open += pend.size;
-        std::unique_ptr<uint32_t[]> bits(new uint32_t[open + 1]), at(new uint32_t[open + 1]);
-        for (const auto& pend : pending) {  // this slot's band among the open entries, branch-free
-            need -= pend.above[s];
-            const float* b = pend.values.get();
-            const float* e = pend.values.get() + (1 + c.expert) * pend.cap;
-            for (int64_t q = 0; q < pend.size; ++q) {
-                uint32_t m = mag_f32(e + q, b + q, 0);
-                bits[count] = m;
-                at[count] = pend.index[q];
-                count += m - c.lo <= c.hi - c.lo;
-            }
+    bool ok[kMaxSlots];
+    bool merged = true;  // read and written by thread 0 only, between barriers
+    team(threads, [&](int t, Barrier& sync) {
+        for (int i = t; i < n_experts; i += threads)  // 1. the brackets
+            bracket_expert<float, mag_f32>(base, experts, i, n, slot_expert, ks, p.n_slots, sample, width, p.slots,
+                                           expected);
+        sync.wait();
+        int64_t total = 0;
+        for (int s = 0; s < p.n_slots; ++s) total += expected[s];
+        for (int64_t q = t; q < parts; q += threads) {  // 2. the pass, one part per thread
+            Pending& pend = pending[q];
+            pend.sources = 1 + n_experts;
+            pend.limit = n / parts / 4 + kTile + 4 * kBlock;
+            pend.allocate(std::min(pend.limit, 2 * total / parts + kTile + 4 * kBlock));
+            pend.above.assign(p.n_slots, 0);
+            pass(p, n * q / parts, n * (q + 1) / parts, pend);
         }
-        int64_t until = -1;
-        ok[s] = resolve(bits.get(), at.get(), count, need, &cuts[s].value, &until);
-        cuts[s].until = until < 0 ? INT64_MAX : until;
+        sync.wait();
+        bool full = std::any_of(pending.begin(), pending.end(), [](const Pending& pend) { return pend.full; });
+        for (int s = t; s < p.n_slots && !full; s += threads) ok[s] = exact_cut(p, pending, s, ks[s], &cuts[s]);
+        sync.wait();  // 3. the exact cuts (each slot on one thread)
+        if (full || !std::all_of(ok, ok + p.n_slots, [](bool b) { return b; })) {
+            if (t == 0) merged = false;
+            return;  // every thread decides alike: none waits at a barrier again
+        }
+        for (int64_t q = t; q < parts; q += threads) refine_part(p, cuts, pending[q]);  // 4. the open entries
     });
-    for (int s = 0; s < p.n_slots; ++s)
-        if (!ok[s]) return 0;
-    // the open entries merged again with the exact keeps
-    in_parallel(threads, parts, [&](int64_t q) {
-        const Pending& pend = pending[q];
-        int64_t r = 0;
-#ifdef __AVX512F__
-        r = pend.size / kBlock * kBlock;
-        switch (n_experts) {
-            case 1: refine<1>(p, cuts, pend, 0, r); break;
-            case 2: refine<2>(p, cuts, pend, 0, r); break;
-            case 3: refine<3>(p, cuts, pend, 0, r); break;
-            case 4: refine<4>(p, cuts, pend, 0, r); break;
-            default: refine<0>(p, cuts, pend, 0, r);
-        }
-#endif
-        for (; r < pend.size; ++r) {
-            int64_t j = pend.index[r];
-            float b = pend.values[r], e[kMaxExperts];
-            bool keep[kMaxExperts];
-            for (int i = 0; i < n_experts; ++i) {
-                e[i] = pend.values[(1 + i) * pend.cap + r];
-                uint32_t m = mag_f32(e + i, &b, 0);
-                keep[i] = !p.empty[i] && (p.low[i] < 0 || cuts[p.low[i]].above(m, j)) &&
-                          (p.high[i] < 0 || !cuts[p.high[i]].above(m, j));
-            }
-            out[j] = merge1(p, b, e, keep);
-        }
-    });
-    return 1;
+    return merged ? 1 : 0;
 }
 }

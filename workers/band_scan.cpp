@@ -75,9 +75,8 @@ void select_cuts(const T* base, const T* const* experts, int n_experts, int64_t 
             int* ok) {
     Slot slots[kMaxSlots];
     int64_t expected[kMaxSlots];
-    in_parallel(threads, n_slots, [&](int64_t s) {
-        slots[s] = bracket<T, Mag>(experts[slot_expert[s]], base, n, k[s], sample, width, slot_expert[s],
-                                   expected + s);
+    in_parallel(threads, n_experts, [&](int64_t i) {
+        bracket_expert<T, Mag>(base, experts, int(i), n, slot_expert, k, n_slots, sample, width, slots, expected);
     });
     // scratch: per expert a region for the entries of its bands (twice those expected), each part
     // of the tensor (one per thread) filling its own share of it

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -85,31 +87,55 @@ void in_parallel(int threads, int64_t tasks, Task&& task) {
     for (auto& t : pool) t.join();
 }
 
-// The k-th largest (1-based, 1 <= k <= n) of n unsigned values, which it leaves as they are. A
-// histogram of the values' top bits over their range finds the bin holding it, then nth_element
-// on a copy of that bin: about three passes instead of nth_element's several over a copy of all.
-uint32_t kth_largest(const uint32_t* values, int64_t n, int64_t k) {
-    auto larger = [](uint32_t a, uint32_t b) { return a > b; };
-    if (n <= 4096) {
-        std::vector<uint32_t> work(values, values + n);
-        std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), larger);
-        return work[k - 1];
+// Order statistics of n unsigned values (left as they are): a histogram of their top bits over
+// their range, made once, finds the bin holding any rank; nth_element on a copy of that bin
+// finishes. About one pass per query after two, instead of nth_element's several over all n.
+class Ranks {
+   public:
+    Ranks(const uint32_t* values, int64_t n) : values_(values), n_(n) {
+        if (n_ <= 4096) return;  // small: nth_element on a copy of all
+        uint32_t low = values[0], high = values[0];
+        for (int64_t j = 0; j < n; ++j) {  // vectorizes (std::minmax_element does not)
+            low = std::min(low, values[j]);
+            high = std::max(high, values[j]);
+        }
+        lo_ = low;
+        uint32_t span = high - low;
+        while ((span >> shift_) >= 4096) ++shift_;
+        above_.assign((span >> shift_) + 2, 0);  // above_[b]: values in bins above b
+        std::vector<int64_t> hist((span >> shift_) + 1, 0);
+        for (int64_t j = 0; j < n; ++j) ++hist[(values[j] - lo_) >> shift_];
+        for (int64_t bin = int64_t(hist.size()) - 1; bin >= 0; --bin) above_[bin] = above_[bin + 1] + hist[bin];
     }
-    auto [low, high] = std::minmax_element(values, values + n);
-    uint32_t lo = *low, span = *high - *low;
-    int shift = 0;
-    while ((span >> shift) >= 4096) ++shift;
-    std::vector<int64_t> hist((span >> shift) + 1, 0);
-    for (int64_t j = 0; j < n; ++j) ++hist[(values[j] - lo) >> shift];
-    int64_t bin = int64_t(hist.size()) - 1, seen = 0;
-    while (seen + hist[bin] < k) seen += hist[bin--];
-    std::vector<uint32_t> inside;
-    inside.reserve(hist[bin]);
-    for (int64_t j = 0; j < n; ++j)
-        if (((values[j] - lo) >> shift) == uint64_t(bin)) inside.push_back(values[j]);
-    std::nth_element(inside.begin(), inside.begin() + (k - seen - 1), inside.end(), larger);
-    return inside[k - seen - 1];
-}
+
+    // The k-th largest (1-based, 1 <= k <= n).
+    uint32_t largest(int64_t k) const {
+        auto larger = [](uint32_t a, uint32_t b) { return a > b; };
+        if (n_ <= 4096) {
+            std::vector<uint32_t> work(values_, values_ + n_);
+            std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), larger);
+            return work[k - 1];
+        }
+        int64_t bin = 0;  // the highest bin with at least k values at or above it
+        while (above_[bin + 1] >= k) ++bin;
+        std::vector<uint32_t> inside(above_[bin] - above_[bin + 1] + 1);
+        for (int64_t j = 0, m = 0; j < n_; ++j) {  // branch-free: the slot past the last is spare
+            inside[m] = values_[j];
+            m += ((values_[j] - lo_) >> shift_) == uint64_t(bin);
+        }
+        inside.pop_back();
+        int64_t r = k - above_[bin + 1] - 1;
+        std::nth_element(inside.begin(), inside.begin() + r, inside.end(), larger);
+        return inside[r];
+    }
+
+   private:
+    const uint32_t* values_;
+    int64_t n_;
+    uint32_t lo_ = 0;
+    int shift_ = 0;
+    std::vector<int64_t> above_;
+};
 
 // The cut of one slot from its band's entries (bits and indices in index order): the need-th
 // largest bit pattern, and where ties at it stop being taken (index + 1 of the last taken; -1:
@@ -117,7 +143,7 @@ uint32_t kth_largest(const uint32_t* values, int64_t n, int64_t k) {
 bool resolve(const uint32_t* bits, const uint32_t* index, int64_t count, int64_t need, uint32_t* value,
              int64_t* until) {
     if (need < 1 || need > count) return false;
-    uint32_t v = kth_largest(bits, count, need);
+    uint32_t v = Ranks(bits, count).largest(need);
     int64_t greater = 0, ties = 0;
     for (int64_t j = 0; j < count; ++j) {
         greater += bits[j] > v;
@@ -149,26 +175,80 @@ bool resolve_among(const uint32_t* bits, const uint32_t* index, int64_t count, c
     return resolve(mine.data(), at.data(), int64_t(mine.size()), need, value, until);
 }
 
-// The sample's bracket of the k-th largest of n: bits in [lo, hi] unless the sample misleads, and
-// the number of entries expected inside. Ranks `width` binomial deviations either side of k's.
+// The sample's brackets of the k[t]-th largest of n entries (t < count) of one expert: bits in
+// [lo, hi] unless the sample misleads, `width` binomial deviations of the rank either side of
+// k's, and the number of entries expected inside each. One sample and one histogram serve all.
 template <typename T, uint32_t (*Mag)(const T*, const T*, int64_t)>
-Slot bracket(const T* e, const T* base, int64_t n, int64_t k, int64_t sample, double width, int expert,
-             int64_t* expected) {
+void brackets(const T* e, const T* base, int64_t n, const int64_t* k, int count, int64_t sample, double width,
+              int expert, Slot* out, int64_t* expected) {
     int64_t block = std::max<int64_t>(1, sample / kSampleBlocks);
-    std::vector<uint32_t> drawn;
-    drawn.reserve(block * kSampleBlocks);
+    std::vector<uint32_t> drawn(block * kSampleBlocks);
     for (int64_t b = 0; b < kSampleBlocks; ++b) {  // contiguous blocks spread evenly over the tensor
         int64_t first = b * (n - block) / (kSampleBlocks - 1);
-        for (int64_t j = first; j < first + block; ++j) drawn.push_back(Mag(e, base, j));
+        uint32_t* into = drawn.data() + b * block;
+        for (int64_t j = 0; j < block; ++j) into[j] = Mag(e, base, first + j);
     }
-    double size = double(drawn.size()), p = double(k) / double(n);
-    double rank = p * size, spread = width * std::sqrt(size * p * (1 - p)) + 2;
-    int64_t hi_rank = int64_t(std::floor(rank - spread)), lo_rank = int64_t(std::ceil(rank + spread));
-    uint32_t hi = hi_rank < 1 ? 0x7FFFFFFFu : kth_largest(drawn.data(), int64_t(drawn.size()), hi_rank);
-    uint32_t lo = lo_rank > int64_t(drawn.size()) ? 0u : kth_largest(drawn.data(), int64_t(drawn.size()), lo_rank);
-    *expected = int64_t(std::ceil(double(n) * double(std::min<int64_t>(lo_rank, int64_t(drawn.size())) -
-                                                     std::max<int64_t>(hi_rank, 0)) / size));
-    return Slot{expert, lo, std::max(lo, hi)};
+    const int64_t size = int64_t(drawn.size());
+    const Ranks ranks(drawn.data(), size);
+    for (int t = 0; t < count; ++t) {
+        double p = double(k[t]) / double(n), rank = p * double(size);
+        double spread = width * std::sqrt(double(size) * p * (1 - p)) + 2;
+        int64_t hi_rank = int64_t(std::floor(rank - spread)), lo_rank = int64_t(std::ceil(rank + spread));
+        uint32_t hi = hi_rank < 1 ? 0x7FFFFFFFu : ranks.largest(hi_rank);
+        uint32_t lo = lo_rank > size ? 0u : ranks.largest(lo_rank);
+        expected[t] = int64_t(std::ceil(double(n) * double(std::min(lo_rank, size) - std::max<int64_t>(hi_rank, 0)) /
+                                        double(size)));
+        out[t] = Slot{expert, lo, std::max(lo, hi)};
+    }
+}
+
+// brackets() for the slots of expert i (slot s: expert slot_expert[s], rank k[s]).
+template <typename T, uint32_t (*Mag)(const T*, const T*, int64_t)>
+void bracket_expert(const T* base, const T* const* experts, int i, int64_t n, const int* slot_expert, const int64_t* k,
+                    int n_slots, int64_t sample, double width, Slot* slots, int64_t* expected) {
+    int64_t ks[kMaxSlots], got[kMaxSlots];
+    int mine[kMaxSlots], count = 0;
+    for (int s = 0; s < n_slots; ++s)
+        if (slot_expert[s] == i) mine[count] = s, ks[count++] = k[s];
+    if (count == 0) return;
+    Slot found[kMaxSlots];
+    brackets<T, Mag>(experts[i], base, n, ks, count, sample, width, i, found, got);
+    for (int t = 0; t < count; ++t) slots[mine[t]] = found[t], expected[mine[t]] = got[t];
+}
+
+// Threads that meet: wait() returns once all `count` of them called it.
+class Barrier {
+   public:
+    explicit Barrier(int count) : count_(count) {}
+
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        int64_t generation = generation_;
+        if (++waiting_ == count_) {
+            waiting_ = 0;
+            ++generation_;
+            done_.notify_all();
+        } else {
+            done_.wait(lock, [&] { return generation != generation_; });
+        }
+    }
+
+   private:
+    std::mutex mutex_;
+    std::condition_variable done_;
+    int count_, waiting_ = 0;
+    int64_t generation_ = 0;
+};
+
+// body(t, barrier) on `threads` threads (this one is t = 0): one team for all the phases of a
+// call, since starting a thread costs ~50 µs, as much as a phase of a mid-sized tensor.
+template <typename Body>
+void team(int threads, Body&& body) {
+    Barrier barrier(threads);
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { body(t, barrier); });
+    body(0, barrier);
+    for (auto& worker : pool) worker.join();
 }
 
 }  // namespace evomerge
