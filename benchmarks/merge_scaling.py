@@ -8,7 +8,9 @@ the operator over every tensor into a preallocated output (what a worker's ``Mat
 does, minus its one reduction per tensor), random operators with the worker's per-tensor
 generator. The ratio columns are measured in the same process at the same thread count:
 
-- ``copy``: ``dst.copy_(src)`` of one model's float32 tensor, source bytes read per second.
+- ``copy``: ``dst.copy_(src)`` of one model's float32 tensor, source bytes read per second,
+  measured right before and right after each operator (the higher: the stricter bar); with
+  ``--rounds R`` all of it R times, and ``frac`` is the median (its range in brackets).
 - ``frac``: (source bytes the operator reads / its seconds) / copy; 1.0 is the copy limit.
 - ``old``: the same operator from ``--baseline`` (a git revision, loaded from ``git show``).
 - ``mergekit``: ``merge_state_dicts`` of the same merge (sizes up to ``--mergekit-max``).
@@ -25,6 +27,7 @@ import argparse
 import importlib
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,6 +151,21 @@ def copy_bandwidth(numel: int) -> float:
     return numel * 4 / timed(lambda: dst.copy_(src), 5)
 
 
+def op_fraction(op: str, sources: Mapping[str, Mapping[str, torch.Tensor]], out: Mapping[str, torch.Tensor],
+                numel: int, repeats: int, rounds: int) -> tuple[float, float, list[float]]:
+    """(median seconds, median copy bandwidth, frac of each round) of one operator. Each round
+    measures copy right before and right after the operator and takes the higher (the stricter
+    bar): a shared machine's bandwidth drifts by 10-30 % over minutes, which one copy figure per
+    thread count would charge to whichever operators ran in a slow stretch."""
+    seconds, copies, frac = [], [], []
+    for _ in range(rounds):
+        copy = copy_bandwidth(numel)
+        seconds.append(timed(lambda: run_op(OPERATORS[op], sources, out), repeats))
+        copies.append(max(copy, copy_bandwidth(numel)))
+        frac.append(bytes_read(op, numel) / seconds[-1] / copies[-1])
+    return statistics.median(seconds), statistics.median(copies), frac
+
+
 def bench_size(size: str, threads: list[int], args: argparse.Namespace, old: Mapping[str, Operator],
                with_mergekit: bool) -> None:
     """One size: every operator at every thread count, with the old code and mergekit."""
@@ -163,14 +181,14 @@ def bench_size(size: str, threads: list[int], args: argparse.Namespace, old: Map
           f"({4 * numel * 4 / 1e9:.2f} GB of tensors)", flush=True)
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        copy = copy_bandwidth(numel)
-        print(f"  {n_threads} thread(s): copy {copy / 1e9:.2f} GB/s read")
-        print(f"  {'operator':17s} {'s':>7s} {'ns/param':>8s} {'frac':>5s} | {'old s':>7s} {'new/old':>7s}"
-              f" | {'mergekit s':>10s} {'x mk':>6s}")
+        print(f"  {n_threads} thread(s)")
+        print(f"  {'operator':17s} {'s':>7s} {'ns/param':>8s} {'copy GB/s':>9s} {'frac':>5s} | {'old s':>7s}"
+              f" {'new/old':>7s} | {'mergekit s':>10s} {'x mk':>6s}")
         for op in ops:
-            seconds = timed(lambda: run_op(OPERATORS[op], sources, out), args.repeats)
-            line = (f"  {op:17s} {seconds:7.3f} {seconds / numel * 1e9:8.2f} "
-                    f"{bytes_read(op, numel) / seconds / copy:5.2f}")
+            seconds, copy, frac = op_fraction(op, sources, out, numel, args.repeats, args.rounds)
+            spread = f" ({min(frac):.2f}-{max(frac):.2f})" if len(frac) > 1 else ""
+            line = (f"  {op:17s} {seconds:7.3f} {seconds / numel * 1e9:8.2f} {copy / 1e9:9.2f} "
+                    f"{statistics.median(frac):5.2f}{spread}")
             if op in old and op in args.baseline_ops.split(","):
                 old_s = timed(lambda: run_op(old[op], sources, out), 0 if size in ("500m", "1b") else 1)
                 line += f" | {old_s:7.3f} {old_s / seconds:6.1f}x"
@@ -193,7 +211,8 @@ def main() -> None:
     parser.add_argument("--baseline-ops", default="ties,dare_linear,dare_ties,breadcrumbs,breadcrumbs_ties,della,"
                         "della_linear,consensus", help="operators timed at --baseline (the others did not change)")
     parser.add_argument("--mergekit-max", default="100m", help="largest size compared with mergekit ('' for none)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timings per round (the best counts)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per operator: frac is their median")
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in SIZES] + [o for o in args.ops.split(",") + args.big_ops.split(",")

@@ -150,3 +150,48 @@ def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path)
         assert done.stdout.strip() == ("True" if flag == "0" else "False")
         results[flag] = torch.load(tmp_path / f"{flag}.pt")
     assert torch.equal(results["0"].view(torch.int32), results["1"].view(torch.int32))
+
+
+def test_concurrent_callers_share_the_worker_threads(threads: int) -> None:
+    """Python threads calling the kernels at once (ctypes releases the GIL) take turns on the
+    library's worker threads and each gets its own exact result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_tensors(seed, 30_000 + seed, 2, "plain", torch.float32) for seed in range(6)]
+
+    def merged(case: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+        base, experts = case
+        return OPERATORS["ties"].fn(base, experts, density=(0.3, 0.6), weight=(1.0, 0.5))
+
+    expected = [merged(case) for case in cases]  # one caller at a time
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(merged, cases * 3))
+    for want, got in zip(expected * 3, results):
+        assert torch.equal(want.view(torch.int32), got.view(torch.int32))
+
+
+def test_a_forked_child_starts_its_own_workers() -> None:
+    """The worker threads do not survive fork(): a child that selects and merges with two threads
+    starts its own rather than wait on its parent's. (Only the native kernels run in the child:
+    torch's own parallel ops may hang after a fork, native or not.)"""
+    script = (
+        "import hashlib, os, sys, torch\n"
+        "from evomerge.workers import magnitude_merge, selection, sparsify\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "base = torch.randn(200_003, generator=g)\n"
+        "experts = [base + 0.1 * torch.randn(200_003, generator=g) for _ in range(2)]\n"
+        "def run():\n"
+        "    out = torch.empty_like(base)\n"
+        "    assert magnitude_merge.merge(base, experts, sparsify.ties_trims([0.3, 0.6], 200_003), [1.0, 0.5],\n"
+        "                                 coeff=1.0, scale=1.0, consensus=True, normalize=False, out=out)\n"
+        "    cuts = selection.largest_cuts(experts, base, [(0, 60_000), (1, 120_000)])\n"
+        "    return cuts, hashlib.sha256(out.numpy().tobytes()).hexdigest()\n"
+        "parent = run()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if run() == parent else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
