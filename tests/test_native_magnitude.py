@@ -195,3 +195,20 @@ def test_a_forked_child_starts_its_own_workers() -> None:
         "sys.exit(os.waitstatus_to_exitcode(status))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:
+    """Into an empty cache folder the library is built once and loaded; with no compiler there is
+    one warning line naming the kernel, and the torch path."""
+    script = ("import logging; logging.basicConfig()\n"
+              "from evomerge.workers import native\n"
+              "print(native.library('band_scan') is not None)\n")
+    built = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "cache")})
+    assert built.stdout.strip() == "True", built.stderr
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]  # no partial file left
+    missing = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "empty"),
+                                  "CXX": str(tmp_path / "no-such-compiler")})
+    assert missing.stdout.strip() == "False"
+    assert "native kernel band_scan unavailable" in missing.stderr and "torch path" in missing.stderr

@@ -3,7 +3,7 @@ with ctypes (no torch headers, no build step at install).
 
 A library is built once per source (with the folder's headers), compiler and CPU (the key
 hashes all of them: it is compiled with ``-march=native``) into ``$EVOMERGE_NATIVE_CACHE``
-(default ``~/.cache/evomerge/native``), written to a temporary name and renamed, so workers
+(default ``~/.cache/evomerge/native``, or the temporary directory where home is read-only), written to a temporary name and renamed, so workers
 starting together never load a half-written file. Where no compiler works, or ``EVOMERGE_NATIVE=0``, :func:`library` returns None after one
 logged line and callers take their torch path, which computes the same values.
 """
@@ -61,15 +61,34 @@ def _build(source: Path, cache: Path) -> Path:
     return target
 
 
+def _cache() -> Path:
+    """$EVOMERGE_NATIVE_CACHE, else ~/.cache/evomerge/native, else (a home that cannot be written)
+    a folder of this user's in the temporary directory."""
+    if "EVOMERGE_NATIVE_CACHE" in os.environ:
+        return Path(os.environ["EVOMERGE_NATIVE_CACHE"])
+    home = Path.home() / ".cache" / "evomerge" / "native"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    shared = Path(tempfile.gettempdir()) / f"evomerge-native-{os.getuid()}"
+    shared.mkdir(mode=0o700, exist_ok=True)
+    info = shared.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:  # a library loaded from here runs as this user
+        raise OSError(f"{shared} is not this user's private folder")
+    return shared
+
+
 @functools.cache
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled ``name``.cpp of this folder, or None where it cannot be built or is turned off
     (logged once per process)."""
     if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
         return None
-    cache = Path(os.environ.get("EVOMERGE_NATIVE_CACHE", Path.home() / ".cache" / "evomerge" / "native"))
     try:
-        return ctypes.CDLL(str(_build(_HERE / f"{name}.cpp", cache)))
+        return ctypes.CDLL(str(_build(_HERE / f"{name}.cpp", _cache())))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         log.warning("native kernel %s unavailable (%s); using the torch path", name,
