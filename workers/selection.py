@@ -3,11 +3,12 @@
 TIES and Breadcrumbs keep the top ⌊d·n⌋ of |δ| per expert, so every expert is read in full
 before its first merged entry is known. Two exact paths, equal in every bit of their result:
 
-- native (``workers/band_scan.cpp``, CPU float32/bfloat16): a sample of the tensor brackets the
-  k-th magnitude in a narrow band [lo, hi]; one pass over all experts at once counts the entries
-  above each band and collects the few inside it, and the k-th is selected among those (Floyd &
-  Rivest's sampling selection, CACM 1975, with one pass). Where the sample's band misses the
-  k-th (a bound of z = 4 binomial deviations: rare, and never wrong) that cut takes the radix path.
+- native (``workers/band_scan.cpp``, CPU float32/bfloat16): a sample of the tensor brackets
+  each k-th magnitude in a narrow band [lo, hi]; one pass over all experts at once counts the
+  entries above each band and collects the few inside it, and the k-th is selected among those
+  (Floyd & Rivest's sampling selection, CACM 1975, in one pass). A band that misses its k-th
+  entry (the sample misled: rare, detected exactly, never wrong) is retried wider, then that cut
+  takes the radix path.
 - radix (torch ops, any device and dtype): a histogram of the top 15 bits of the magnitudes'
   bit patterns, then one of the low 16 bits of the bin holding the cut.
 
@@ -135,8 +136,6 @@ def _largest(bits: _Magnitudes, k: int) -> Cut:
     return Cut(value, bits.position(value, take) + 1)
 
 
-
-
 # --- the native sampling path --------------------------------------------------------
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -161,6 +160,7 @@ def _kernel() -> ctypes.CDLL | None:
 
 
 def _native_ok(tensors: Sequence[Tensor]) -> bool:
+    """Whether the native selection takes these: one dtype it knows, contiguous, on the CPU, one size."""
     n = tensors[0].numel()
     return (NATIVE_MIN <= n < 1 << 31 and tensors[0].dtype in _NATIVE_DTYPES
             and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == tensors[0].dtype and t.numel() == n
