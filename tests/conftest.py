@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models built on the fly, and the shipped demo assets."""
+"""Shared fixtures: tiny real models built on the fly, the shipped demo assets, torch's thread count."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,14 @@ def system_tool(*names: str) -> str:
     if os.environ.get("EVOMERGE_CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's intra-op threads (which the native kernels follow) set to 1, then 2; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -1,13 +1,12 @@
 """The native magnitude kernels (workers/band_scan.cpp, band_merge.cpp) against the torch paths:
 the same cuts and the same merged bits, whatever the sample, the dtype, the ties or the threads,
-and a fallback that still gives them where a sample misleads."""
+and a fallback that still gives them where a sample misleads. Building and turning off the
+kernels: tests/test_native_build.py."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import magnitude_merge, native, selection, sparsify, streaming
+from evomerge.workers import magnitude_merge, selection, sparsify, streaming
 from evomerge.workers.operators import OPERATORS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def test_the_kernels_build_here() -> None:
-    """This machine has a C++ compiler (torch.compile needs one too): the native paths run in
-    these tests rather than silently falling back."""
-    assert native.library("band_scan") is not None
-    assert native.library("band_merge") is not None
 
 
 def _tensors(seed: int, n: int, experts: int, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -129,29 +113,6 @@ def test_the_one_pass_takes_only_what_it_can() -> None:
     assert not magnitude_merge.eligible(big, [big] * 17, big)  # more experts than the kernel takes
 
 
-def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path) -> None:
-    """EVOMERGE_NATIVE=0 (or no compiler): the torch paths merge, to the same bits."""
-    script = (
-        "import sys, torch\n"
-        "from evomerge.workers.operators import OPERATORS\n"
-        "from evomerge.workers import native\n"
-        "g = torch.Generator().manual_seed(3)\n"
-        "base = torch.randn(300_007, generator=g)\n"
-        "experts = [base + 0.1 * torch.randn(300_007, generator=g) for _ in range(2)]\n"
-        "out = OPERATORS['breadcrumbs_ties'].fn(base, experts, density=(0.4, 0.6), gamma=(0.02, 0.05), weight=(1.0, 0.5))\n"
-        "torch.save(out, sys.argv[1])\n"
-        "print(native.library('band_merge') is None)\n")
-    results = {}
-    for flag in ("0", "1"):
-        env = {**os.environ, "EVOMERGE_NATIVE": flag}
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{flag}.pt")], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == ("True" if flag == "0" else "False")
-        results[flag] = torch.load(tmp_path / f"{flag}.pt")
-    assert torch.equal(results["0"].view(torch.int32), results["1"].view(torch.int32))
-
-
 def test_concurrent_callers_share_the_worker_threads(threads: int) -> None:
     """Python threads calling the kernels at once (ctypes releases the GIL) take turns on the
     library's worker threads and each gets its own exact result."""
@@ -195,20 +156,3 @@ def test_a_forked_child_starts_its_own_workers() -> None:
         "sys.exit(os.waitstatus_to_exitcode(status))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-
-
-def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:
-    """Into an empty cache folder the library is built once and loaded; with no compiler there is
-    one warning line naming the kernel, and the torch path."""
-    script = ("import logging; logging.basicConfig()\n"
-              "from evomerge.workers import native\n"
-              "print(native.library('band_scan') is not None)\n")
-    built = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "cache")})
-    assert built.stdout.strip() == "True", built.stderr
-    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]  # no partial file left
-    missing = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "empty"),
-                                  "CXX": str(tmp_path / "no-such-compiler")})
-    assert missing.stdout.strip() == "False"
-    assert "native kernel band_scan unavailable" in missing.stderr and "torch path" in missing.stderr

@@ -2,7 +2,8 @@
 with ctypes (no torch headers, no build step at install).
 
 A library is built once per source (with the folder's headers), compiler and CPU (the key
-hashes all of them: it is compiled with ``-march=native``) into ``$EVOMERGE_NATIVE_CACHE``
+hashes all of them and the flags: it is compiled with ``-march=native`` unless
+$EVOMERGE_NATIVE_ARCH names another target) into ``$EVOMERGE_NATIVE_CACHE``
 (default ``~/.cache/evomerge/native``, or the temporary directory where home is read-only), written to a temporary name and renamed, so workers
 starting together never load a half-written file. Where no compiler works, or ``EVOMERGE_NATIVE=0``, :func:`library` returns None after one
 logged line and callers take their torch path, which computes the same values.
@@ -24,7 +25,14 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 # no FMA contraction: a·b + c rounds twice, as torch's ops do, so results are bit-identical to them
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def _flags() -> tuple[str, ...]:
+    """The compiler's flags: for this CPU (``-march=native``), or for the target named in
+    $EVOMERGE_NATIVE_ARCH (e.g. ``x86-64-v2``: a library that runs on older CPUs of a cluster
+    sharing one cache; the kernels compute the same bits on every target)."""
+    return (f"-march={os.environ.get('EVOMERGE_NATIVE_ARCH', 'native')}", *_FLAGS)
 
 
 def _cpu_key() -> str:
@@ -45,7 +53,8 @@ def _build(source: Path, cache: Path) -> Path:
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *_FLAGS, _cpu_key()]).encode()).hexdigest()
+    flags = _flags()
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *flags, _cpu_key()]).encode()).hexdigest()
     target = cache / f"{source.stem}-{key[:16]}.so"
     if target.exists():
         return target
@@ -53,7 +62,7 @@ def _build(source: Path, cache: Path) -> Path:
     fd, partial = tempfile.mkstemp(dir=cache, suffix=".so.part")
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, "-o", partial, str(source)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, "-o", partial, str(source)], capture_output=True, text=True, check=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

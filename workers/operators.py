@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, sparsify, streaming
+from evomerge.workers.gram import gram as inner_products
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
                               register, register_transform)
@@ -28,8 +29,6 @@ __all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "che
            "get_operator", "get_transform"]
 
 
-_CHUNK = streaming.CHUNK
-_HALF = streaming.HALF
 _combine = streaming.combine
 
 
@@ -55,36 +54,6 @@ def _sparse_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[floa
     """θ_b + λ·merge(w_i·keep_i(θ_i − θ_b)), the task vectors formed chunk by chunk."""
     return streaming.task_vector_merge(base, experts, weight, scale=scale, normalize=normalize,
                                        consensus=consensus, out=out, keep=keep)
-
-
-def _gram(base: Tensor | None, tensors: Sequence[Tensor]) -> list[list[float]]:
-    """Inner products ⟨x_i, x_j⟩ of x_i = tensors[i] − base (or tensors[i]), one cache-sized chunk
-    at a time: each chunk's dot products in the working dtype (float32 for 16-bit tensors), their
-    sum in Python floats (float64). A float32 reduction over tens of millions of entries is off
-    by ~1e-3; this is exact to float32 rounding of each chunk, and no temporary of the tensor's
-    size is made."""
-    flats = [t.reshape(-1) for t in tensors]
-    flat_base = base.reshape(-1) if base is not None else None
-    n = len(flats)
-    gram = [[0.0] * n for _ in range(n)]
-    work = torch.float32 if flats[0].dtype in _HALF else flats[0].dtype  # a 16-bit dot would round its running sum
-    buffers = ([torch.empty(min(_CHUNK, flats[0].numel()), dtype=work, device=flats[0].device) for _ in flats]
-               if flat_base is not None or work != flats[0].dtype else None)  # reused: no allocation per chunk
-    for start in range(0, flats[0].numel(), _CHUNK):
-        rows = [f[start:start + _CHUNK] for f in flats]
-        if buffers is not None:
-            m = rows[0].numel()
-            rows = [buf[:m].copy_(r) if r.dtype != work else r for r, buf in zip(rows, buffers)]
-            if flat_base is not None:
-                b = flat_base[start:start + m]
-                rows = [torch.sub(r, b, out=buf[:m]) for r, buf in zip(rows, buffers)]
-        for i in range(n):
-            for j in range(i, n):
-                gram[i][j] += float(torch.dot(rows[i], rows[j]))
-    for i in range(n):
-        for j in range(i):
-            gram[i][j] = gram[j][i]
-    return gram
 
 
 # --- linear family -----------------------------------------------------------------
@@ -265,8 +234,9 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
     """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
     sin((1−t)Ω)/sin Ω·θ_b + sin(tΩ)/sin Ω·θ_1 with cos Ω the cosine of the two; linear
     interpolation when they are nearly parallel (|cos Ω| > 0.9995, mergekit's threshold).
-    The cosine is accumulated in float64, then one streaming pass writes the result."""
-    gram = _gram(None, [base, experts[0]])
+    The cosine comes from one pass of float64 sums (:mod:`workers.gram`), then one streaming pass
+    writes the result."""
+    gram = inner_products(None, [base, experts[0]])
     n0, n1 = math.sqrt(gram[0][0]), math.sqrt(gram[1][1])
     n0, n1 = (n0 if n0 > 1e-8 else 1.0), (n1 if n1 > 1e-8 else 1.0)
     dot = max(-1.0, min(1.0, gram[0][1] / (n0 * n1)))
@@ -285,7 +255,7 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     t is clamped to [0, 1]: when the task vectors point apart (cos θ < 0) mergekit extrapolates
     away from the experts (t < 0, unbounded near cos θ = −1/(N−1)); we keep the base instead.
     No parameters to search."""
-    gram = _gram(base, experts)
+    gram = inner_products(base, experts)
     cosines = []
     for i in range(len(experts)):
         for j in range(i + 1, len(experts)):

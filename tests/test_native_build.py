@@ -1,0 +1,92 @@
+"""Building the native kernels (workers/native.py) and doing without them: every kernel builds
+on this machine, a build for an older CPU and the torch paths merge to the same bits as the
+kernels built for this one, an empty cache fills without partial files, a missing compiler
+costs one log line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.workers import native
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ("band_scan", "band_merge", "gram")
+
+# Every operator with a native kernel, float32 and bfloat16, large enough for every path
+# (several sample blocks, Gram blocks and vector tails).
+_MERGES = (
+    "import sys, torch\n"
+    "from evomerge.workers.operators import OPERATORS\n"
+    "from evomerge.workers import native\n"
+    "g = torch.Generator().manual_seed(3)\n"
+    "base = torch.randn(300_007, generator=g)\n"
+    "experts = [base + 0.1 * torch.randn(300_007, generator=g) for _ in range(3)]\n"
+    "three = dict(density=(0.4, 0.6, 0.2), weight=(1.0, 0.5, 0.7))\n"
+    "out = {}\n"
+    "for dtype in (torch.float32, torch.bfloat16):\n"
+    "    b, e = base.to(dtype), [x.to(dtype) for x in experts]\n"
+    "    out[f'ties {dtype}'] = OPERATORS['ties'].fn(b, e, **three)\n"
+    "    out[f'breadcrumbs {dtype}'] = OPERATORS['breadcrumbs'].fn(b, e, gamma=(0.02, 0.05, 0.1), **three)\n"
+    "    out[f'breadcrumbs_ties {dtype}'] = OPERATORS['breadcrumbs_ties'].fn(\n"
+    "        b, e[:2], density=(0.4, 0.6), gamma=(0.02, 0.05), weight=(1.0, 0.5))\n"
+    "    out[f'model_stock {dtype}'] = OPERATORS['model_stock'].fn(b, e)\n"
+    "    out[f'slerp {dtype}'] = OPERATORS['slerp'].fn(b, e[:1], t=0.3)\n"
+    "torch.save({k: v.view(torch.int32 if v.dtype == torch.float32 else torch.int16) for k, v in out.items()},\n"
+    "           sys.argv[1])\n"
+    "print(all(native.library(k) is None for k in ('band_scan', 'band_merge', 'gram')))\n")
+
+
+def _merged(tmp_path: Path, name: str, **env: str) -> dict[str, torch.Tensor]:
+    done = subprocess.run([sys.executable, "-c", _MERGES, str(tmp_path / f"{name}.pt")], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("True" if env.get("EVOMERGE_NATIVE") == "0" else "False")
+    return torch.load(tmp_path / f"{name}.pt")
+
+
+def test_the_kernels_build_here() -> None:
+    """This machine has a C++ compiler (torch.compile needs one too): the native paths run in
+    the tests rather than silently falling back."""
+    for kernel in KERNELS:
+        assert native.library(kernel) is not None, kernel
+
+
+def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path) -> None:
+    """EVOMERGE_NATIVE=0 (or no compiler): the torch paths merge, to the same bits."""
+    kernels, torch_paths = _merged(tmp_path, "native"), _merged(tmp_path, "torch", EVOMERGE_NATIVE="0")
+    assert kernels.keys() == torch_paths.keys()
+    for key in kernels:
+        assert torch.equal(kernels[key], torch_paths[key]), key
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="names an x86-64 target")
+def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path) -> None:
+    """EVOMERGE_NATIVE_ARCH=x86-64-v2 (no AVX2, no AVX-512): the kernels' scalar paths, which a
+    -march=native build on this machine runs only for tails, merge to the same bits."""
+    kernels, older = _merged(tmp_path, "native"), _merged(tmp_path, "v2", EVOMERGE_NATIVE_ARCH="x86-64-v2")
+    for key in kernels:
+        assert torch.equal(kernels[key], older[key]), key
+
+
+def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:
+    """Into an empty cache folder the library is built once and loaded; with no compiler there is
+    one warning line naming the kernel, and the torch path."""
+    script = ("import logging; logging.basicConfig()\n"
+              "from evomerge.workers import native\n"
+              "print(native.library('band_scan') is not None)\n")
+    built = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "cache")})
+    assert built.stdout.strip() == "True", built.stderr
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]  # no partial file left
+    missing = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "empty"),
+                                  "CXX": str(tmp_path / "no-such-compiler")})
+    assert missing.stdout.strip() == "False"
+    assert "native kernel band_scan unavailable" in missing.stderr and "torch path" in missing.stderr
