@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import gram
+from evomerge.workers import gram, native
 from evomerge.workers.operators import OPERATORS
 
 
@@ -65,7 +65,7 @@ def test_inputs_the_native_pass_does_not_take_go_the_torch_way() -> None:
              (base.double(), [torch.randn(5000, generator=g).double()]),
              (base[::2], [torch.randn(5000, generator=g)[::2]])]
     for b, tensors in cases:
-        assert not gram._native_ok([*tensors, b])
+        assert not native.takes([*tensors, b])
         exact, scale = _exact(b, tensors)
         assert abs(gram.gram(b, tensors)[0][0] - exact[0][0]) <= 1e-12 * scale[0][0]
 

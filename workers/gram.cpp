@@ -5,13 +5,10 @@
 // (lane l takes the entries ≡ l mod 16, in order), the lanes in order, then the blocks in order.
 // The result depends on the data only, never on the thread count or on the instruction set.
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "lanes.h"
 #include "threads.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 namespace evomerge {
 namespace {
@@ -20,22 +17,6 @@ constexpr int64_t kBlockEntries = 1 << 13;  // a block's sources stay in L2 whil
 constexpr int kLanes = 16;
 constexpr int kMaxTensors = 16;
 constexpr int kMaxPairs = kMaxTensors * (kMaxTensors + 1) / 2;
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-    uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-#ifdef __AVX512F__
-inline __m512 load16(const float* x, int64_t j) { return _mm512_loadu_ps(x + j); }
-inline __m512 load16(const uint16_t* x, int64_t j) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-#endif
 
 // Lane sums of one block [lo, hi) (lo a multiple of kLanes), then the lanes summed in order into
 // sums[p], pair p = (i, k) with i <= k in row order. N > 0: the tensor count known at compile

@@ -18,8 +18,7 @@ derived from the Gram (a cosine, t) can show: the merges they feed come out the 
 from __future__ import annotations
 
 import ctypes
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,35 +26,18 @@ from torch import Tensor
 from evomerge.workers import native
 from evomerge.workers.streaming import CHUNK
 
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_TENSORS = 16
+_ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+         ctypes.POINTER(ctypes.c_double))
 
 Gram = list[list[float]]
 
 
-@functools.cache
-def _kernel() -> ctypes.CDLL | None:
-    lib = native.library("gram")
-    if lib is not None:
-        lib.evomerge_gram.restype = ctypes.c_int
-        lib.evomerge_gram.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                      ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double)]
-    return lib
-
-
-def _native_ok(tensors: Sequence[Tensor]) -> bool:
-    n, dtype = tensors[0].numel(), tensors[0].dtype
-    return (0 < n and dtype in _NATIVE_DTYPES and len(tensors) <= _MAX_TENSORS + 1
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype and t.numel() == n
-                    for t in tensors))
-
-
-def _native_gram(lib: ctypes.CDLL, base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
+def _native_gram(fn: Callable[..., int], base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
     n = len(tensors)
     out = (ctypes.c_double * (n * n))()
-    status = lib.evomerge_gram(_NATIVE_DTYPES[tensors[0].dtype], base.data_ptr() if base is not None else None,
-                               (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]), n, tensors[0].numel(),
-                               max(1, torch.get_num_threads()), out)
+    status = fn(native.DTYPES[tensors[0].dtype], base.data_ptr() if base is not None else None,
+                native.pointers(tensors), n, tensors[0].numel(), native.threads(), out)
     if status != 0:
         raise ValueError(f"native Gram rejected its arguments ({n} tensors of {tensors[0].numel()} entries)")
     return [[out[i * n + k] for k in range(n)] for i in range(n)]
@@ -89,7 +71,7 @@ def _torch_gram(base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
 def gram(base: Tensor | None, tensors: Sequence[Tensor], native_path: bool = True) -> Gram:
     """⟨δ_i, δ_k⟩ for all i, k, δ_i = tensors[i] − ``base`` (``tensors[i]`` itself when ``base`` is
     None), as nested lists of Python floats. ``native_path`` False: the torch path only."""
-    lib = _kernel() if native_path else None
-    if lib is not None and _native_ok([*tensors, *([base] if base is not None else [])]):
-        return _native_gram(lib, base, tensors)
+    fn = native.kernel("gram", "evomerge_gram", _ARGS) if native_path else None
+    if fn is not None and len(tensors) <= _MAX_TENSORS and native.takes([*tensors, *([base] if base is not None else [])]):
+        return _native_gram(fn, base, tensors)
     return _torch_gram(base, tensors)

@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "lanes.h"
 #include "threads.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -32,17 +33,7 @@ inline uint32_t mag_f32(const float* e, const float* b, int64_t j) {
 }
 
 inline uint32_t mag_bf16(const uint16_t* e, const uint16_t* b, int64_t j) {
-    if (!b) return e[j] & 0x7FFFu;
-    uint32_t ue = uint32_t(e[j]) << 16, ub = uint32_t(b[j]) << 16;
-    float fe, fb;
-    std::memcpy(&fe, &ue, 4);
-    std::memcpy(&fb, &ub, 4);
-    float d = fe - fb;
-    uint32_t u;
-    std::memcpy(&u, &d, 4);
-    if (d != d) return 0x7FC0u;
-    u += ((u >> 16) & 1u) + 0x7FFFu;  // c10's round_to_nearest_even
-    return (u >> 16) & 0x7FFFu;
+    return (b ? bf16_bits(widen(e[j]) - widen(b[j])) : e[j]) & 0x7FFFu;
 }
 
 #ifdef __AVX512F__
@@ -55,16 +46,9 @@ inline __m512i mags16(const float* e, const float* b, int64_t j) {
 
 // bfloat16: the float32 difference rounded to nearest even (NaN: 0x7FC0), as torch rounds it.
 inline __m512i mags16(const uint16_t* e, const uint16_t* b, int64_t j) {
-    __m512i ue = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + j))), 16);
-    if (!b) return _mm512_and_si512(_mm512_srli_epi32(ue, 16), _mm512_set1_epi32(0x7FFF));
-    __m512i ub = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + j))), 16);
-    __m512 d = _mm512_sub_ps(_mm512_castsi512_ps(ue), _mm512_castsi512_ps(ub));
-    __mmask16 nan = _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
-    __m512i u = _mm512_castps_si512(d);
-    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+    if (!b) return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + j))),
                                     _mm512_set1_epi32(0x7FFF));
-    __m512i r = _mm512_and_si512(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16), _mm512_set1_epi32(0x7FFF));
-    return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_and_si512(bf16_bits16(_mm512_sub_ps(load16(e, j), load16(b, j))), _mm512_set1_epi32(0x7FFF));
 }
 #endif
 

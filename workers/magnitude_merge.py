@@ -11,7 +11,6 @@ path where the kernel cannot run or a bracket misses (rare; tested).
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -22,26 +21,16 @@ from evomerge.workers.selection import NATIVE_MIN, WIDTHS, sample_size
 from evomerge.workers.sparsify import Trim
 
 
-@functools.cache
-def _kernel() -> ctypes.CDLL | None:
-    lib = native.library("band_merge")
-    if lib is not None:
-        f = lib.evomerge_band_merge
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                      ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
-                      ctypes.POINTER(ctypes.c_float), ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                      ctypes.c_double, ctypes.c_int]
-    return lib
+_ARGS = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+         ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
+         ctypes.POINTER(ctypes.c_float), ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+         ctypes.c_int)
 
 
 def eligible(base: Tensor, experts: Sequence[Tensor], out: Tensor) -> bool:
     """Float32, contiguous, on the CPU, all of one size of at least NATIVE_MIN and under 2^31
     entries, at most 16 experts: what the kernel takes."""
-    n = base.numel()
-    return (NATIVE_MIN <= n < 1 << 31 and 0 < len(experts) <= 16
-            and all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n and t.device.type == "cpu"
-                    for t in (base, out, *experts)))
+    return 0 < len(experts) <= 16 and native.takes([base, out, *experts], (torch.float32,), NATIVE_MIN, 1 << 31)
 
 
 def merge(base: Tensor, experts: Sequence[Tensor], trims: Sequence[Trim], weight: Sequence[float], *,
@@ -50,16 +39,16 @@ def merge(base: Tensor, experts: Sequence[Tensor], trims: Sequence[Trim], weight
     factors ``coeff``·w_i, or by the TIES election (normalized: the agreeing weights' mean) with
     λ = ``scale``. False where the kernel is unavailable or a bracket missed (``out`` is then
     partly written: merge another way)."""
-    lib = _kernel()
-    if lib is None or not eligible(base, experts, out):
+    band_merge = native.kernel("band_merge", "evomerge_band_merge", _ARGS)
+    if band_merge is None or not eligible(base, experts, out):
         return False
     n, count = base.numel(), len(experts)
     factors = [w if consensus else coeff * w for w in weight]  # rounded to float32 as the eager pass rounds them
-    status = lib.evomerge_band_merge(
-        base.data_ptr(), (ctypes.c_void_p * count)(*[e.data_ptr() for e in experts]), count, n, out.data_ptr(),
+    status = band_merge(
+        base.data_ptr(), native.pointers(experts), count, n, out.data_ptr(),
         (ctypes.c_int64 * count)(*[t.keep for t in trims]), (ctypes.c_int64 * count)(*[t.drop for t in trims]),
         (ctypes.c_float * count)(*factors), (ctypes.c_float * count)(*weight), scale, int(consensus),
-        int(consensus and normalize), sample_size(n), WIDTHS[0], max(1, torch.get_num_threads()))
+        int(consensus and normalize), sample_size(n), WIDTHS[0], native.threads())
     if status < 0:
         raise ValueError(f"band merge rejected its arguments (n={n}, {count} experts)")
     return status == 1  # 0: a bracket missed (rare): the two-step path selects with its own retries

@@ -19,11 +19,16 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
 # no FMA contraction: a·b + c rounds twice, as torch's ops do, so results are bit-identical to them
 _FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -103,3 +108,36 @@ def library(name: str) -> ctypes.CDLL | None:
         log.warning("native kernel %s unavailable (%s); using the torch path", name,
                     detail.strip().splitlines()[0] if detail.strip() else type(error).__name__)
         return None
+
+
+@functools.cache
+def kernel(name: str, function: str, argtypes: tuple[type, ...]) -> Callable[..., int] | None:
+    """``function`` of the compiled ``name``.cpp, its arguments typed and returning an int status,
+    or None where the library is unavailable."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, function)
+    fn.restype = ctypes.c_int
+    fn.argtypes = list(argtypes)
+    return fn  # type: ignore[no-any-return]
+
+
+def takes(tensors: Sequence[Tensor], dtypes: Sequence[torch.dtype] = tuple(DTYPES), min_numel: int = 1,
+          max_numel: int = 1 << 62) -> bool:
+    """Whether a kernel can read these tensors in place: one dtype of ``dtypes``, one size within
+    the bounds, contiguous, on the CPU."""
+    n, dtype = tensors[0].numel(), tensors[0].dtype
+    return (min_numel <= n < max_numel and dtype in dtypes
+            and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype and t.numel() == n
+                    for t in tensors))
+
+
+def pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    """The tensors' data addresses as a C array of pointers."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def threads() -> int:
+    """The threads a kernel runs on: torch's intra-op count, which a worker sets."""
+    return max(1, torch.get_num_threads())

@@ -18,8 +18,7 @@ Magnitudes are compared as bit patterns: a non-negative float's bits order like 
 from __future__ import annotations
 
 import ctypes
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,33 +137,20 @@ def _largest(bits: _Magnitudes, k: int) -> Cut:
 
 # --- the native sampling path --------------------------------------------------------
 
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 NATIVE_MIN = 64  # entries: a sample's blocks need as many (smaller tensors take the radix path)
 # band half-widths in binomial standard deviations of the sample rank: the first misses the k-th
 # entry in ~5e-4 of cuts with independent entries, the second (only for those) practically never
 WIDTHS = (3.5, 12.0)
 
 
-@functools.cache
-def _kernel() -> ctypes.CDLL | None:
-    """The native library with its function's types, or None (no compiler, or turned off)."""
-    lib = native.library("band_scan")
-    if lib is not None:
-        lib.evomerge_select.restype = ctypes.c_int
-        lib.evomerge_select.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_int64,
-            ctypes.c_double, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int64),
-            ctypes.POINTER(ctypes.c_int)]
-    return lib
+_ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64,
+         ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+         ctypes.c_int, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int))
 
 
-def _native_ok(tensors: Sequence[Tensor]) -> bool:
-    """Whether the native selection takes these: one dtype it knows, contiguous, on the CPU, one size."""
-    n = tensors[0].numel()
-    return (NATIVE_MIN <= n < 1 << 31 and tensors[0].dtype in _NATIVE_DTYPES
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == tensors[0].dtype and t.numel() == n
-                    for t in tensors))
+def _kernel() -> Callable[..., int] | None:
+    """The native selection, or None (no compiler, or turned off)."""
+    return native.kernel("band_scan", "evomerge_select", _ARGS)
 
 
 def sample_size(n: int) -> int:
@@ -174,18 +160,18 @@ def sample_size(n: int) -> int:
     return min(n, max(4096, min(1 << 18, round((7 * n) ** (2 / 3)))))
 
 
-def _native_cuts(lib: ctypes.CDLL, experts: Sequence[Tensor], base: Tensor | None,
+def _native_cuts(select: Callable[..., int], experts: Sequence[Tensor], base: Tensor | None,
                  wants: Sequence[tuple[int, int]], width: float) -> list[Cut | None]:
     """The cuts of ``wants`` by one native pass, each bracketed by a sample of the tensor ``width``
     binomial deviations wide; None where that band missed the k-th entry."""
     n, slots = experts[0].numel(), len(wants)
     sample = sample_size(n)
     value, until, ok = (ctypes.c_uint32 * slots)(), (ctypes.c_int64 * slots)(), (ctypes.c_int * slots)()
-    status = lib.evomerge_select(
-        _NATIVE_DTYPES[experts[0].dtype], base.data_ptr() if base is not None else None,
-        (ctypes.c_void_p * len(experts))(*[e.data_ptr() for e in experts]), len(experts), n,
+    status = select(
+        native.DTYPES[experts[0].dtype], base.data_ptr() if base is not None else None,
+        native.pointers(experts), len(experts), n,
         (ctypes.c_int * slots)(*[i for i, _ in wants]), (ctypes.c_int64 * slots)(*[k for _, k in wants]), slots,
-        sample, width, max(1, torch.get_num_threads()), value, until, ok)
+        sample, width, native.threads(), value, until, ok)
     if status != 0:
         raise ValueError(f"native selection rejected its arguments (n={n}, {slots} cuts)")
     return [(Cut(value[s]) if until[s] < 0 else Cut(value[s], until[s])) if ok[s] else None for s in range(slots)]
@@ -197,14 +183,15 @@ def largest_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence
     |δ_expert| lie (δ = expert − ``base``; the expert itself when ``base`` is None); ties at the
     cut go to the lowest indices. All experts share one pass where the native path runs
     (``native_path`` False: the radix path only, which gives the same cuts)."""
-    lib = _kernel() if native_path else None
+    select = _kernel() if native_path else None
     cuts: list[Cut | None] = [None] * len(wants)
-    if wants and lib is not None and _native_ok([*experts, *([base] if base is not None else [])]):
+    if wants and select is not None and native.takes([*experts, *([base] if base is not None else [])],
+                                                      min_numel=NATIVE_MIN, max_numel=1 << 31):
         for width in WIDTHS:  # a wider band for the cuts the first one missed
             todo = [w for w, c in enumerate(cuts) if c is None]
             if not todo:
                 break
-            for w, cut in zip(todo, _native_cuts(lib, experts, base, [wants[w] for w in todo], width)):
+            for w, cut in zip(todo, _native_cuts(select, experts, base, [wants[w] for w in todo], width)):
                 cuts[w] = cut
     radix: dict[int, _Magnitudes] = {}  # one per expert: its top histogram serves all its cuts
     for w, (i, k) in enumerate(wants):

@@ -22,13 +22,14 @@ same ops as one compiled loop, with bit-identical results (see :func:`fused.fusa
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused, magnitude_merge, sparsify
+from evomerge.workers import fused, magnitude_merge, native, sparsify
 from evomerge.workers.sparsify import DareDraw, MagnitudeBand, Trim
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
@@ -42,12 +43,28 @@ def chunk_size() -> int:
     return CHUNK * max(1, min(8, torch.get_num_threads()))
 
 
-def combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None) -> Tensor:
+_COMBINE_ARGS = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
+                 ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
+_MAX_TERMS = 18
+
+
+def combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None, native_path: bool = True) -> Tensor:
     """Σ c_j·t_j in one streaming pass: each input read once, ``out`` written once. In a
     16-bit dtype each chunk is summed in a float32 buffer and rounded once (bf16 keeps 8
-    mantissa bits: rounding after every term would compound one error per model)."""
+    mantissa bits: rounding after every term would compound one error per model).
+    float32 and bfloat16 tensors on the CPU take the native pass (``combine.cpp``; ``native_path``
+    False: never), the same ops entry by entry: the same bits."""
     first = terms[0][0]
     result = torch.empty_like(first) if out is None else out
+    fn = native.kernel("combine", "evomerge_combine", _COMBINE_ARGS) if native_path else None
+    tensors = [t for t, _ in terms]
+    if fn is not None and len(terms) <= _MAX_TERMS and native.takes([result, *tensors]):
+        status = fn(native.DTYPES[result.dtype], native.pointers(tensors),
+                    (ctypes.c_float * len(terms))(*[c for _, c in terms]), len(terms), result.numel(),
+                    native.threads(), result.data_ptr())
+        if status != 0:
+            raise ValueError(f"native combine rejected its arguments ({len(terms)} terms of {result.numel()} entries)")
+        return result
     flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
     size = chunk_size()
     wide = (torch.empty(min(size, flat_out.numel()), dtype=torch.float32, device=result.device)
