@@ -22,6 +22,14 @@ constexpr int kMaxTerms = 18;
 // smaller one stays in cache for whatever reads it next (a transform, the next layer's merge).
 constexpr int64_t kStreamEntries = 1 << 18;
 
+// x86 without FMA: torch's default kernels multiply then add (two roundings); std::fma would
+// differ from them, and be slow. The kernel declines there and the torch path sums.
+#if defined(__x86_64__) && !defined(__FMA__)
+constexpr bool kFused = false;
+#else
+constexpr bool kFused = true;
+#endif
+
 // Entries [lo, hi). N > 0: the term count known at compile time; N = 0: n_ of them.
 template <int N, typename T>
 void combine_range(const T* const* x, const float* c, int n_, int64_t lo, int64_t hi, bool stream, T* out) {
@@ -72,10 +80,11 @@ extern "C" {
 
 // out[j] = Σ_k coeffs[k]·terms[k][j] over `numel` entries, all of one dtype (0 float32, 1
 // bfloat16); 1 <= n <= 18; out may be one of the terms (each entry is read before it is written).
-// Returns 0, or -1 on bad arguments.
+// Returns 0, 1 where this build declines (no FMA: see kFused), or -1 on bad arguments.
 int evomerge_combine(int dtype, const void* const* terms, const float* coeffs, int n, int64_t numel, int threads,
                      void* out) {
     if (n < 1 || n > kMaxTerms || numel < 1 || threads < 1 || (dtype != 0 && dtype != 1)) return -1;
+    if (!kFused) return 1;
     if (dtype == 0)
         combine(reinterpret_cast<const float* const*>(terms), coeffs, n, numel, threads, static_cast<float*>(out));
     else

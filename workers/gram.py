@@ -44,28 +44,27 @@ def _native_gram(fn: Callable[..., int], base: Tensor | None, tensors: Sequence[
 
 
 def _torch_gram(base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
+    """Chunk by chunk: each δ formed in float32 (float64 for float64 tensors), widened into one row
+    of a float64 matrix W, and W·Wᵀ added up on the tensors' device (one read back at the end)."""
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
-    n, numel = len(flats), flats[0].numel()
+    n, numel, device = len(flats), flats[0].numel(), flats[0].device
     work = torch.float64 if flats[0].dtype == torch.float64 else torch.float32
     size = min(CHUNK, numel)
-    deltas = [torch.empty(size, dtype=work, device=flats[0].device) for _ in flats]  # reused by every chunk
-    wide = [torch.empty(size, dtype=torch.float64, device=flats[0].device) for _ in flats]
-    gram = [[0.0] * n for _ in range(n)]
+    delta = torch.empty(size, dtype=work, device=device)  # scratch reused by every chunk
+    wide = torch.empty((n, size), dtype=torch.float64, device=device)
+    total = torch.zeros((n, n), dtype=torch.float64, device=device)
     for start in range(0, numel, CHUNK):
         m = min(CHUNK, numel - start)
-        for f, d, w in zip(flats, deltas, wide):
-            d[:m].copy_(f[start:start + m])
-            if flat_base is not None:
-                d[:m].sub_(flat_base[start:start + m].to(work))
-            w[:m].copy_(d[:m])
-        for i in range(n):
-            for k in range(i, n):
-                gram[i][k] += float(torch.dot(wide[i][:m], wide[k][:m]))
-    for i in range(n):
-        for k in range(i):
-            gram[i][k] = gram[k][i]
-    return gram
+        for row, f in zip(wide, flats):
+            if flat_base is None:
+                row[:m].copy_(f[start:start + m])
+            else:
+                row[:m].copy_(delta[:m].copy_(f[start:start + m]).sub_(flat_base[start:start + m]))
+        block = wide[:, :m]
+        total.addmm_(block, block.T)
+    upper = total.tolist()
+    return [[upper[min(i, k)][max(i, k)] for k in range(n)] for i in range(n)]
 
 
 def gram(base: Tensor | None, tensors: Sequence[Tensor], native_path: bool = True) -> Gram:

@@ -62,9 +62,10 @@ def combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None, native_pa
         status = fn(native.DTYPES[result.dtype], native.pointers(tensors),
                     (ctypes.c_float * len(terms))(*[c for _, c in terms]), len(terms), result.numel(),
                     native.threads(), result.data_ptr())
-        if status != 0:
+        if status == 0:
+            return result
+        if status != 1:  # 1: this build declines (a CPU without FMA), the torch path sums
             raise ValueError(f"native combine rejected its arguments ({len(terms)} terms of {result.numel()} entries)")
-        return result
     flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
     size = chunk_size()
     wide = (torch.empty(min(size, flat_out.numel()), dtype=torch.float32, device=result.device)
