@@ -17,9 +17,11 @@ namespace {
 
 constexpr int64_t kBlockEntries = 1 << 14;  // entries per task: 64 KB of each float32 term
 constexpr int kMaxTerms = 18;
-// From this size on (a quarter of this machine's L3, its sources several times that) the sum is
-// written around the cache (streaming stores: no read for ownership, nothing useful evicted); a
-// smaller one stays in cache for whatever reads it next (a transform, the next layer's merge).
+// From this size on (1 MB of float32, a core's L2) the sum is written around the cache (streaming
+// stores: no read for ownership, no source evicted); a smaller one stays in cache for whatever
+// reads it next. Measured on a 110 M-parameter model, one thread, all tensors: 1 << 18 took
+// 0.073-0.085 s, 1 << 21 (only the embeddings streamed) 0.097-0.108 s, no streaming 0.102 s.
+// (The TIES/Breadcrumbs pass does not stream: its refinement then scatters into evicted lines.)
 constexpr int64_t kStreamEntries = 1 << 18;
 
 // x86 without FMA: torch's default kernels multiply then add (two roundings); std::fma would
