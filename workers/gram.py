@@ -9,7 +9,7 @@ relative error of ~1e-16·√n whichever path computes it. Two paths:
   with the machine's vector unit, fixed blocks summed in order, so the result does not depend
   on the thread count;
 - torch, for everything else (GPU tensors, float16, no compiler, ``EVOMERGE_NATIVE=0``): chunk
-  by chunk, each chunk's float64 dot products.
+  by chunk, the chunk's δs widened into the rows of a float64 matrix W and W·Wᵀ summed.
 
 The two differ in the order of their float64 sums only, far below what the float32 coefficients
 derived from the Gram (a cosine, t) can show: the merges they feed come out the same.

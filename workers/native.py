@@ -35,7 +35,7 @@ _FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthrea
 
 def _flags() -> tuple[str, ...]:
     """The compiler's flags: for this CPU (``-march=native``), or for the target named in
-    $EVOMERGE_NATIVE_ARCH (e.g. ``x86-64-v2``: a library that runs on older CPUs of a cluster
+    $EVOMERGE_NATIVE_ARCH (e.g. ``x86-64-v3``: a library that runs on the older CPUs of a cluster
     sharing one cache; the kernels compute the same bits on every target)."""
     return (f"-march={os.environ.get('EVOMERGE_NATIVE_ARCH', 'native')}", *_FLAGS)
 

@@ -2,7 +2,8 @@
 
 Two helpers that the operators build on:
 
-- :func:`combine`: Σ c_j·t_j (linear, task arithmetic, SLERP, Model Stock).
+- :func:`combine`: Σ c_j·t_j (linear, task arithmetic, SLERP, Model Stock); float32/bf16 CPU
+  tensors in one native pass (``combine.cpp``), the same bits as the chunked ops.
 - :func:`task_vector_merge`: θ_b + λ·merge(w_i·keep_i(δ_i)) with δ_i = θ_i − θ_b formed chunk by
   chunk, the per-expert drop (a DARE draw from a counter-based stream, or a precomputed
   mask) and the TIES election fused into the same pass: each source is read once and the
