@@ -2,7 +2,7 @@
 as a fraction of copy bandwidth measured in the same run, against mergekit's in-memory merge
 and, with ``--baseline REV``, against the operators of an older git revision.
 
-Sources are random float32 tensors with a Llama model's names and shapes (built on the fly in
+Sources are random float32 tensors (``--dtype bfloat16``: rounded to bf16) with a Llama model's names and shapes (built on the fly in
 memory, no disk): θ_b ~ N(0, 0.02²), θ_i = θ_b + 0.002·(shared + own noise). Every timing runs
 the operator over every tensor into a preallocated output (what a worker's ``Materializer.apply``
 does, minus its one reduction per tensor), random operators with the worker's per-tensor
@@ -66,15 +66,15 @@ def llama_shapes(size: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(p.shape) for k, p in model.named_parameters()}
 
 
-def build_sources(size: str) -> dict[str, dict[str, torch.Tensor]]:
+def build_sources(size: str, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     sources: dict[str, dict[str, torch.Tensor]] = {n: {} for n in NAMES}
     for key, shape in llama_shapes(size).items():
         base = torch.randn(shape, generator=g).mul_(0.02)
         shared = torch.randn(shape, generator=g).mul_(0.002)
-        sources["base"][key] = base
         for name in NAMES[1:]:
-            sources[name][key] = torch.randn(shape, generator=g).mul_(0.002).add_(shared).add_(base)
+            sources[name][key] = torch.randn(shape, generator=g).mul_(0.002).add_(shared).add_(base).to(dtype)
+        sources["base"][key] = base.to(dtype)
     return sources
 
 
@@ -119,9 +119,9 @@ def timed(fn: Callable[[], Any], repeats: int, slow_s: float = 20.0) -> float:
     return best
 
 
-def bytes_read(op: str, numel: int) -> int:
+def bytes_read(op: str, numel: int, itemsize: int = 4) -> int:
     reads = {"swap": 1, "linear": 2, "slerp": 2}.get(op, 3)
-    return reads * numel * 4
+    return reads * numel * itemsize
 
 
 def rss_gb() -> float:
@@ -162,7 +162,7 @@ def op_fraction(op: str, sources: Mapping[str, Mapping[str, torch.Tensor]], out:
         copy = copy_bandwidth(numel)
         seconds.append(timed(lambda: run_op(OPERATORS[op], sources, out), repeats))
         copies.append(max(copy, copy_bandwidth(numel)))
-        frac.append(bytes_read(op, numel) / seconds[-1] / copies[-1])
+        frac.append(bytes_read(op, numel, out[next(iter(out))].element_size()) / seconds[-1] / copies[-1])
     return statistics.median(seconds), statistics.median(copies), frac
 
 
@@ -170,15 +170,16 @@ def bench_size(size: str, threads: list[int], args: argparse.Namespace, old: Map
                with_mergekit: bool) -> None:
     """One size: every operator at every thread count, with the old code and mergekit."""
     rss0 = rss_gb()
-    sources = build_sources(size)
+    sources = build_sources(size, getattr(torch, args.dtype))
     out = {k: torch.empty_like(v) for k, v in sources["base"].items()}
     numel = sum(v.numel() for v in out.values())
     held = rss_gb() - rss0
     ops = [o for o in args.ops.split(",") if o] or list(OPERATORS)
     if size in ("500m", "1b"):
         ops = [o for o in ops if o in args.big_ops.split(",")]
-    print(f"\n{size}: {numel / 1e6:.0f} M parameters/model, 3 sources + output {held:.2f} GB resident "
-          f"({4 * numel * 4 / 1e9:.2f} GB of tensors)", flush=True)
+    itemsize = out[next(iter(out))].element_size()
+    print(f"\n{size}, {args.dtype}: {numel / 1e6:.0f} M parameters/model, 3 sources + output {held:.2f} GB resident "
+          f"({4 * numel * itemsize / 1e9:.2f} GB of tensors)", flush=True)
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         print(f"  {n_threads} thread(s)")
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--mergekit-max", default="100m", help="largest size compared with mergekit ('' for none)")
     parser.add_argument("--repeats", type=int, default=2, help="timings per round (the best counts)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per operator: frac is their median")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the sources' and output's dtype (copy is measured in float32 bytes either way)")
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in SIZES] + [o for o in args.ops.split(",") + args.big_ops.split(",")
