@@ -51,6 +51,12 @@ def _merged(tmp_path: Path, name: str, **env: str) -> dict[str, torch.Tensor]:
     return torch.load(tmp_path / f"{name}.pt")
 
 
+@pytest.fixture(scope="module")
+def native_bits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The merges with the kernels built for this CPU (once for the tests that compare to them)."""
+    return _merged(tmp_path_factory.mktemp("native"), "native")
+
+
 def test_the_kernels_build_here() -> None:
     """This machine has a C++ compiler (torch.compile needs one too): the native paths run in
     the tests rather than silently falling back."""
@@ -58,9 +64,10 @@ def test_the_kernels_build_here() -> None:
         assert native.library(kernel) is not None, kernel
 
 
-def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path) -> None:
+def test_without_native_kernels_the_operators_give_the_same_bits(tmp_path: Path,
+                                                                native_bits: dict[str, torch.Tensor]) -> None:
     """EVOMERGE_NATIVE=0 (or no compiler): the torch paths merge, to the same bits."""
-    kernels, torch_paths = _merged(tmp_path, "native"), _merged(tmp_path, "torch", EVOMERGE_NATIVE="0")
+    kernels, torch_paths = native_bits, _merged(tmp_path, "torch", EVOMERGE_NATIVE="0")
     assert kernels.keys() == torch_paths.keys()
     for key in kernels:
         assert torch.equal(kernels[key], torch_paths[key]), key
@@ -74,11 +81,12 @@ def _runs_x86_64_v3() -> bool:
 
 
 @pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
-def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path) -> None:
+def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path,
+                                                       native_bits: dict[str, torch.Tensor]) -> None:
     """EVOMERGE_NATIVE_ARCH=x86-64-v3 (AVX2 and FMA, no AVX-512, as AMD's Zen 2 and 3): the
     kernels' scalar paths, which a -march=native build on this machine runs only for tails,
     merge to the same bits."""
-    kernels, older = _merged(tmp_path, "native"), _merged(tmp_path, "v3", EVOMERGE_NATIVE_ARCH="x86-64-v3")
+    kernels, older = native_bits, _merged(tmp_path, "v3", EVOMERGE_NATIVE_ARCH="x86-64-v3")
     for key in kernels:
         assert torch.equal(kernels[key], older[key]), key
 
