@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "(default: the best by search fitness)")
     p.add_argument("--out", help="model folder to create (must not exist)")
     p.add_argument("--mergekit-yaml", metavar="PATH", help="also (or only) write the equivalent mergekit config")
+    p.add_argument("--device", help="merge on this device: cpu, cuda, cuda:N (default: the device the study "
+                                    "searched on, for the same bits)")
+    p.add_argument("--allow-arithmetic-change", action="store_true",
+                   help="replay a study searched under an older merge arithmetic anyway (its 16-bit merges differ)")
     _add_pickle(p)
 
     p = sub.add_parser("merge", help="merge once, without a search, from an evomerge merge file or a mergekit YAML")

@@ -23,9 +23,11 @@ from evomerge.search.reading import (UsageError, cmd_dashboard, cmd_methods, cmd
                                      study_leaderboard)
 from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from evomerge.storage.engine import redacted
-from evomerge.storage.repository import CandidateRecord, Repository
+from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
 from evomerge.evaluators.tasks import check_suite
+from evomerge.workers import arithmetic
 from evomerge.workers.actor import WorkerSpec
+from evomerge.workers.arithmetic import MERGE_ARITHMETIC
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.replay import ReplayError, model_card, write_model_folder
@@ -112,7 +114,9 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     repo = open_repo(url)
     record = repo.get_study(study)
     if record is None:
-        record = repo.create_study(study, cfg.model_dump_json())
+        record = repo.create_study(study, cfg.model_dump_json(), MERGE_ARITHMETIC, search_device(cfg))
+    elif (changed := arithmetic.mismatch(study, record.merge_arithmetic, cfg.workers.dtype)) is not None:
+        raise StudyMismatch(changed.line("resuming it would mix two arithmetics in one study; use another --study"))
     elif stored_config(record.config_json, study).identity_json() != cfg.identity_json():
         raise StudyMismatch(f"study {study!r} in {redacted(url)} was started with a different config "
                             "(models, space, merge, dfs, optimizer or tasks); use another --study")
@@ -123,7 +127,7 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     ledger = Ledger(url, study, objectives(cfg))
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
-                      "cuda" if wcfg.num_gpus > 0 else "cpu", cfg.evaluation.batch_size, wcfg.threads,
+                      search_device(cfg), cfg.evaluation.batch_size, wcfg.threads,
                       prep.allow_pickle, wcfg.sources)
     controller = Controller(cfg, repo, ledger, space,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address,
@@ -218,15 +222,41 @@ def _best_stage(repo: Repository, name: str, study_id: int, trial: int | None) -
     return name, study_id
 
 
+def search_device(cfg: SearchConfig) -> str:
+    """The device a study's workers merge on: "cuda" with GPUs per worker, else "cpu"."""
+    return "cuda" if cfg.workers.num_gpus > 0 else "cpu"
+
+
+def replay_device(study: StudyRecord, cfg: SearchConfig, asked: str | None) -> str:
+    """Where a replay merges: ``asked``, else the device the study searched on (same device, same
+    bits). A study searched on a GPU replays on the CPU where none is here, with one line saying
+    that the result equals the search's within the cross-device tolerance (docs/merge-engine.md)."""
+    searched = study.device or search_device(cfg)
+    device = asked or searched
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            if asked is not None:
+                raise UsageError(f"--device {asked}: torch sees no CUDA device on this machine")
+            print(f"replay: study {study.name!r} searched on {searched}; no CUDA device here, replaying on cpu "
+                  "(equal to the search's merge within 1 unit in the last place, not bit for bit)", file=sys.stderr)
+            return "cpu"
+    if device.split(":")[0] != searched.split(":")[0]:
+        print(f"replay: on {device}, study {study.name!r} searched on {searched}: equal to the search's merge "
+              "within 1 unit in the last place, not bit for bit", file=sys.stderr)
+    return device
+
+
 def replay(repo: Repository, study: str, study_id: int, config_json: str, trial: int | None, out: Path,
-           allow_pickle: bool = False) -> Path:
-    """Write a candidate of the study as a model folder; returns the folder."""
+           allow_pickle: bool = False, device: str = "cpu") -> Path:
+    """Write a candidate of the study as a model folder, merged on ``device``; returns the folder."""
     cfg = stored_config(config_json, study)
     cand, recipe = _replayed(repo, study_id, trial)
     folders = validate_sources(cfg.sources(), allow_pickle, cfg.base_model)
     import torch
 
-    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype),
+    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype), device=device,
                                 allow_pickle=allow_pickle)
     card = model_card(recipe, study, cand.trial_number, cand.scores, cand.fitness, cand.heldout,
                       cand.heldout_fitness)
@@ -243,6 +273,13 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
     if out is not None and out.exists():
         raise UsageError(f"--out {out} already exists; choose a new folder")
     cfg = stored_config(config_json, name)  # a stored config that no longer validates: one line, no phase
+    record = repo.get_study(name)
+    assert record is not None  # found above
+    changed = arithmetic.mismatch(name, record.merge_arithmetic, cfg.workers.dtype)
+    if out is not None and changed is not None and not args.allow_arithmetic_change:
+        raise UsageError(changed.line("a replay would differ from the model the search scored "
+                                      "(--allow-arithmetic-change writes it anyway)"))
+    device = replay_device(record, cfg, args.device) if out is not None else "cpu"
     if args.mergekit_yaml:
         _, recipe = _replayed(repo, study_id, args.trial)
         try:
@@ -253,7 +290,7 @@ def cmd_replay(args: argparse.Namespace, url: str) -> int:
         print(f"wrote {args.mergekit_yaml}")
     if out is not None:
         with phase("replay: materializing and writing the model folder"):
-            folder = replay(repo, name, study_id, config_json, args.trial, out, args.allow_pickle)
+            folder = replay(repo, name, study_id, config_json, args.trial, out, args.allow_pickle, device)
         print(f"wrote {folder}")
     return 0
 

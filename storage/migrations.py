@@ -55,10 +55,18 @@ def _cpu_seconds_column(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN evaluate_cpu_s FLOAT"))
 
 
+def _arithmetic_columns(conn: Connection) -> None:
+    """The merge arithmetic and device a study searched with, so a replay elsewhere or under
+    other arithmetic says so (studies of older versions: NULL, read as arithmetic 1)."""
+    conn.execute(text("ALTER TABLE evomerge_studies ADD COLUMN merge_arithmetic INTEGER"))
+    conn.execute(text("ALTER TABLE evomerge_studies ADD COLUMN device VARCHAR(16)"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "record the schema version (databases of evomerge 0.1.0 have none)", _stamp_only),
     Migration(2, "documents scored per candidate, and whether racing stopped it", _racing_columns),
     Migration(3, "CPU seconds of each candidate's scoring", _cpu_seconds_column),
+    Migration(4, "the merge arithmetic and device of each study", _arithmetic_columns),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -58,6 +58,12 @@ class StudyRecord:
     id: int
     name: str
     config_json: str
+    merge_arithmetic: int | None = None  # None: stored before versions were recorded (1)
+    device: str | None = None  # where its workers merged: "cpu", "cuda" (None: not recorded)
+
+
+def _study(row: StudyRow) -> StudyRecord:
+    return StudyRecord(row.id, row.name, row.config_json, row.merge_arithmetic, row.device)
 
 
 @dataclass(frozen=True)
@@ -147,15 +153,17 @@ class Repository:
     def get_study(self, name: str) -> StudyRecord | None:
         with self._session() as s:
             row = s.scalar(select(StudyRow).where(StudyRow.name == name))
-            return StudyRecord(row.id, row.name, row.config_json) if row else None
+            return _study(row) if row else None
 
     @_retried
-    def create_study(self, name: str, config_json: str) -> StudyRecord:
+    def create_study(self, name: str, config_json: str, merge_arithmetic: int | None = None,
+                     device: str | None = None) -> StudyRecord:
         with self._tx() as s:
-            row = StudyRow(name=name, config_json=config_json, created_at=time.time())
+            row = StudyRow(name=name, config_json=config_json, created_at=time.time(),
+                           merge_arithmetic=merge_arithmetic, device=device)
             s.add(row)
             s.flush()
-            return StudyRecord(row.id, row.name, row.config_json)
+            return _study(row)
 
     @_retried
     def study_names(self) -> list[str]:

@@ -66,9 +66,9 @@ def test_task_arithmetic_rounds_once(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_task_vector_sum_rounds_once(dtype: torch.dtype) -> None:
     """DARE at density 1 keeps every entry: the task-vector path's sum θ_b + Σ w_i δ_i, with δ_i
-    formed in the working dtype as the operator does."""
+    formed in float32 from the widened sources (merge arithmetic 2), so against the exact δ_i."""
     base, experts = _models(dtype, len(WEIGHTS))
-    terms = [base.double(), *(w * (e - base).double() for w, e in zip(WEIGHTS, experts))]
+    terms = [base.double(), *(w * (e.double() - base.double()) for w, e in zip(WEIGHTS, experts))]
     merged = _run("dare_linear", base, experts, weight=WEIGHTS, density=(1.0,) * len(WEIGHTS), scale=1.0,
                   generator=torch.Generator().manual_seed(0))
     _within_one_ulp(merged, terms)

@@ -53,10 +53,12 @@ def ref_breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.
 
 def whole_tensor_ties(base: torch.Tensor, experts: list[torch.Tensor], masks: list[torch.Tensor],
                       weight: tuple[float, ...], scale: float, normalize: bool) -> torch.Tensor:
-    """The whole-tensor form the operators computed before streaming (same ops, same dtype)."""
+    """The whole-tensor form the operators computed before streaming (same ops; 16-bit sources
+    widened to float32 and the result rounded once: merge arithmetic 2)."""
+    dtype, base, experts = base.dtype, base.float(), [e.float() for e in experts]
     deltas = [(e - base).mul_(m) for e, m in zip(experts, masks)]
     mixed = sparsify.disjoint_merge([d.mul_(w) for d, w in zip(deltas, weight)], weight, normalize)
-    return base + mixed.mul_(scale)
+    return (base + mixed.mul_(scale)).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,10 +71,10 @@ def test_deterministic_methods_equal_the_whole_tensor_form(one_thread: None, dty
     base, experts = sources(dtype)
     density, gamma, weight, scale = (0.3, 0.5, 0.7), (0.01, 0.02, 0.0), (0.9, 0.6, 1.2), 0.8
     if name == "ties":
-        masks = [ref_trim(e - base, d) for e, d in zip(experts, density)]
+        masks = [ref_trim(e.float() - base.float(), d) for e, d in zip(experts, density)]
         out = OPERATORS[name].fn(base, experts, density=density, weight=weight, scale=scale, normalize=normalize)
     else:
-        masks = [ref_breadcrumbs(e - base, d, g) for e, d, g in zip(experts, density, gamma)]
+        masks = [ref_breadcrumbs(e.float() - base.float(), d, g) for e, d, g in zip(experts, density, gamma)]
         out = OPERATORS[name].fn(base, experts, density=density, gamma=gamma, weight=weight, scale=scale,
                                  normalize=normalize)
     assert torch.equal(out, whole_tensor_ties(base, experts, masks, weight, scale, normalize))
@@ -141,14 +143,15 @@ def test_consensus_equals_the_whole_tensor_form(one_thread: None, dtype: torch.d
     """Chunked Consensus/TALL equals the whole-tensor computation exactly."""
     base, experts = sources(dtype)
     tall, weight, k, scale = (0.3, 0.5, 0.4), (1.0, 0.8, 0.6), 2.0, 0.9
-    weighted = [(e - base).mul_(w) for e, w in zip(experts, weight)]
-    total = torch.zeros_like(base)
+    wide = base.float()  # 16-bit: computed in float32, rounded once (merge arithmetic 2)
+    weighted = [(e.float() - wide).mul_(w) for e, w in zip(experts, weight)]
+    total = torch.zeros_like(wide)
     for u in weighted:
         total += u
     votes = torch.zeros_like(total, dtype=torch.int32)
     for u, lam in zip(weighted, tall):
         votes += u.abs() > (total - u).abs_().mul_(lam)
-    expected = total.mul_(votes >= 2).mul_(scale).add_(base)
+    expected = total.mul_(votes >= 2).mul_(scale).add_(wide).to(dtype)
     out = OPERATORS["consensus"].fn(base, experts, tall=tall, weight=weight, k=k, scale=scale)
     assert torch.equal(out, expected)
 
@@ -207,8 +210,9 @@ def test_fused_band_kernel_equals_the_eager_pass(one_thread: None, consensus: bo
 
 
 def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
-    """Float32 contiguous merges of FUSE_MIN entries or more fuse (DARE, or bands summed or with
-    the TIES election); bf16, mixed keeps and smaller tensors stay eager."""
+    """Contiguous float32, bfloat16 and float16 merges of FUSE_MIN entries or more fuse on the CPU
+    (DARE, or bands summed or with the TIES election); mixed keeps and dtypes, other dtypes and
+    smaller tensors stay eager."""
     big = torch.empty(fused.FUSE_MIN)
     draw = sparsify.DareDraw.draw(0.5, torch.Generator().manual_seed(0))
     band = sparsify.MagnitudeBand(sparsify.Cut(0))
@@ -218,7 +222,10 @@ def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
     assert fused.fusable(big, [big, big], [band, None], False, None)
     assert not fused.fusable(big, [big, big], [band, draw], True, None)
     assert not fused.fusable(big[1:], [big[1:]], [draw], True, None)
-    assert not fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, None)
+    assert fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, None)
+    assert fused.fusable(big.half(), [big.half()], [band], False, big.half())
+    assert not fused.fusable(big.bfloat16(), [big], [draw], True, None)
+    assert not fused.fusable(big.double(), [big.double()], [draw], True, None)
 
 
 def test_a_kernel_that_cannot_compile_falls_back_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:

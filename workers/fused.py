@@ -10,10 +10,15 @@ no chunk buffers.
 
 The ops and their order and dtypes are those of the eager pass, so the result is bit-identical
 to it (tested in tests/test_streaming_merge.py): which path a tensor takes changes its speed,
-never its value. The path is chosen by size and dtype alone (:func:`fusable`,
-:func:`large_float32`): float32 tensors of at least :data:`FUSE_MIN` entries, which the test
-suite's tiny models never reach (a few synthetic test tensors do, on purpose). Where no
-compiler works the first failure is logged once and every tensor takes the eager pass.
+never its value. 16-bit sources (bfloat16, float16) are widened to float32 inside the kernel and
+the result rounded once when it is stored (merge arithmetic 2, :mod:`workers.precision`): the
+same bits as the float32 merge of the widened sources, without a widened copy in memory.
+
+The path is chosen by size, dtype and device alone (:func:`fusable`, :func:`takes`): on the
+CPU, tensors of at least :data:`FUSE_MIN` entries, which the test suite's tiny models never
+reach (a few synthetic test tensors do, on purpose); on a GPU every tensor, whole (inductor
+emits one Triton kernel per variant: O(1) launches per tensor instead of a dozen per chunk).
+Where no compiler works the first failure is logged once and every tensor takes the eager pass.
 """
 
 from __future__ import annotations
@@ -58,12 +63,13 @@ def _band_keep(entry: Tensor, magnitude: Tensor, key: Tensor, high: bool) -> Ten
 
 def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef: Tensor, weight: Tensor,
            scale: Tensor, consensus: bool, normalize: bool, highs: tuple[bool, ...] | None) -> None:
-    """θ_b + merge(c_i·keep_i(δ_i)) into ``out`` (flat float32 tensors), keep_i a DARE draw
+    """θ_b + merge(c_i·keep_i(δ_i)) into ``out`` (flat tensors, computed in float32), keep_i a DARE draw
     (``highs`` None) or a magnitude band (``highs[i]``: whether it has a high cut). ``keys``
     (int32, one row per expert): the draw's or the band's integers; ``coef`` (float32): the
     per-expert factor the eager pass multiplies by; ``weight``: w_i, for the normalized TIES
     divisor; ``scale``: λ (TIES only, as eager)."""
     entry = torch.arange(base.numel(), dtype=torch.int32, device=base.device)
+    base, experts = base.float(), [e.float() for e in experts]  # 16-bit: widened in registers (exact)
     pos = neg = acc = None
     if not consensus:
         acc = base * 1.0
@@ -98,7 +104,8 @@ def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef:
 
 def _consensus_merge(base: Tensor, experts: list[Tensor], out: Tensor, weight: Tensor, tall: Tensor, need: Tensor,
                      divisor: Tensor | None, scale: Tensor) -> None:
-    """Consensus/TALL (the eager ops of ``operators.consensus``, same order and dtypes) into ``out``."""
+    """Consensus/TALL (the eager ops of ``operators.consensus``, same order, in float32) into ``out``."""
+    base, experts = base.float(), [e.float() for e in experts]
     weighted = [(e - base) * weight[i] for i, e in enumerate(experts)]
     total = torch.zeros_like(base)
     for u in weighted:
@@ -140,24 +147,28 @@ _MERGE = _Compiled(_merge)
 _CONSENSUS = _Compiled(_consensus_merge)
 
 
-def large_float32(tensors: Sequence[Tensor]) -> bool:
-    """Whether a merge of these tensors (base first) is fused: float32, contiguous, on the CPU,
-    all of the base's size, at least FUSE_MIN and under 2^31 entries (a kernel that cannot
-    compile then reports False and the caller merges eagerly)."""
-    n = tensors[0].numel()
-    return (FUSE_MIN <= n < 1 << 31
-            and all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n and t.device.type == "cpu"
-                    for t in tensors))
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def takes(tensors: Sequence[Tensor]) -> bool:
+    """Whether a merge of these tensors (base first) is fused: one float dtype of :data:`FLOATS`,
+    contiguous, on one device, all of the base's size, under 2^31 entries, and on the CPU at least
+    FUSE_MIN (a kernel that cannot compile then reports False and the caller merges eagerly)."""
+    first = tensors[0]
+    n, dtype, device = first.numel(), first.dtype, first.device
+    smallest = FUSE_MIN if device.type == "cpu" else 1
+    return (smallest <= n < 1 << 31 and dtype in FLOATS
+            and all(t.dtype == dtype and t.is_contiguous() and t.numel() == n and t.device == device for t in tensors))
 
 
 def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], consensus: bool, out: Tensor | None) -> bool:
-    """Whether the fused kernel computes this task-vector merge: :func:`large_float32` tensors
+    """Whether the fused kernel computes this task-vector merge: tensors it :func:`takes`
     and a DARE draw for every expert, or a magnitude band (or none) for every expert, summed or
     with the TIES election (the eager sums of these multiply then add, as the kernel does)."""
     dare = all(isinstance(k, DareDraw) for k in keep)
     bands = all(k is None or isinstance(k, MagnitudeBand) for k in keep)
     return (len(experts) > 0 and (dare or bands)
-            and large_float32([base, *experts, *([out] if out is not None else [])]))
+            and takes([base, *experts, *([out] if out is not None else [])]))
 
 
 _NO_SPLIT = (1 << 31) - 1  # a tie split no index reaches
@@ -198,17 +209,20 @@ def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep
     nothing is promised about ``out``). ``coeff``: the eager pass's λ/Σw factor (sums only)."""
     rows, rescales, highs = _keys(keep)
     coefs = [w * r if consensus else coeff * w * r for w, r in zip(weight, rescales)]
-    f32 = torch.float32  # each Python scalar rounded to float32 as eager rounds it
-    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), torch.tensor(rows, dtype=torch.int32),
-                  torch.tensor(coefs, dtype=f32), torch.tensor(weight, dtype=f32), torch.tensor(scale, dtype=f32),
+    f32, dev = torch.float32, base.device  # each Python scalar rounded to float32 as eager rounds it
+    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1),
+                  torch.tensor(rows, dtype=torch.int32, device=dev), torch.tensor(coefs, dtype=f32, device=dev),
+                  torch.tensor(weight, dtype=f32, device=dev), torch.tensor(scale, dtype=f32, device=dev),
                   consensus, consensus and normalize, highs)
 
 
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,
                     divisor: float | None, scale: float, out: Tensor) -> bool:
-    """Consensus/TALL of :func:`large_float32` tensors into ``out`` by the fused kernel; False when
+    """Consensus/TALL of tensors the kernel :func:`takes` into ``out``; False when
     it could not run. ``divisor``: Σ w when normalized, else None."""
-    f32 = torch.float32
-    return _CONSENSUS(base.view(-1), [e.view(-1) for e in experts], out.view(-1), torch.tensor(weight, dtype=f32),
-                      torch.tensor(tall, dtype=f32), torch.tensor(need, dtype=torch.int32),
-                      None if divisor is None else torch.tensor(divisor, dtype=f32), torch.tensor(scale, dtype=f32))
+    f32, dev = torch.float32, base.device
+    return _CONSENSUS(base.view(-1), [e.view(-1) for e in experts], out.view(-1),
+                      torch.tensor(weight, dtype=f32, device=dev), torch.tensor(tall, dtype=f32, device=dev),
+                      torch.tensor(need, dtype=torch.int32, device=dev),
+                      None if divisor is None else torch.tensor(divisor, dtype=f32, device=dev),
+                      torch.tensor(scale, dtype=f32, device=dev))

@@ -32,8 +32,12 @@ inline uint32_t mag_f32(const float* e, const float* b, int64_t j) {
     return u & 0x7FFFFFFFu;
 }
 
+// bfloat16 sources: the float32 δ of the exactly widened values (merge arithmetic 2), as float32.
 inline uint32_t mag_bf16(const uint16_t* e, const uint16_t* b, int64_t j) {
-    return (b ? bf16_bits(widen(e[j]) - widen(b[j])) : e[j]) & 0x7FFFu;
+    float d = b ? widen(e[j]) - widen(b[j]) : widen(e[j]);
+    uint32_t u;
+    std::memcpy(&u, &d, 4);
+    return u & 0x7FFFFFFFu;
 }
 
 #ifdef __AVX512F__
@@ -44,11 +48,11 @@ inline __m512i mags16(const float* e, const float* b, int64_t j) {
     return _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
 }
 
-// bfloat16: the float32 difference rounded to nearest even (NaN: 0x7FC0), as torch rounds it.
+// bfloat16: the float32 difference of the widened values, unrounded (merge arithmetic 2).
 inline __m512i mags16(const uint16_t* e, const uint16_t* b, int64_t j) {
-    if (!b) return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(e + j))),
-                                    _mm512_set1_epi32(0x7FFF));
-    return _mm512_and_si512(bf16_bits16(_mm512_sub_ps(load16(e, j), load16(b, j))), _mm512_set1_epi32(0x7FFF));
+    __m512 d = load16(e, j);
+    if (b) d = _mm512_sub_ps(d, load16(b, j));
+    return _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
 }
 #endif
 

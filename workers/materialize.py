@@ -22,6 +22,7 @@ from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
 from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
+from evomerge.workers.streaming import working_dtype
 
 
 Placement = Literal["auto", "device", "host"]
@@ -92,15 +93,24 @@ class Materializer:
                 kwargs[spec.name] = self._value(recipe, recipe.shared[spec.name], key)
         generator = None
         if op.random:
-            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(recipe.seed, key))
+            # on the host whatever the device: a draw is two integers per expert (a counter-hash key,
+            # workers/sparsify.Stream), the masks are computed where the tensors are, without a sync
+            generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, key))
         base = self.on_device(self.sources[recipe.base or ""][key])
         experts = [self.on_device(self.sources[m][key]) for m in recipe.models]
-        merged = op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
+        if not recipe.transforms:
+            return op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
+        dtype, wide = base.dtype, working_dtype(base.dtype)  # 16-bit: merge and transform in float32, round once
+        base, experts = base.to(wide), [e.to(wide) for e in experts]
+        merged = op.fn(base, experts, normalize=recipe.normalize, generator=generator,
+                       out=out if wide == dtype else None, **kwargs)
         for name in recipe.transforms:
             transform = get_transform(name)
             values = {p.name: recipe.shared[p.name][0] for p in transform.params}
             merged = transform.fn(merged, base, depth_fraction(key, self.num_layers), **values)
-        return merged
+        if out is None:
+            return merged.to(dtype)
+        return out if merged is out else out.copy_(merged)
 
     def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` on the worker's device: itself when the sources live there, else a copy

@@ -32,10 +32,19 @@ __all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "che
 _combine = streaming.combine
 
 
-def _emit(result: Tensor, out: Tensor | None) -> Tensor:
+def _emit(result: Tensor, out: Tensor | None, like: Tensor) -> Tensor:
+    """``result`` in ``out`` when given, else in ``like``'s dtype (a 16-bit merge computed in
+    float32 is rounded here, once)."""
     if out is None:
-        return result
-    return out.copy_(result)
+        return result.to(like.dtype)
+    return out if result is out else out.copy_(result)
+
+
+def _widened(base: Tensor, experts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The sources in the working dtype (float32 for 16-bit ones, exact): for the operators whose
+    ops run on whole tensors (DELLA, PCB), so a 16-bit merge is the float32 merge rounded once."""
+    dtype = streaming.working_dtype(base.dtype)
+    return base.to(dtype), [e.to(dtype) for e in experts]
 
 
 def _guarded(total: float) -> float:
@@ -133,8 +142,10 @@ def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], 
           generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
     """DELLA (Deep et al. 2024): MAGPRUNE drop with magnitude-ranked keep probabilities in
     [d − ε, d + ε] and 1/p rescale, then TIES sign election and fusion."""
-    deltas = [sparsify.della(e - base, d, eps, generator) for e, d, eps in zip(experts, density, epsilon)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, True, out)
+    wide, sources = _widened(base, experts)
+    deltas = [sparsify.della(e - wide, d, eps, generator) for e, d, eps in zip(sources, density, epsilon)]
+    target = out if wide is base else None  # float32 sources: straight into ``out``
+    return _emit(_task_vector_merge(wide, deltas, weight, scale, normalize, True, target), out, base)
 
 
 @register("della_linear")
@@ -142,8 +153,10 @@ def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[f
                  weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                  generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
     """DELLA's MAGPRUNE drop, then task arithmetic (no sign election)."""
-    deltas = [sparsify.della(e - base, d, eps, generator) for e, d, eps in zip(experts, density, epsilon)]
-    return _task_vector_merge(base, deltas, weight, scale, normalize, False, out)
+    wide, sources = _widened(base, experts)
+    deltas = [sparsify.della(e - wide, d, eps, generator) for e, d, eps in zip(sources, density, epsilon)]
+    target = out if wide is base else None  # float32 sources: straight into ``out``
+    return _emit(_task_vector_merge(wide, deltas, weight, scale, normalize, False, target), out, base)
 
 
 # --- masks from agreement -----------------------------------------------------------
@@ -160,13 +173,14 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
     experts are dropped: θ_b + λ·(mask ⊙ τ). With all w_i = 1 this is the paper's form."""
     result = torch.empty_like(base) if out is None else out
     need = math.floor(k + 0.5)
-    if fused.large_float32([base, *experts, result]) and fused.consensus_merge(
+    if fused.takes([base, *experts, result]) and fused.consensus_merge(
             base, experts, weight, tall, need, _guarded(sum(weight)) if normalize else None, scale, result):
         return result
     flat_base, flat_out, flats = base.reshape(-1), result.view(-1), [e.reshape(-1) for e in experts]
-    size = streaming.chunk_size()
+    size = streaming.chunk_size(base.device)
+    wide = streaming.working_dtype(base.dtype)
     for start in range(0, flat_base.numel(), size):  # the whole-tensor ops, one chunk at a time
-        b = flat_base[start:start + size]
+        b = flat_base[start:start + size].to(wide)  # 16-bit: every δ in float32, rounded once at the end
         weighted = [(f[start:start + size] - b).mul_(w) for f, w in zip(flats, weight)]
         total = torch.zeros_like(b)
         for u in weighted:
@@ -200,9 +214,10 @@ def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequen
     product, min-max rescaled to scores s_i; θ_b + λ·Σ w_i s_i δ̃_i / Σ s_i. The merge is a
     weighted mean by construction, so ``normalize`` does not apply."""
     n, numel = len(experts), base.numel()
+    wide, sources = _widened(base, experts)
     clipped, signed = [], []
-    for e in experts:
-        delta = (e - base).flatten()
+    for e in sources:
+        delta = (e - wide).flatten()
         magnitude = delta.abs()
         low, high = int(numel * _PCB_CLIP), int(numel * (1 - _PCB_CLIP)) - 1
         if high > low:
@@ -222,7 +237,7 @@ def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequen
         merged += score * clipped[i] * weight[i]
         total += score
     merged = merged.div_(total.clamp_(min=1e-12)).view_as(base)
-    return _emit(merged.mul_(scale).add_(base), out)
+    return _emit(merged.mul_(scale).add_(wide), out, base)
 
 
 # --- geometry ------------------------------------------------------------------------

@@ -12,6 +12,9 @@ before its first merged entry is known. Two exact paths, equal in every bit of t
 - radix (torch ops, any device and dtype): a histogram of the top 15 bits of the magnitudes'
   bit patterns, then one of the low 16 bits of the bin holding the cut.
 
+For 16-bit sources δ is formed in float32 from the exactly widened values (merge arithmetic 2),
+so the cuts are float32 magnitude bits whatever the sources' dtype.
+
 Magnitudes are compared as bit patterns: a non-negative float's bits order like its value.
 """
 
@@ -70,8 +73,10 @@ class _Magnitudes:
         self._expert = expert.reshape(-1)
         self._base = base.reshape(-1) if base is not None else None
         self.n = self._expert.numel()
-        size = max(1, min(SELECT_CHUNK, self.n))
-        self._size, self._delta = size, torch.empty(size, dtype=expert.dtype, device=expert.device)
+        size = max(1, min(SELECT_CHUNK if expert.device.type == "cpu" else 1 << 28, self.n))
+        self._wide = expert.dtype in (torch.float16, torch.bfloat16)  # magnitudes of the float32 δ
+        dtype = torch.float32 if self._wide else expert.dtype
+        self._size, self._delta = size, torch.empty(size, dtype=dtype, device=expert.device)
         self._bits = torch.empty(size, dtype=torch.int32, device=expert.device)
         self._spare = torch.empty(size, dtype=torch.int32, device=expert.device)
         self._hist: Tensor | None = None
@@ -81,7 +86,11 @@ class _Magnitudes:
         for start in range(0, self.n, self._size):
             piece = self._expert[start:start + self._size]
             m = piece.numel()
-            if self._base is not None:
+            if self._wide:  # 16-bit: δ formed in float32 from the exactly widened sources
+                piece = self._delta[:m].copy_(piece)
+                if self._base is not None:
+                    piece.sub_(self._base[start:start + m])
+            elif self._base is not None:
                 piece = torch.sub(piece, self._base[start:start + m], out=self._delta[:m])
             yield start, abs_bits(piece, out=self._bits[:m])
 

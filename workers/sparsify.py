@@ -109,7 +109,7 @@ def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if band.empty:
         return torch.zeros_like(delta, dtype=torch.bool)
-    bits = abs_bits(delta)
+    bits = abs_bits(delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta)  # cuts are float32 bits
     mask = _above(bits, band.low)
     if band.high is not None:
         mask &= ~_above(bits, band.high)

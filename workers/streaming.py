@@ -34,14 +34,23 @@ from evomerge.workers import fused, magnitude_merge, native, sparsify
 from evomerge.workers.sparsify import DareDraw, MagnitudeBand, Trim
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
-HALF = (torch.float16, torch.bfloat16)  # sums over these are accumulated in float32, rounded once
+HALF = (torch.float16, torch.bfloat16)  # merged in float32, rounded once (merge arithmetic 2)
 _INT_OF = {4: torch.int32, 2: torch.int16}
 _SIGN_SHIFT = {4: 31, 2: 15}
 
 
-def chunk_size() -> int:
-    """Elements per chunk: more with more threads, so each op still splits across them."""
+def chunk_size(device: torch.device | None = None) -> int:
+    """Elements per chunk: more with more threads, so each op still splits across them. On a GPU
+    a chunk is a whole tensor of up to 2^28 entries: a launch costs microseconds there, and a
+    chunk loop multiplies them (the scratch, ~8 buffers of a chunk, stays within a few GiB)."""
+    if device is not None and device.type != "cpu":
+        return 1 << 28
     return CHUNK * max(1, min(8, torch.get_num_threads()))
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in: float32 for 16-bit sources, rounded once when stored."""
+    return torch.float32 if dtype in HALF else dtype
 
 
 _COMBINE_ARGS = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
@@ -68,7 +77,7 @@ def combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None, native_pa
         if status != 1:  # 1: this build declines (a CPU without FMA), the torch path sums
             raise ValueError(f"native combine rejected its arguments ({len(terms)} terms of {result.numel()} entries)")
     flat_out, flats = result.view(-1), [(t.reshape(-1), c) for t, c in terms]
-    size = chunk_size()
+    size = chunk_size(result.device)
     wide = (torch.empty(min(size, flat_out.numel()), dtype=torch.float32, device=result.device)
             if result.dtype in HALF else None)
     for start in range(0, flat_out.numel(), size):
@@ -92,8 +101,10 @@ Keep = DareDraw | MagnitudeBand | Tensor | None
 
 @dataclass
 class _Scratch:
-    """Chunk-sized buffers of one merge (allocated once per tensor)."""
+    """Chunk-sized buffers of one merge (allocated once per tensor); ``base`` holds the widened
+    base chunk of a 16-bit merge (empty otherwise)."""
 
+    base: Tensor
     delta: Tensor
     pos: Tensor
     neg: Tensor
@@ -104,13 +115,15 @@ class _Scratch:
     index: Tensor
 
 
-def _scratch(like: Tensor, size: int, acc_dtype: torch.dtype) -> _Scratch:
-    dev = like.device
+def _scratch(like: Tensor, size: int) -> _Scratch:
+    """Buffers in the working dtype: float32 for 16-bit sources (merge arithmetic 2)."""
+    dev, dtype = like.device, working_dtype(like.dtype)
     words = (size + 1) // 2
-    return _Scratch(delta=torch.empty(size, dtype=like.dtype, device=dev),
-                    pos=torch.empty(size, dtype=acc_dtype, device=dev),
-                    neg=torch.empty(size, dtype=like.dtype, device=dev),
-                    tmp=torch.empty(size, dtype=like.dtype, device=dev),
+    return _Scratch(base=torch.empty(size if dtype != like.dtype else 0, dtype=dtype, device=dev),
+                    delta=torch.empty(size, dtype=dtype, device=dev),
+                    pos=torch.empty(size, dtype=dtype, device=dev),
+                    neg=torch.empty(size, dtype=dtype, device=dev),
+                    tmp=torch.empty(size, dtype=dtype, device=dev),
                     words=torch.empty(words, dtype=torch.int32, device=dev),
                     spare=torch.empty(words, dtype=torch.int32, device=dev),
                     bits=torch.empty(size, dtype=torch.int32, device=dev),
@@ -199,26 +212,24 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
             base, experts, weight, keep, scale=scale, coeff=coeff, consensus=consensus, normalize=normalize, out=result):
         return result
     n = base.numel()
-    size = min(chunk_size(), max(n, 1))
-    wide = result.dtype in HALF and not consensus
-    s = _scratch(base, size, torch.float32 if wide else base.dtype)
+    size = min(chunk_size(base.device), max(n, 1))
+    s = _scratch(base, size)
     flat_base, flat_out = base.reshape(-1), result.view(-1)
     flats = [e.reshape(-1) for e in experts]
     for start in range(0, n, size):
         stop = min(n, start + size)
         m = stop - start
         b = flat_base[start:stop]
+        if s.base.numel():  # 16-bit: the base chunk widened once, every δ formed in float32
+            b = s.base[:m].copy_(b)
         pos, neg, tmp = s.pos[:m], s.neg[:m], s.tmp[:m]
-        if not consensus:  # the sum: float32 accumulator in 16-bit dtypes, as combine
-            if wide:
-                pos.copy_(b).mul_(1.0)
-            else:
-                torch.mul(b, 1.0, out=pos)
+        if not consensus:
+            torch.mul(b, 1.0, out=pos)
         first = True
         for flat, k, w in zip(flats, keep, weight):
             delta, rescale = _expert_delta(flat, b, k, start, s, deltas)
             if not consensus:
-                if not (wide or deltas or isinstance(k, Tensor)):  # two roundings, as the fused kernel (no FMA there)
+                if not (deltas or isinstance(k, Tensor)):  # two roundings, as the fused kernel (no FMA there)
                     pos.add_(delta.mul_(coeff * w * rescale))
                 else:
                     pos.add_(delta, alpha=coeff * w * rescale)
