@@ -24,10 +24,12 @@ Where no compiler works the first failure is logged once and every tensor takes 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, signed32
 
@@ -44,30 +46,36 @@ def _lsr_xor(x: Tensor, shift: int) -> Tensor:
 
 
 def _dare_keep(entry: Tensor, key: Tensor) -> Tensor:
-    """−1 where the DARE draw keeps the entry, 0 where it drops it (``key``: mul, add, threshold)."""
+    """Where the DARE draw keeps the entry (``key``: mul, add, threshold): the eager pass's
+    (draw − threshold) >> 31 as a compare, so the kernel selects with ``where`` and needs no
+    bit casts (which inductor's C++ emits as a scalar loop)."""
     mix0, mix1 = (signed32(m) for m in MIX)
     word = _lsr_xor((entry >> 1) * key[0] + key[1], 16) * mix0
     word = _lsr_xor(_lsr_xor(word, 15) * mix1, 16)
     draw = (word << ((1 - (entry & 1)) << 4)) >> 16  # entry 2j: the low half of word j, sign-extended
-    return (draw - key[2]) >> 31
+    return draw < key[2]
 
 
-def _band_keep(entry: Tensor, magnitude: Tensor, key: Tensor, high: bool) -> Tensor:
-    """−1 where |δ|'s bits lie in the band, 0 elsewhere (``key``: low cut's value and index of
-    its tie split, then the high cut's): the integer compares of the eager pass."""
-    keep = ~((magnitude - (key[0] + (entry >= key[1]).to(torch.int32))) >> 31)
+def _band_keep(entry: Tensor, magnitude: Tensor, key: Tensor, cut: Tensor, high: bool) -> Tensor:
+    """Where |δ| lies in the band (``key``: the low cut's bits and the index of its tie split, then
+    the high cut's; ``cut``: the two cuts' bits as float32). The eager pass compares bit patterns:
+    bits ≥ value, or > value from the split on. For non-negative floats that is the float order, so
+    the kernel compares |δ| with the cut's float (a bit cast is a scalar loop in inductor's C++)."""
+    keep = torch.where(entry >= key[1], magnitude > cut[0], magnitude >= cut[0])
     if high:
-        keep = keep & ((magnitude - (key[2] + (entry >= key[3]).to(torch.int32))) >> 31)
+        keep = keep & torch.where(entry >= key[3], magnitude <= cut[1], magnitude < cut[1])
     return keep
 
 
-def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef: Tensor, weight: Tensor,
-           scale: Tensor, consensus: bool, normalize: bool, highs: tuple[bool, ...] | None) -> None:
+def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, reals: Tensor, consensus: bool,
+           normalize: bool, highs: tuple[bool, ...] | None) -> None:
     """θ_b + merge(c_i·keep_i(δ_i)) into ``out`` (flat tensors, computed in float32), keep_i a DARE draw
     (``highs`` None) or a magnitude band (``highs[i]``: whether it has a high cut). ``keys``
-    (int32, one row per expert): the draw's or the band's integers; ``coef`` (float32): the
-    per-expert factor the eager pass multiplies by; ``weight``: w_i, for the normalized TIES
-    divisor; ``scale``: λ (TIES only, as eager)."""
+    (int32, one row per expert): the draw's or the band's integers; ``reals`` (float32, a row per
+    expert, then one): the per-expert factor c_i the eager pass multiplies by, w_i (for the
+    normalized TIES divisor), the band's two cuts as floats; last row: λ (TIES only, as eager).
+    One integer and one float tensor: on a GPU two small copies beside the one kernel."""
+    coef, weight, cuts, scale = reals[:, 0], reals[:, 1], reals[:, 2:], reals[-1, 0]
     entry = torch.arange(base.numel(), dtype=torch.int32, device=base.device)
     base, experts = base.float(), [e.float() for e in experts]  # 16-bit: widened in registers (exact)
     pos = neg = acc = None
@@ -76,9 +84,11 @@ def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef:
     us = []
     for i, expert in enumerate(experts):
         delta = expert - base
-        bits = delta.view(torch.int32)
-        keep = _dare_keep(entry, keys[i]) if highs is None else _band_keep(entry, bits & 0x7FFFFFFF, keys[i], highs[i])
-        delta = (bits & keep).view(torch.float32)
+        if highs is None:
+            keep = _dare_keep(entry, keys[i])
+        else:
+            keep = _band_keep(entry, delta.abs(), keys[i], cuts[i], highs[i])
+        delta = torch.where(keep, delta, 0.0)  # a dropped entry is +0.0, as the eager pass's bitwise and
         if acc is not None:
             acc = acc + delta * coef[i]
             continue
@@ -89,9 +99,9 @@ def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef:
         else:
             pos, neg = pos + u.clamp(min=0), neg + u.clamp(max=0)
     if acc is None:
-        sign = (pos + neg).view(torch.int32) >> 31
-        diff = (neg.view(torch.int32) ^ pos.view(torch.int32)) & sign
-        merged = (pos.view(torch.int32) ^ diff).view(torch.float32)
+        # the eager pass selects on the sum's sign bit; < 0 differs only at a sum of −0.0, where
+        # pos and neg are both −0.0 (same bits), and at NaN (sources are checked finite)
+        merged = torch.where((pos + neg) < 0, neg, pos)
         if normalize:
             elected_positive = (pos + neg) >= 0
             divisor = torch.zeros_like(base)
@@ -102,9 +112,11 @@ def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, coef:
     out.copy_(acc)
 
 
-def _consensus_merge(base: Tensor, experts: list[Tensor], out: Tensor, weight: Tensor, tall: Tensor, need: Tensor,
-                     divisor: Tensor | None, scale: Tensor) -> None:
-    """Consensus/TALL (the eager ops of ``operators.consensus``, same order, in float32) into ``out``."""
+def _consensus_merge(base: Tensor, experts: list[Tensor], out: Tensor, reals: Tensor, need: int,
+                     normalized: bool) -> None:
+    """Consensus/TALL (the eager ops of ``operators.consensus``, same order, in float32) into ``out``;
+    ``reals``: a row (w_i, λ_i) per expert, then (Σ w, λ); ``need``: the votes an entry needs."""
+    weight, tall, divisor, scale = reals[:, 0], reals[:, 1], reals[-1, 0] if normalized else None, reals[-1, 1]
     base, experts = base.float(), [e.float() for e in experts]
     weighted = [(e - base) * weight[i] for i, e in enumerate(experts)]
     total = torch.zeros_like(base)
@@ -127,7 +139,7 @@ class _Compiled:
         self._fn, self._compiled, self.broken = fn, None, False
 
     def __call__(self, *args: object) -> bool:
-        if self.broken:
+        if self.broken or os.environ.get("EVOMERGE_FUSED", "1") == "0":  # 0: the eager pass (same bits)
             return False
         try:
             if self._compiled is None:
@@ -207,22 +219,30 @@ def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep
           *, scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
     """Run the fused kernel into ``out`` (see :func:`fusable`); False when it could not run (then
     nothing is promised about ``out``). ``coeff``: the eager pass's λ/Σw factor (sums only)."""
-    rows, rescales, highs = _keys(keep)
-    coefs = [w * r if consensus else coeff * w * r for w, r in zip(weight, rescales)]
-    f32, dev = torch.float32, base.device  # each Python scalar rounded to float32 as eager rounds it
-    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1),
-                  torch.tensor(rows, dtype=torch.int32, device=dev), torch.tensor(coefs, dtype=f32, device=dev),
-                  torch.tensor(weight, dtype=f32, device=dev), torch.tensor(scale, dtype=f32, device=dev),
+    with record_function("evomerge.host"):  # built on the host, then one copy each to the device
+        rows, rescales, highs = _keys(keep)
+        coefs = [w * r if consensus else coeff * w * r for w, r in zip(weight, rescales)]
+        keys = torch.tensor(rows, dtype=torch.int32)
+        reals = torch.zeros(len(rows) + 1, 4)  # each Python scalar rounded to float32 as eager rounds it
+        reals[:-1, 0], reals[:-1, 1], reals[-1, 0] = torch.tensor(coefs), torch.tensor(weight), scale
+        if highs is not None:
+            reals[:-1, 2:] = keys[:, 0::2].contiguous().view(torch.float32)  # the cuts' bit patterns
+    keys, reals = _to_device(base.device, keys, reals)
+    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), keys, reals,
                   consensus, consensus and normalize, highs)
+
+
+def _to_device(device: torch.device, *tensors: Tensor) -> list[Tensor]:
+    """Host tensors on ``device`` (profiled as ``evomerge.h2d:N``: N copies on a GPU, none on the CPU)."""
+    with record_function(f"evomerge.h2d:{len(tensors)}"):
+        return [t.to(device) for t in tensors]
 
 
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,
                     divisor: float | None, scale: float, out: Tensor) -> bool:
     """Consensus/TALL of tensors the kernel :func:`takes` into ``out``; False when
     it could not run. ``divisor``: Σ w when normalized, else None."""
-    f32, dev = torch.float32, base.device
-    return _CONSENSUS(base.view(-1), [e.view(-1) for e in experts], out.view(-1),
-                      torch.tensor(weight, dtype=f32, device=dev), torch.tensor(tall, dtype=f32, device=dev),
-                      torch.tensor(need, dtype=torch.int32, device=dev),
-                      None if divisor is None else torch.tensor(divisor, dtype=f32, device=dev),
-                      torch.tensor(scale, dtype=f32, device=dev))
+    with record_function("evomerge.host"):
+        reals = torch.tensor([*zip(weight, tall), (1.0 if divisor is None else divisor, scale)], dtype=torch.float32)
+    (reals,) = _to_device(base.device, reals)
+    return _CONSENSUS(base.view(-1), [e.view(-1) for e in experts], out.view(-1), reals, need, divisor is not None)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from evomerge.workers import native
 from evomerge.workers.streaming import CHUNK
@@ -63,7 +64,8 @@ def _torch_gram(base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
                 row[:m].copy_(delta[:m].copy_(f[start:start + m]).sub_(flat_base[start:start + m]))
         block = wide[:, :m]
         total.addmm_(block, block.T)
-    upper = total.tolist()
+    with record_function("evomerge.sync"):  # the one read back of the tensor (the host needs the angles)
+        upper = total.tolist()
     return [[upper[min(i, k)][max(i, k)] for k in range(n)] for i in range(n)]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from evomerge.workers.selection import Cut, abs_bits, largest_cuts
 
@@ -171,7 +172,8 @@ class Stream:
 
     @classmethod
     def draw(cls, generator: torch.Generator | None) -> Stream:
-        mul, add = (int(v) for v in torch.randint(0, _WORD, (2,), generator=generator, dtype=torch.int64))
+        with record_function("evomerge.host"):  # the key: two integers from the host's generator
+            mul, add = (int(v) for v in torch.randint(0, _WORD, (2,), generator=generator, dtype=torch.int64))
         return cls(mul | 1, add)
 
     def words(self, first: int, out: Tensor, spare: Tensor, index: Tensor) -> Tensor:
