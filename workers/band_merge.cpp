@@ -1,22 +1,25 @@
-// TIES / Breadcrumbs(-TIES) merges of float32 tensors in one pass over the sources
+// TIES / Breadcrumbs(-TIES) merges of float32 and bfloat16 tensors in one pass over the sources
 // (workers/magnitude_merge.py). Their trims keep the top k of each expert's |δ|, so the cut is
 // only known once every entry was read; a separate selection pass reads the sources twice. Here a
 // sample brackets each cut (magnitude.h); the pass merges every entry whose magnitudes lie outside
 // the brackets (its keep is already certain), counts the entries above each bracket and keeps the
 // few inside one (index and values); the exact cuts then come from those, and only those entries
 // are merged again. The arithmetic is eager's (workers/streaming.py), op for op, in float32 with
-// no FMA contraction, so the result is bit-identical to the torch path.
+// no FMA contraction, so the result is bit-identical to the torch path. bfloat16 sources are
+// widened exactly on load and the result rounded once on store (merge arithmetic 2): the float32
+// merge of the widened sources, rounded.
 #include "magnitude.h"
 
 namespace evomerge {
 namespace {
 
+template <typename T>  // the sources' and output's element: float, or uint16_t for bfloat16
 struct Plan {
     int n_experts;
     int64_t n;
-    const float* base;
-    const float* const* experts;
-    float* out;
+    const T* base;
+    const T* const* experts;
+    T* out;
     float coef[kMaxExperts];    // per expert: the factor of its kept δ (eager's, rounded to float32)
     float weight[kMaxExperts];  // w_i, for the normalized election's divisor
     float scale;                // λ (election only)
@@ -38,7 +41,8 @@ struct Cut {  // entry j with bit pattern m is above the cut iff m >= value + (j
 // One entry by eager's ops: the sum θ_b·1 + Σ c_i·δ_i, or the TIES election of u_i = c_i·δ_i
 // (P = Σ max(u_i, 0), N = Σ min(u_i, 0); N where P + N is negative, else P; normalized: divided by
 // the agreeing experts' Σ w_i), then θ_b + λ·merged. Dropped entries are +0, as eager's bit mask.
-inline float merge1(const Plan& p, float b, const float* e, const bool* keep) {
+template <typename T>
+inline float merge1(const Plan<T>& p, float b, const float* e, const bool* keep) {
     if (!p.consensus) {
         float acc = b * 1.0f;
         for (int i = 0; i < p.n_experts; ++i) acc = acc + (keep[i] ? e[i] - b : 0.0f) * p.coef[i];
@@ -74,7 +78,8 @@ struct Lanes {
     int slot[kCap][2];                 // the bracket's slot, -1: no such cut
     __mmask16 all[kCap];               // 0 where the expert keeps nothing
 
-    explicit Lanes(const Plan& p) : n(E ? E : p.n_experts), scale(_mm512_set1_ps(p.scale)) {
+    template <typename T>
+    explicit Lanes(const Plan<T>& p) : n(E ? E : p.n_experts), scale(_mm512_set1_ps(p.scale)) {
         for (int i = 0; i < n; ++i) {
             coef[i] = _mm512_set1_ps(p.coef[i]);
             weight[i] = _mm512_set1_ps(p.weight[i]);
@@ -153,7 +158,8 @@ struct Pending {  // one part's entries inside a bracket: index, base and expert
 
 // Where entry j's keep is still open: some cut of some expert brackets its magnitude.
 // keep[i] is the provisional keep (certain where no bracket holds the entry).
-inline bool classify1(const Plan& p, const uint32_t* mag, bool* keep, int64_t* above) {
+template <typename T>
+inline bool classify1(const Plan<T>& p, const uint32_t* mag, bool* keep, int64_t* above) {
     bool open = false;
     for (int i = 0; i < p.n_experts; ++i) {
         keep[i] = !p.empty[i];
@@ -172,25 +178,25 @@ inline bool classify1(const Plan& p, const uint32_t* mag, bool* keep, int64_t* a
 
 #ifdef __AVX512F__
 // The blocks of 16 from j to end (a multiple of 16 apart) of one tile, E experts (0: any).
-template <int E>
-void blocks(const Plan& p, int64_t j, int64_t end, Pending& pend) {
+template <int E, typename T>
+void blocks(const Plan<T>& p, int64_t j, int64_t end, Pending& pend) {
     const Lanes<E> l(p);
     const bool consensus = p.consensus, normalize = p.normalize;
-    const float* base = p.base;
-    const float* src[Lanes<E>::kCap];
+    const T* base = p.base;
+    const T* src[Lanes<E>::kCap];
     float* keep_values[Lanes<E>::kCap + 1];
     for (int i = 0; i < l.n; ++i) src[i] = p.experts[i];
     for (int i = 0; i <= l.n; ++i) keep_values[i] = pend.values.get() + i * pend.cap;
     uint32_t* keep_index = pend.index.get();
-    float* out = p.out;
+    T* out = p.out;
     const __m512i sign_off = _mm512_set1_epi32(0x7FFFFFFF);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     int64_t size = pend.size, over[Lanes<E>::kCap][2] = {};
     for (; j < end; j += kBlock) {
-        __m512 b = _mm512_loadu_ps(base + j), e[Lanes<E>::kCap], dk[Lanes<E>::kCap];
+        __m512 b = load16(base, j), e[Lanes<E>::kCap], dk[Lanes<E>::kCap];
         __mmask16 open = 0;
         for (int i = 0; i < l.n; ++i) {
-            e[i] = _mm512_loadu_ps(src[i] + j);
+            e[i] = load16(src[i], j);
             __m512 d = _mm512_sub_ps(e[i], b);
             __m512i mag = _mm512_and_si512(_mm512_castps_si512(d), sign_off);
             __mmask16 keep = l.all[i];
@@ -204,7 +210,7 @@ void blocks(const Plan& p, int64_t j, int64_t end, Pending& pend) {
             }
             dk[i] = _mm512_maskz_mov_ps(keep, d);
         }
-        _mm512_storeu_ps(out + j, merge16<E>(l, consensus, normalize, b, dk));
+        store16(merge16<E>(l, consensus, normalize, b, dk), out, j);
         // the open entries' index and values, 16 lanes stored whatever the count (no branch)
         _mm512_storeu_si512(keep_index + size, _mm512_maskz_compress_epi32(open, _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(j)))));
         _mm512_storeu_ps(keep_values[0] + size, _mm512_maskz_compress_ps(open, b));
@@ -219,10 +225,20 @@ void blocks(const Plan& p, int64_t j, int64_t end, Pending& pend) {
 #endif
 
 #ifdef __AVX512F__
+// 16 results to their indices in out: float32 by a scatter, bfloat16 rounded then one by one
+// (no 16-bit scatter; only the few open entries take this path).
+inline void scatter16(float* out, __m512i at, __m512 v) { _mm512_i32scatter_ps(out, at, v, 4); }
+inline void scatter16(uint16_t* out, __m512i at, __m512 v) {
+    alignas(64) int32_t index[kBlock], bits[kBlock];
+    _mm512_store_si512(index, at);
+    _mm512_store_si512(bits, bf16_bits16(v));
+    for (int64_t q = 0; q < kBlock; ++q) out[index[q]] = uint16_t(bits[q]);
+}
+
 // The open entries r0 .. r1 (a multiple of 16 apart) merged again with the exact cuts, scattered
 // to their places in out.
-template <int E>
-void refine(const Plan& p, const Cut* cuts, const Pending& pend, int64_t r0, int64_t r1) {
+template <int E, typename T>
+void refine(const Plan<T>& p, const Cut* cuts, const Pending& pend, int64_t r0, int64_t r1) {
     const Lanes<E> l(p);
     const __m512i sign_off = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
     __m512i value[Lanes<E>::kCap][2], until[Lanes<E>::kCap][2];
@@ -249,12 +265,13 @@ void refine(const Plan& p, const Cut* cuts, const Pending& pend, int64_t r0, int
             }
             dk[i] = _mm512_maskz_mov_ps(keep, d);
         }
-        _mm512_i32scatter_ps(p.out, at, merge16<E>(l, p.consensus, p.normalize, b, dk), 4);
+        scatter16(p.out, at, merge16<E>(l, p.consensus, p.normalize, b, dk));
     }
 }
 #endif
 
-void pass(const Plan& p, int64_t start, int64_t stop, Pending& pend) {
+template <typename T>
+void pass(const Plan<T>& p, int64_t start, int64_t stop, Pending& pend) {
     for (int64_t tile = start; tile < stop; tile += kTile) {
         int64_t tile_end = std::min(stop, tile + kTile), j = tile;
         if (!pend.room(tile_end - tile)) {
@@ -264,24 +281,24 @@ void pass(const Plan& p, int64_t start, int64_t stop, Pending& pend) {
 #ifdef __AVX512F__
         int64_t end = tile + (tile_end - tile) / kBlock * kBlock;
         switch (p.n_experts) {
-            case 1: blocks<1>(p, j, end, pend); break;
-            case 2: blocks<2>(p, j, end, pend); break;
-            case 3: blocks<3>(p, j, end, pend); break;
-            case 4: blocks<4>(p, j, end, pend); break;
-            default: blocks<0>(p, j, end, pend);
+            case 1: blocks<1, T>(p, j, end, pend); break;
+            case 2: blocks<2, T>(p, j, end, pend); break;
+            case 3: blocks<3, T>(p, j, end, pend); break;
+            case 4: blocks<4, T>(p, j, end, pend); break;
+            default: blocks<0, T>(p, j, end, pend);
         }
         j = end;
 #endif
         for (; j < tile_end; ++j) {  // the tail (and every entry without AVX-512), branch-free too
-            float b = p.base[j], e[kMaxExperts];
+            float b = widen(p.base[j]), e[kMaxExperts];
             uint32_t mag[kMaxExperts];
             bool keep[kMaxExperts];
             for (int i = 0; i < p.n_experts; ++i) {
-                e[i] = p.experts[i][j];
-                mag[i] = mag_f32(p.experts[i], p.base, j);
+                e[i] = widen(p.experts[i][j]);
+                mag[i] = mag_f32(e + i, &b, 0);
             }
             bool open = classify1(p, mag, keep, pend.above.data());
-            p.out[j] = merge1(p, b, e, keep);
+            store(merge1(p, b, e, keep), &p.out[j]);
             pend.index[pend.size] = uint32_t(j);
             pend.values[pend.size] = b;
             for (int i = 0; i < p.n_experts; ++i) pend.values[(1 + i) * pend.cap + pend.size] = e[i];
@@ -292,7 +309,8 @@ void pass(const Plan& p, int64_t start, int64_t stop, Pending& pend) {
 
 // The exact cut of slot s (rank k) from the open entries in index order (parts in order); false
 // where its bracket missed the k-th entry.
-bool exact_cut(const Plan& p, const std::vector<Pending>& pending, int s, int64_t k, Cut* cut) {
+template <typename T>
+bool exact_cut(const Plan<T>& p, const std::vector<Pending>& pending, int s, int64_t k, Cut* cut) {
     const Slot& c = p.slots[s];
     int64_t need = k, open = 0, count = 0;
     for (const auto& pend : pending) open += pend.size;
@@ -315,16 +333,17 @@ bool exact_cut(const Plan& p, const std::vector<Pending>& pending, int s, int64_
 }
 
 // One part's open entries merged again with the exact keeps, written to their places in out.
-void refine_part(const Plan& p, const Cut* cuts, const Pending& pend) {
+template <typename T>
+void refine_part(const Plan<T>& p, const Cut* cuts, const Pending& pend) {
     int64_t r = 0;
 #ifdef __AVX512F__
     r = pend.size / kBlock * kBlock;
     switch (p.n_experts) {
-        case 1: refine<1>(p, cuts, pend, 0, r); break;
-        case 2: refine<2>(p, cuts, pend, 0, r); break;
-        case 3: refine<3>(p, cuts, pend, 0, r); break;
-        case 4: refine<4>(p, cuts, pend, 0, r); break;
-        default: refine<0>(p, cuts, pend, 0, r);
+        case 1: refine<1, T>(p, cuts, pend, 0, r); break;
+        case 2: refine<2, T>(p, cuts, pend, 0, r); break;
+        case 3: refine<3, T>(p, cuts, pend, 0, r); break;
+        case 4: refine<4, T>(p, cuts, pend, 0, r); break;
+        default: refine<0, T>(p, cuts, pend, 0, r);
     }
 #endif
     for (; r < pend.size; ++r) {
@@ -337,31 +356,16 @@ void refine_part(const Plan& p, const Cut* cuts, const Pending& pend) {
             keep[i] = !p.empty[i] && (p.low[i] < 0 || cuts[p.low[i]].above(m, j)) &&
                       (p.high[i] < 0 || !cuts[p.high[i]].above(m, j));
         }
-        p.out[j] = merge1(p, b, e, keep);
+        store(merge1(p, b, e, keep), &p.out[j]);
     }
 }
 
-}  // namespace
-}  // namespace evomerge
-
-using namespace evomerge;
-
-extern "C" {
-
-// θ_b + λ·merge of trimmed task vectors into out, in one pass (float32, n < 2^31). Per expert i:
-// coef[i], weight[i]; low_k[i] > 0 keeps its low_k largest |δ| (0: no low cut; -1: keeps nothing),
-// high_k[i] > 0 drops its high_k largest (0: none); every k < n. consensus: the TIES election
-// (normalize: the agreeing weights' mean), else the sum. Brackets: a sample of `sample` entries,
-// `width` binomial deviations. Returns 1 when out holds the merge, 0 when a bracket missed its cut
-// or held too many entries (out is then partly written: the caller merges another way), -1 on
-// bad arguments.
-int evomerge_band_merge(const float* base, const float* const* experts, int n_experts, int64_t n, float* out,
-                        const int64_t* low_k, const int64_t* high_k, const float* coef, const float* weight,
-                        float scale, int consensus, int normalize, int64_t sample, double width, int threads) {
-    if (n_experts < 1 || n_experts > kMaxExperts || n < 2 || n >= (int64_t(1) << 31) || threads < 1 ||
-        sample < 1 || sample > n || !(width > 0))
-        return -1;
-    Plan p{};
+// The exact band merge (see evomerge_band_merge) of one source element type.
+template <typename T>
+int band_merge(const T* base, const T* const* experts, int n_experts, int64_t n, T* out,
+               const int64_t* low_k, const int64_t* high_k, const float* coef, const float* weight,
+               float scale, int consensus, int normalize, int64_t sample, double width, int threads) {
+    Plan<T> p{};
     p.n_experts = n_experts, p.n = n, p.base = base, p.experts = experts, p.out = out, p.scale = scale;
     p.consensus = consensus != 0, p.normalize = normalize != 0;
     int64_t ks[kMaxSlots];
@@ -385,8 +389,8 @@ int evomerge_band_merge(const float* base, const float* const* experts, int n_ex
     bool merged = true;  // read and written by thread 0 only, between barriers
     team(threads, [&](int t, Barrier& sync) {
         for (int i = t; i < n_experts; i += threads)  // 1. the brackets
-            bracket_expert<float, mag_f32>(base, experts, i, n, slot_expert, ks, p.n_slots, sample, width, p.slots,
-                                           expected);
+            bracket_expert<T, mag<T>>(base, experts, i, n, slot_expert, ks, p.n_slots, sample, width, p.slots,
+                                      expected);
         sync.wait();
         int64_t total = 0;
         for (int s = 0; s < p.n_slots; ++s) total += expected[s];
@@ -409,5 +413,34 @@ int evomerge_band_merge(const float* base, const float* const* experts, int n_ex
         for (int64_t q = t; q < parts; q += threads) refine_part(p, cuts, pending[q]);  // 4. the open entries
     });
     return merged ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace evomerge
+
+using namespace evomerge;
+
+extern "C" {
+
+// θ_b + λ·merge of trimmed task vectors into out, in one pass (dtype 0 float32, 1 bfloat16; n < 2^31). Per expert i:
+// coef[i], weight[i]; low_k[i] > 0 keeps its low_k largest |δ| (0: no low cut; -1: keeps nothing),
+// high_k[i] > 0 drops its high_k largest (0: none); every k < n. consensus: the TIES election
+// (normalize: the agreeing weights' mean), else the sum. Brackets: a sample of `sample` entries,
+// `width` binomial deviations. Returns 1 when out holds the merge, 0 when a bracket missed its cut
+// or held too many entries (out is then partly written: the caller merges another way), -1 on
+// bad arguments.
+int evomerge_band_merge(int dtype, const void* base, const void* const* experts, int n_experts, int64_t n, void* out,
+                        const int64_t* low_k, const int64_t* high_k, const float* coef, const float* weight,
+                        float scale, int consensus, int normalize, int64_t sample, double width, int threads) {
+    if (n_experts < 1 || n_experts > kMaxExperts || n < 2 || n >= (int64_t(1) << 31) || threads < 1 ||
+        sample < 1 || sample > n || !(width > 0) || (dtype != 0 && dtype != 1))
+        return -1;
+    if (dtype == 0)
+        return band_merge<float>(static_cast<const float*>(base), reinterpret_cast<const float* const*>(experts),
+                                 n_experts, n, static_cast<float*>(out), low_k, high_k, coef, weight, scale, consensus,
+                                 normalize, sample, width, threads);
+    return band_merge<uint16_t>(static_cast<const uint16_t*>(base), reinterpret_cast<const uint16_t* const*>(experts),
+                                n_experts, n, static_cast<uint16_t*>(out), low_k, high_k, coef, weight, scale,
+                                consensus, normalize, sample, width, threads);
 }
 }

@@ -40,6 +40,14 @@ inline uint32_t mag_bf16(const uint16_t* e, const uint16_t* b, int64_t j) {
     return u & 0x7FFFFFFFu;
 }
 
+// mag_f32 / mag_bf16 by the sources' element type (a template argument of the scans).
+template <typename T>
+uint32_t mag(const T* e, const T* b, int64_t j);
+template <>
+inline uint32_t mag<float>(const float* e, const float* b, int64_t j) { return mag_f32(e, b, j); }
+template <>
+inline uint32_t mag<uint16_t>(const uint16_t* e, const uint16_t* b, int64_t j) { return mag_bf16(e, b, j); }
+
 #ifdef __AVX512F__
 // 16 magnitudes from entry j: float32 δ's bits without the sign.
 inline __m512i mags16(const float* e, const float* b, int64_t j) {

@@ -1,11 +1,12 @@
-"""TIES and Breadcrumbs(-TIES) merges of large float32 tensors in one pass (``band_merge.cpp``).
+"""TIES and Breadcrumbs(-TIES) merges of float32 and bfloat16 tensors in one pass (``band_merge.cpp``).
 
 Their trims keep the top k of each expert's |δ|, so a two-step merge reads every source twice:
 once to select the cuts (:mod:`workers.selection`), once to merge. The native kernel brackets
 each cut by a sample, merges in one pass every entry whose keep is already certain, and merges
 again only the few entries inside a bracket once the exact cuts are known from them: the same
-values, bit for bit, as the two-step path (eager's ops in float32, no FMA), which remains the
-path where the kernel cannot run or a bracket misses (rare; tested).
+values, bit for bit, as the two-step path (eager's ops in float32, no FMA; bfloat16 sources
+widened and the result rounded once), which remains the path where the kernel cannot run or a
+bracket misses (rare; tested).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from evomerge.workers.selection import NATIVE_MIN, WIDTHS, sample_size
 from evomerge.workers.sparsify import Trim
 
 
-_ARGS = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+_ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
          ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
          ctypes.POINTER(ctypes.c_float), ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
          ctypes.c_int)
 
 
 def eligible(base: Tensor, experts: Sequence[Tensor], out: Tensor) -> bool:
-    """Float32, contiguous, on the CPU, all of one size of at least NATIVE_MIN and under 2^31
-    entries, at most 16 experts: what the kernel takes."""
-    return 0 < len(experts) <= 16 and native.takes([base, out, *experts], (torch.float32,), NATIVE_MIN, 1 << 31)
+    """Float32 or bfloat16 (one dtype), contiguous, on the CPU, all of one size of at least
+    NATIVE_MIN and under 2^31 entries, at most 16 experts: what the kernel takes."""
+    return 0 < len(experts) <= 16 and native.takes([base, out, *experts], tuple(native.DTYPES), NATIVE_MIN, 1 << 31)
 
 
 def merge(base: Tensor, experts: Sequence[Tensor], trims: Sequence[Trim], weight: Sequence[float], *,
@@ -45,7 +46,7 @@ def merge(base: Tensor, experts: Sequence[Tensor], trims: Sequence[Trim], weight
     n, count = base.numel(), len(experts)
     factors = [w if consensus else coeff * w for w in weight]  # rounded to float32 as the eager pass rounds them
     status = band_merge(
-        base.data_ptr(), native.pointers(experts), count, n, out.data_ptr(),
+        native.DTYPES[base.dtype], base.data_ptr(), native.pointers(experts), count, n, out.data_ptr(),
         (ctypes.c_int64 * count)(*[t.keep for t in trims]), (ctypes.c_int64 * count)(*[t.drop for t in trims]),
         (ctypes.c_float * count)(*factors), (ctypes.c_float * count)(*weight), scale, int(consensus),
         int(consensus and normalize), sample_size(n), WIDTHS[0], native.threads())
