@@ -51,7 +51,7 @@ MODELS = {"7b": (4096, 11008, 32, 32000, 1.0, 64), "70b": (8192, 28672, 80, 1282
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
              "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select", "aten::as_strided",
              "aten::detach", "aten::detach_", "aten::alias", "aten::unsqueeze", "aten::squeeze", "aten::expand",
-             "aten::t", "aten::transpose", "aten::permute", "aten::unbind", "aten::split", "aten::chunk",
+             "aten::t", "aten::transpose", "aten::as_strided_", "aten::squeeze_", "aten::unsqueeze_", "aten::permute", "aten::unbind", "aten::split", "aten::chunk",
              "aten::flatten", "aten::view_as", "aten::result_type", "aten::resize_", "aten::set_",
              "aten::to", "aten::_to_copy", "aten::contiguous", "aten::lift_fresh_copy", "detach", "detach_"}
 HOST_TO_DEVICE = {"aten::lift_fresh"}  # torch.tensor(list): a copy to a GPU

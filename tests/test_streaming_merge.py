@@ -271,3 +271,43 @@ def test_selection_across_chunks_splits_ties_in_a_later_chunk(dtype: torch.dtype
     assert torch.equal(sparsify.band_mask(delta, band), ref_top(delta, k))
     base = torch.full((n,), 0.5, dtype=dtype)
     assert sparsify.magnitude_keep(delta + base, k / n, base) == band  # δ formed chunk by chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "ties"])
+def test_device_trimmed_merge_equals_the_other_paths(dtype: torch.dtype, kind: str) -> None:
+    """The GPU's TIES/Breadcrumbs path (cuts by whole-tensor selection on the device, keys built
+    there, no read back), run here on the CPU: the same bits as the native and two-step paths,
+    with ties at the cuts, a keep-nothing and a keep-all trim, a drop cut, normalized or not."""
+    g = torch.Generator().manual_seed(8)
+    n = 300_007
+    base = torch.randn(n, generator=g) * 0.02
+    noise = [torch.randint(-6, 7, (n,), generator=g).float() * 1e-3 if kind == "ties"
+             else torch.randn(n, generator=g) * 2e-3 for _ in range(3)]
+    experts = [(base + d).to(dtype) for d in noise]
+    base = base.to(dtype)
+    weight = [0.9, -0.4, 1.1]
+    for trims, consensus in ((sparsify.ties_trims([0.3, 0.0, 1.0], n), True),
+                             (sparsify.breadcrumbs_trims([0.3, 0.5, 0.9], [0.02, 0.1, 0.0], n), False),
+                             (sparsify.breadcrumbs_trims([0.3, 0.5, 0.9], [0.02, 0.1, 0.0], n), True)):
+        for normalize in (False, True):
+            expected = streaming.trimmed_merge(base, experts, weight, trims, scale=0.8, normalize=normalize,
+                                               consensus=consensus, out=None)
+            out = torch.full_like(base, float("nan"))
+            coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
+            if not fused.trimmed_merge(base, experts, weight, trims, scale=0.8, coeff=coeff, consensus=consensus,
+                                       normalize=normalize, out=out):
+                skip_unless_no_compiler()
+            assert torch.equal(out, expected), (consensus, normalize)
+
+
+def test_device_cuts_equal_the_selected_cuts() -> None:
+    """fused.device_cuts (no read back) gives the cuts largest_cuts gives, ties included."""
+    g = torch.Generator().manual_seed(9)
+    n = 50_021
+    base = torch.randn(n, generator=g) * 0.02
+    experts = [(base + torch.randint(-4, 5, (n,), generator=g).float() * 1e-3).bfloat16() for _ in range(2)]
+    wants = [(0, 1), (0, 20_000), (1, 49_000), (1, 7)]
+    cuts = selection.largest_cuts(experts, base.bfloat16(), wants)
+    got = fused.device_cuts(experts, base.bfloat16(), wants).tolist()
+    assert got == [[c.value, selection.NO_SPLIT if c.until is None else c.until] for c in cuts]

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, signed32
+from evomerge.workers.selection import NO_SPLIT
+from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, Trim, cut_wants, signed32
 
 FUSE_MIN = 1 << 18  # entries (Llama-100M attention: 590 K): smaller stay eager; compiling costs ~10-20 s per process and kernel variant
 _HALF_WORD = 1 << 15
@@ -183,7 +184,7 @@ def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], con
             and takes([base, *experts, *([out] if out is not None else [])]))
 
 
-_NO_SPLIT = (1 << 31) - 1  # a tie split no index reaches
+_NO_SPLIT = NO_SPLIT  # a tie split no index reaches
 
 
 def _cut_row(cut: Cut | None) -> list[int]:
@@ -236,6 +237,74 @@ def _to_device(device: torch.device, *tensors: Tensor) -> list[Tensor]:
     """Host tensors on ``device`` (profiled as ``evomerge.h2d:N``: N copies on a GPU, none on the CPU)."""
     with record_function(f"evomerge.h2d:{len(tensors)}"):
         return [t.to(device) for t in tensors]
+
+
+def _cut(expert: Tensor, base: Tensor | None, k: int, out: Tensor) -> None:
+    """(value, until) of the k-th largest |δ| (:class:`workers.selection.Cut` as integers) into
+    ``out`` (int64, 2 entries), δ = ``expert`` − ``base`` in float32, on the tensors' device."""
+    delta = expert.float() - base.float() if base is not None else expert.float()
+    bits = delta.abs().view(torch.int32)  # non-negative floats' bits order like their values
+    value = torch.kthvalue(bits, bits.numel() - k + 1).values  # the k-th largest magnitude
+    need = k - (bits > value).sum()  # of the entries equal to it, the first `need` are above
+    ties = (bits == value).to(torch.int32).cumsum(0, dtype=torch.int32)
+    split = torch.searchsorted(ties, need.to(torch.int32).reshape(1)).squeeze(0) + 1
+    until = torch.where(need == ties[-1], NO_SPLIT, split)
+    out.copy_(torch.stack([value.to(torch.int64), until.to(torch.int64)]))
+
+
+_CUT = _Compiled(_cut)
+
+
+def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor:
+    """The cuts of :func:`workers.selection.largest_cuts` as an int32 tensor on the tensors' device,
+    a row (value, until) per (expert, k) (until NO_SPLIT where every tie is above), by whole-tensor
+    ops with no read back: the host never waits for the device. Exact (tested against the native
+    and radix cuts), but a selection (``kthvalue``) per cut and ~13 bytes of scratch per entry:
+    for GPUs, where the radix path would read back per step; on the CPU the native one is ~10x
+    faster. Each cut is one compiled graph (a few kernels beside the selection)."""
+    rows = torch.empty(len(wants), 2, dtype=torch.int64, device=experts[0].device)
+    flat = base.reshape(-1) if base is not None else None
+    for w, (i, k) in enumerate(wants):
+        if not _CUT(experts[i].reshape(-1), flat, k, rows[w]):
+            _cut(experts[i].reshape(-1), flat, k, rows[w])
+    return rows.to(torch.int32)
+
+
+def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
+                  scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
+    """A TIES/Breadcrumbs merge (``trims``, see :func:`workers.streaming.trimmed_merge`) with no read
+    back: the cuts selected on the tensors' device (:func:`workers.selection.device_cuts`), the
+    kernel's keys assembled there from them, then the kernel. For GPUs (on the CPU the native
+    one-pass kernel is faster); the same values as the other paths. False when it could not run."""
+    if not takes([base, *experts, out]):
+        return False
+    cuts = device_cuts(experts, base, cut_wants(trims))
+    with record_function("evomerge.host"):
+        # where each expert's row (low value, low until, high value, high until) comes from: a cut's
+        # entry in the flat cuts, or the constants 0 and NO_SPLIT appended after them
+        zero, none = cuts.numel(), cuts.numel() + 1
+        index, highs, slot = [], [], 0
+        for t in trims:
+            low = high = (zero, none)
+            if t.keep > 0:
+                low, slot = (2 * slot, 2 * slot + 1), slot + 1
+            if t.keep >= 0 and t.drop > 0:
+                high, slot = (2 * slot, 2 * slot + 1), slot + 1
+            if t.keep < 0:  # keeps nothing: below a high cut of 0
+                high = (zero, none)
+            index.append([*low, *high])
+            highs.append(t.keep < 0 or t.drop > 0)
+        coefs = [w if consensus else coeff * w for w in weight]
+        host = torch.zeros(len(trims) + 1, 2)
+        host[:-1, 0], host[:-1, 1], host[-1, 0] = torch.tensor(coefs), torch.tensor(weight), scale
+        index_host = torch.tensor(index, dtype=torch.int64)
+    index_dev, host = _to_device(base.device, index_host, host)
+    table = torch.nn.functional.pad(torch.nn.functional.pad(cuts.reshape(-1), (0, 1), value=0), (0, 1), value=NO_SPLIT)
+    keys = table[index_dev]
+    cut_floats = torch.nn.functional.pad(keys[:, 0::2].contiguous().view(torch.float32), (0, 0, 0, 1))
+    reals = torch.cat([host, cut_floats], dim=1)
+    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), keys, reals,
+                  consensus, consensus and normalize, tuple(highs))
 
 
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,

@@ -207,3 +207,8 @@ def largest_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence
         if cuts[w] is None:
             cuts[w] = _largest(radix.setdefault(i, _Magnitudes(experts[i], base)), k)
     return [c for c in cuts if c is not None]
+
+
+# --- whole tensors on a GPU ------------------------------------------------------------
+
+NO_SPLIT = (1 << 31) - 1  # a tie split no index reaches: every tie is above the cut

@@ -75,12 +75,16 @@ def breadcrumbs_trims(density: Sequence[float], gamma: Sequence[float], n: int) 
     return trims
 
 
+def cut_wants(trims: Sequence[Trim]) -> list[tuple[int, int]]:
+    """The (expert, k) cuts the trims need, in order: per expert its keep cut, then its drop cut."""
+    return [(i, k) for i, t in enumerate(trims) if t.keep >= 0 for k in (t.keep, t.drop) if k > 0]
+
+
 def bands(experts: Sequence[Tensor], trims: Sequence[Trim], base: Tensor | None = None,
           native_path: bool = True) -> list[MagnitudeBand | None]:
     """The trims as bands of |δ_i| (None: keep all), δ_i = ``experts[i]`` − ``base`` (the expert
     itself when None); every cut found in one selection (:func:`workers.selection.largest_cuts`)."""
-    wants = [(i, k) for i, t in enumerate(trims) if t.keep >= 0 for k in (t.keep, t.drop) if k > 0]
-    cuts = iter(largest_cuts(experts, base, wants, native_path))
+    cuts = iter(largest_cuts(experts, base, cut_wants(trims), native_path))
     result: list[MagnitudeBand | None] = []
     for t in trims:
         if t.keep < 0:
