@@ -216,7 +216,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds per operator: frac is their median")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the sources' and output's dtype (copy is measured in float32 bytes either way)")
+    parser.add_argument("--simdlen", type=int, default=0,
+                        help="inductor's vector width in bits (256: the AVX2 code on any x86 CPU; with "
+                             "EVOMERGE_NATIVE_ARCH=x86-64-v3 the native kernels' too); 0: the machine's")
     args = parser.parse_args()
+    if args.simdlen:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = args.simdlen
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in SIZES] + [o for o in args.ops.split(",") + args.big_ops.split(",")
                                                    if o and o not in OPERATORS]

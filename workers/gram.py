@@ -27,6 +27,8 @@ from torch.profiler import record_function
 from evomerge.workers import native
 from evomerge.workers.streaming import CHUNK
 
+DEVICE_CHUNK = 1 << 26  # entries per step of the torch path on a GPU
+
 _MAX_TENSORS = 16
 _ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_int,
          ctypes.POINTER(ctypes.c_double))
@@ -51,12 +53,14 @@ def _torch_gram(base: Tensor | None, tensors: Sequence[Tensor]) -> Gram:
     flat_base = base.reshape(-1) if base is not None else None
     n, numel, device = len(flats), flats[0].numel(), flats[0].device
     work = torch.float64 if flats[0].dtype == torch.float64 else torch.float32
-    size = min(CHUNK, numel)
+    # on a GPU chunks of 2^26 entries (a launch costs there; the float64 rows take 0.5 GB per tensor)
+    chunk = CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    size = min(chunk, numel)
     delta = torch.empty(size, dtype=work, device=device)  # scratch reused by every chunk
     wide = torch.empty((n, size), dtype=torch.float64, device=device)
     total = torch.zeros((n, n), dtype=torch.float64, device=device)
-    for start in range(0, numel, CHUNK):
-        m = min(CHUNK, numel - start)
+    for start in range(0, numel, chunk):
+        m = min(chunk, numel - start)
         for row, f in zip(wide, flats):
             if flat_base is None:
                 row[:m].copy_(f[start:start + m])
