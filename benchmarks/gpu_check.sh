@@ -39,8 +39,9 @@ for arg in "$@"; do
   esac
 done
 [ "${GPU_CHECK_CPU:-0}" = 1 ] && MODE=cpu
-if ! $PY -c "import evomerge, torch" 2>/dev/null; then
-  echo "gpu_check: $PY cannot import evomerge and torch (pip install -e ., or source the bundle's env.sh)" >&2
+# what every step imports (pydantic, Ray, lm-eval, torch): a bundle for another Python fails here
+if ! err=$($PY -c "import torch, ray, evomerge.search.commands, evomerge.workers.actor" 2>&1); then
+  echo "gpu_check: $PY cannot import evomerge and its dependencies (pip install -e ., or source the bundle's env.sh): $(echo "$err" | tail -1)" >&2
   exit 2
 fi
 if [ "$MODE" = gpu ]; then
@@ -49,7 +50,7 @@ if [ "$MODE" = gpu ]; then
     exit 2
   fi
   DEVICE=cuda TRIALS=${GPU_CHECK_TRIALS:-40} TRIALS1=${GPU_CHECK_TRIALS1:-16} DEADLINE=${GPU_CHECK_DEADLINE:-450}
-  OPS_ARGS=(--device cuda --full-7b --budget 150) BUILD_ARGS=(--hidden 1024 --layers 16)
+  OPS_ARGS=(--device cuda --full-7b --budget 120) BUILD_ARGS=(--hidden 1024 --layers 16)
 else
   DEVICE=cpu TRIALS=${GPU_CHECK_TRIALS:-6} TRIALS1=${GPU_CHECK_TRIALS1:-4} DEADLINE=${GPU_CHECK_DEADLINE:-3600}
   OPS_ARGS=(--device cpu --rows 344 --cols 4096 --repeats 3 --budget 600) BUILD_ARGS=(--hidden 256 --layers 4)
@@ -85,9 +86,12 @@ step() {
 }
 skip() { printf '%s\t%s\t0\n' "$1" "skipped ($2)" >> "$WORK/steps.tsv"; echo "== $1: skipped ($2)"; }
 
-# search LABEL CONFIG WORKERS: one search with the digest probe and the memory sampler on
+# search LABEL CONFIG WORKERS RESERVE: one search with the digest probe and the memory sampler
+# on; it stops dispatching (--timeout) when RESERVE seconds of the deadline are left (60 s at least)
 search() {
-  local label=$1 config=$2 workers=$3 sampler="" start rc
+  local label=$1 config=$2 workers=$3 reserve=$4 sampler="" start rc timeout
+  timeout=$(( DEADLINE - SECONDS - reserve ))
+  [ "$timeout" -lt 60 ] && timeout=60
   rm -f "$WORK/$label.mem"
   if [ "$MODE" = gpu ] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$WORK/$label.mem" &
@@ -95,7 +99,7 @@ search() {
   fi
   start=$SECONDS
   EVOMERGE_GPU_CHECK_DIGESTS="$WORK/$label.digests" \
-    $PY -m evomerge search "$config" --storage "sqlite:///$WORK/$label.db" --workers "$workers"
+    $PY -m evomerge search "$config" --storage "sqlite:///$WORK/$label.db" --workers "$workers" --timeout "$timeout"
   rc=$?
   echo $(( SECONDS - start )) > "$WORK/$label.wall"
   [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null
@@ -121,14 +125,14 @@ step env 0 $PY benchmarks/gpu_check.py env
 step ops 0 $PY benchmarks/gpu_check.py ops "${OPS_ARGS[@]}"
 if step build 0 $PY benchmarks/gpu_check.py build --out "$WORK/run" --device "$DEVICE" "${BUILD_ARGS[@]}" \
      --trials "$TRIALS" --trials1 "$TRIALS1"; then
-  if step search2 0 search search2 "$WORK/run/search2.yaml" 2; then
+  if step search2 0 search search2 "$WORK/run/search2.yaml" 2 200; then
     step report2 0 report search2 2
     if step replay 0 replay_twice search2; then
       step replay-check 0 $PY benchmarks/gpu_check.py replay-check --db "$WORK/search2.db" --trial "$(cat "$WORK/replay.trial")" \
         --a "$WORK/best" --b "$WORK/best_again" --digests "$WORK/search2.digests"
     else skip replay-check "no replay"; fi
   else skip report2 "search2 failed"; skip replay "search2 failed"; fi
-  if step search1 120 search search1 "$WORK/run/search1.yaml" 1; then
+  if step search1 120 search search1 "$WORK/run/search1.yaml" 1 70; then
     step report1 0 report search1 1
   fi
   if [ "$MODE" = gpu ]; then
