@@ -1,4 +1,4 @@
-"""``evomerge``: demo, search, status, replay, dashboard, merge.
+"""``evomerge``: demo, search, plan, status, replay, dashboard, merge.
 
 Exit status: 0 on success, 2 on bad usage or config (one line saying what and where),
 1 on a runtime failure. Only this entry point sets process-wide state (logging, threads).
@@ -68,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop dispatching after this many seconds")
     _add_pickle(p)
 
+    p = sub.add_parser("plan", help="the memory plan of a search: where sources live, what fits per worker, "
+                                    "GPU and node; exit 2 when it cannot fit")
+    p.add_argument("config", help="search config (YAML)")
+    p.add_argument("--gpus", type=int, help="GPUs per node to plan for (default: none, CPU workers)")
+    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="usable memory of one GPU (default: this "
+                                                                   "machine's, from nvidia-smi)")
+    p.add_argument("--host-memory", type=float, metavar="GiB", help="host memory of a node (default: this machine's)")
+    p.add_argument("--workers", type=int, help="workers per node (default: the config's)")
+    p.add_argument("--max-length", type=int, metavar="TOKENS",
+                   help="tokens per evaluated sequence (default: the model's max length, at most 4096)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _add_pickle(p)
+
     p = sub.add_parser("status", help="print a study's leaderboard")
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the only study in the storage)")
@@ -134,13 +147,14 @@ def _engine_command(args: argparse.Namespace, url: str | None) -> int:
     from evomerge.search.config import ConfigError
     from evomerge.search.controller import StudyMismatch
     from evomerge.evaluators.tasks import TaskError
+    from evomerge.workers.memory_plan import PlanError
     from evomerge.workers.replay import ReplayError
     from evomerge.workers.sources import SourceError
 
     if args.command in ("search", "demo"):
         signals.install()  # SIGINT/SIGTERM stop the controller at a safe point (search/signals.py)
     return _guarded(lambda: int(getattr(commands, f"cmd_{args.command}")(args, url)),
-                    (ConfigError, SourceError, TaskError, StudyMismatch), (ReplayError, SearchFailed))
+                    (ConfigError, SourceError, TaskError, StudyMismatch, PlanError), (ReplayError, SearchFailed))
 
 
 def _guarded(command: Callable[[], int], usage: tuple[type[BaseException], ...],

@@ -17,6 +17,7 @@ from evomerge.search.merge_file import load_merge_file
 from evomerge.search.mergekit_compat import MergekitConfigError, to_mergekit
 from evomerge.search.ledger import Ledger
 from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.planning import check_search, cmd_plan
 from evomerge.search.pool import WorkerPool
 from evomerge.search.progress import Progress, phase
 from evomerge.search.reading import (UsageError, cmd_dashboard, cmd_methods, cmd_status, find_study, open_repo,
@@ -182,6 +183,7 @@ def cmd_search(args: argparse.Namespace, url: str) -> int:
         check_study_name(study)
     except ValueError as exc:
         raise UsageError(f"--study: {exc}") from None
+    check_search(cfg, args.workers or cfg.workers.count, args.ray_address, args.allow_pickle)  # before any work
     prep = prepare(cfg, args.allow_pickle)
     repo, _ = run_search(prep, url, study, args.workers or cfg.workers.count, args.ray_address,
                          args.max_trials or cfg.budget.max_trials, args.timeout or cfg.budget.timeout_s)
@@ -358,4 +360,4 @@ def cmd_demo(args: argparse.Namespace, _url: str | None) -> int:
     return 0
 
 
-__all__ = ["cmd_demo", "cmd_search", "cmd_status", "cmd_replay", "cmd_merge", "cmd_methods", "cmd_dashboard", "ReplayError"]
+__all__ = ["cmd_demo", "cmd_search", "cmd_plan", "cmd_status", "cmd_replay", "cmd_merge", "cmd_methods", "cmd_dashboard", "ReplayError"]

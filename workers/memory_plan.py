@@ -134,7 +134,7 @@ def read_shape(name: str, folder: Path, allow_pickle: bool = False) -> ModelShap
     text = getattr(config, "text_config", None) or config  # multimodal configs nest the decoder's
     numel = {key: math.prod(info.shape) for key, info in infos.items()}
     floats = [key for key, info in infos.items() if info.dtype in _FLOATS]
-    largest = max(numel, key=lambda key: numel[key])
+    largest = max(sorted(numel), key=lambda key: numel[key])  # the first by name among equals
     hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
     length = next((getattr(text, a) for a in ("n_positions", "max_position_embeddings", "n_ctx")
                    if isinstance(getattr(text, a, None), int)), HF_DEFAULT_MAX_LENGTH)
@@ -236,5 +236,8 @@ def _beside(common: int) -> str:
 
 
 def gib(n: int | float) -> str:
-    """Bytes as GiB with two decimals."""
-    return f"{n / GiB:.2f} GiB"
+    """Bytes in GiB with two decimals (MiB or KiB below one GiB)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
