@@ -61,19 +61,24 @@ def plan_search(cfg: SearchConfig, machine: Machine, workers: int | None = None,
 def check_search(cfg: SearchConfig, workers: int, ray_address: str | None, allow_pickle: bool = False) -> Plan | None:
     """The plan at the start of a search on this machine: PlanError when it cannot fit, one
     line on stderr for GPU workers. Skipped (None) when joining a cluster (its nodes are not
-    this one) or when GPU workers are asked for and no GPU is seen here."""
+    this one), when GPU workers are asked for and no GPU is seen here, or (one warning line) when
+    the sources' config lacks a size the plan needs."""
     if ray_address:
         return None
     gpus = local_gpus() if cfg.workers.num_gpus > 0 else []
     if cfg.workers.num_gpus > 0 and not gpus:
         return None
-    result = plan_search(cfg, Machine(host_memory(), len(gpus), min(gpus, default=0)), workers,
-                         allow_pickle=allow_pickle)
+    try:
+        result = plan_search(cfg, Machine(host_memory(), len(gpus), min(gpus, default=0)), workers,
+                             allow_pickle=allow_pickle)
+    except PlanError as exc:  # an architecture the plan cannot read: search as before, said once
+        print(f"evomerge: warning: {exc}", file=sys.stderr)
+        return None
     if result.problem:
         raise PlanError(result.problem)
     if gpus:
         print(f"memory plan: sources on {result.placement}, batch {result.batch}, "
-              f"{result.worker_gpu_bytes / GiB:.1f} GiB of GPU per worker", file=sys.stderr)
+              f"{gib(result.worker_gpu_bytes)} of GPU per worker", file=sys.stderr)
     return result
 
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from evomerge.search.config import load_config
 from evomerge.search.planning import check_search, plan_search, render
-from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, Workload, plan,
-                                          read_shape, sequence_bytes)
+from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError, Workload,
+                                          plan, read_shape, sequence_bytes)
 from tests.conftest import DEMO, ROOT
 
 HEADERS = ROOT / "benchmarks" / "header_models.py"
@@ -76,6 +76,24 @@ def test_search_check_on_the_demo_is_silent_and_skipped_on_a_cluster(capsys: pyt
     assert result is not None and result.problem is None
     assert check_search(cfg, 2, "10.0.0.1:6379") is None  # the cluster's nodes are not this machine
     assert capsys.readouterr() == ("", "")
+
+
+def test_search_check_with_gpus_says_one_line_and_skips_without_them(
+        big: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from evomerge.search import planning
+
+    cfg = load_config(big["7b"])
+    cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"num_gpus": 1.0})})
+    monkeypatch.setattr(planning, "host_memory", lambda: 128 * GiB)  # whatever this machine has
+    monkeypatch.setattr(planning, "local_gpus", lambda: [])
+    assert check_search(cfg, 1, None) is None  # GPU workers asked for, no GPU seen here: nothing to plan
+    monkeypatch.setattr(planning, "local_gpus", lambda: [139 * GiB])
+    result = check_search(cfg, 1, None)
+    assert result is not None and result.placement == "device" and result.machine.gpus == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"memory plan: sources on device, batch {result.batch}, 138.29 GiB of GPU per worker"]
+    with pytest.raises(PlanError, match=r"^GPU memory: one worker needs .* short"):
+        check_search(cfg, 9, None)  # nine workers on one GPU: 15.4 GiB each
 
 
 def test_header_only_1b_llama_is_read_without_reading_its_data(hm: ModuleType, tmp_path: Path) -> None:

@@ -132,6 +132,10 @@ def read_shape(name: str, folder: Path, allow_pickle: bool = False) -> ModelShap
     infos = inspect_tensors(name, folder, allow_pickle)
     config = read_config(name, folder)
     text = getattr(config, "text_config", None) or config  # multimodal configs nest the decoder's
+    lacking = [f for f in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+               if not isinstance(getattr(text, f, None), int)]
+    if lacking:
+        raise PlanError(f"model {name!r}: its config has no integer {lacking[0]}; no memory plan for it")
     numel = {key: math.prod(info.shape) for key, info in infos.items()}
     floats = [key for key, info in infos.items() if info.dtype in _FLOATS]
     largest = max(sorted(numel), key=lambda key: numel[key])  # the first by name among equals
