@@ -146,7 +146,8 @@ def read_shape(name: str, folder: Path, allow_pickle: bool = False) -> ModelShap
     return ModelShape(
         params=sum(numel.values()), float_params=sum(numel[k] for k in floats),
         other_bytes=sum(size[k] for k in infos if k not in floats), file_bytes=sum(size.values()),
-        file_dtypes=tuple(sorted({infos[k].dtype for k in floats})), largest=largest, largest_shape=infos[largest].shape, hidden_size=hidden,
+        file_dtypes=tuple(sorted({infos[k].dtype for k in floats})), largest=largest,
+        largest_shape=infos[largest].shape, hidden_size=hidden,
         layers=int(text.num_hidden_layers), kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
         intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
