@@ -11,7 +11,7 @@ no chunk buffers.
 The ops and their order and dtypes are those of the eager pass, so the result is bit-identical
 to it (tested in tests/test_streaming_merge.py): which path a tensor takes changes its speed,
 never its value. 16-bit sources (bfloat16, float16) are widened to float32 inside the kernel and
-the result rounded once when it is stored (merge arithmetic 2, :mod:`workers.precision`): the
+the result rounded once when it is stored (merge arithmetic 2, :mod:`workers.arithmetic`): the
 same bits as the float32 merge of the widened sources, without a widened copy in memory.
 
 The path is chosen by size, dtype and device alone (:func:`fusable`, :func:`takes`): on the
@@ -139,8 +139,13 @@ class _Compiled:
     def __init__(self, fn: Callable[..., None]) -> None:
         self._fn, self._compiled, self.broken = fn, None, False
 
+    @property
+    def available(self) -> bool:
+        """Not broken, and not turned off (``EVOMERGE_FUSED=0``: the eager pass, same bits)."""
+        return not self.broken and os.environ.get("EVOMERGE_FUSED", "1") != "0"
+
     def __call__(self, *args: object) -> bool:
-        if self.broken or os.environ.get("EVOMERGE_FUSED", "1") == "0":  # 0: the eager pass (same bits)
+        if not self.available:
             return False
         try:
             if self._compiled is None:
@@ -273,10 +278,10 @@ def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[
 def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
                   scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
     """A TIES/Breadcrumbs merge (``trims``, see :func:`workers.streaming.trimmed_merge`) with no read
-    back: the cuts selected on the tensors' device (:func:`workers.selection.device_cuts`), the
+    back: the cuts selected on the tensors' device (:func:`device_cuts`), the
     kernel's keys assembled there from them, then the kernel. For GPUs (on the CPU the native
     one-pass kernel is faster); the same values as the other paths. False when it could not run."""
-    if not takes([base, *experts, out]):
+    if not (_MERGE.available and takes([base, *experts, out])):
         return False
     cuts = device_cuts(experts, base, cut_wants(trims))
     with record_function("evomerge.host"):
