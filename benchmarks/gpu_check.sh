@@ -20,7 +20,7 @@
 # offline bundle on a machine without a GPU.
 # Needs: an evomerge that imports (pip install -e . or, offline, the bundle: source env.sh; cd
 # repo) with torch (a CUDA build in GPU mode). Settings: PYTHON (default python),
-# GPU_CHECK_TRIALS (2-worker trials, 40; CPU 6), GPU_CHECK_TRIALS1 (1-worker, 16; CPU 4),
+# GPU_CHECK_TRIALS (2-worker trials, 40; CPU 6), GPU_CHECK_TRIALS1 (1-worker, 16; CPU 6),
 # GPU_CHECK_DEADLINE (seconds, 450; CPU 3600): the optional steps (ops' 7B set, search1, host)
 # are skipped when too little of it is left. Exit status: 0 when every step passed, 1 if any
 # failed, 2 when it cannot start.
@@ -52,7 +52,7 @@ if [ "$MODE" = gpu ]; then
   DEVICE=cuda TRIALS=${GPU_CHECK_TRIALS:-40} TRIALS1=${GPU_CHECK_TRIALS1:-16} DEADLINE=${GPU_CHECK_DEADLINE:-450}
   OPS_ARGS=(--device cuda --full-7b --budget 120) BUILD_ARGS=(--hidden 1024 --layers 16)
 else
-  DEVICE=cpu TRIALS=${GPU_CHECK_TRIALS:-6} TRIALS1=${GPU_CHECK_TRIALS1:-4} DEADLINE=${GPU_CHECK_DEADLINE:-3600}
+  DEVICE=cpu TRIALS=${GPU_CHECK_TRIALS:-6} TRIALS1=${GPU_CHECK_TRIALS1:-6} DEADLINE=${GPU_CHECK_DEADLINE:-3600}
   OPS_ARGS=(--device cpu --rows 344 --cols 4096 --repeats 3 --budget 600) BUILD_ARGS=(--hidden 256 --layers 4)
 fi
 WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
