@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py env
     python benchmarks/gpu_check.py ops --device cuda [--rows 11008 --cols 4096] [--full-7b] [--budget S]
     python benchmarks/gpu_check.py build --out DIR --device cuda [--hidden 1024 --layers 16] [--trials 40 --trials1 16]
-    python benchmarks/gpu_check.py report --db FILE --label L [--mem FILE] [--wall S] [--workers N] [--digests DIR]
-    python benchmarks/gpu_check.py replay-check --db FILE --a DIR --b DIR [--digests DIR]
+    python benchmarks/gpu_check.py report --db FILE --label L [--mem FILE] [--wall S] [--workers N]
+    python benchmarks/gpu_check.py replay-check --db FILE --a DIR --b DIR [--trial N]
     python benchmarks/gpu_check.py host-sources --folder DIR
     python benchmarks/gpu_check.py summary --work DIR
 
@@ -20,10 +20,11 @@ a random Llama of about 200 M parameters with the demo's character tokenizer, tw
 ``search2.yaml`` (2 workers sharing one GPU, ``workers.num_gpus: 0.5``) and ``search1.yaml``
 (1 worker owning it). The models are random: the scores mean nothing; the check is that the
 bf16 path runs and how fast. ``report`` prints seconds per candidate (materialize / evaluate,
-from the database), failed trials and peak GPU memory (nvidia-smi samples, all processes; and
-per worker, torch's own peak, from the digests). ``replay-check`` compares two replays of the
-best candidate bit for bit, and each with the weights the search's worker scored (a digest
-that benchmarks/gpu_check_hook/sitecustomize.py records in every worker). ``summary`` prints
+from the database), failed trials and peak GPU memory (nvidia-smi samples, all processes).
+``replay-check`` compares two replays of the best candidate bit for bit, each with the same
+candidate materialized again in the check's process on the study's device by the workers' own
+code (``Materializer``: same device, same bits), and on a GPU that merge with the CPU's (the
+cross-device tolerance docs/merge-engine.md states: at most 1 unit in the last place). ``summary`` prints
 the table of everything the steps recorded (``$GPU_CHECK_SUMMARY``, ``steps.tsv``).
 """
 
@@ -59,19 +60,6 @@ def record(section: str, item: str, value: object) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{section}\t{item}\t{' '.join(str(value).split())}\n")
-
-
-def digest(tensor: Any) -> list[int]:
-    """A bit-exact fingerprint of a float tensor on any device: two wrapping int64 sums of its
-    bit patterns (plain, and weighted by position mod 65521). Integer sums wrap modulo 2^64 in
-    any order, so the same bits give the same digest on every device."""
-    import torch
-
-    bits = tensor.detach().contiguous().reshape(-1)
-    view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]
-    words = bits.view(view).to(torch.int64)
-    weights = torch.arange(words.numel(), device=words.device, dtype=torch.int64).remainder_(65521).add_(1)
-    return [int(words.sum()), int((words * weights).sum())]
 
 
 def _sync(device: str) -> None:
@@ -311,25 +299,7 @@ workers: {{count: {count}, num_gpus: {share if gpu else 0}, dtype: bfloat16}}
     record("models", "built", f"3 x {params / 1e6:.1f} M parameters bf16 (hidden {hidden}, {layers} layers)")
 
 
-def _records(folder: Path | None) -> list[dict[str, Any]]:
-    """Every digest record the workers wrote (gpu_check_hook), one per evaluation."""
-    if folder is None or not folder.is_dir():
-        return []
-    recs = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            recs.append(json.loads(path.read_text()))
-        except ValueError:
-            continue
-    return recs
-
-
-def _digests(folder: Path | None) -> dict[int, dict[str, Any]]:
-    """candidate id -> a digest record a worker wrote for it."""
-    return {int(r["candidate_id"]): r for r in _records(folder)}
-
-
-def report(db: Path, label: str, mem: Path | None, wall: float | None, workers: int, digests: Path | None) -> None:
+def report(db: Path, label: str, mem: Path | None, wall: float | None, workers: int) -> None:
     with sqlite3.connect(db) as conn:
         rows = conn.execute("select state, materialize_s, evaluate_s, worker from evomerge_candidates").fetchall()
     done = [r for r in rows if r[0] == "complete" and r[1] is not None]
@@ -354,25 +324,6 @@ def report(db: Path, label: str, mem: Path | None, wall: float | None, workers: 
         line = "n/a (no nvidia-smi samples)"
     print(f"{label}: peak GPU memory used: {line}")
     record(label, "peak GPU memory", line)
-    recs = _records(digests)
-    peaks = {r.get("pid"): r.get("peak_mib") for r in recs if r.get("peak_mib") is not None}
-    by_id: dict[int, list[dict[str, Any]]] = {}
-    for r in recs:
-        by_id.setdefault(int(r["candidate_id"]), []).append(r)
-    again = {i: rs for i, rs in by_id.items() if len({r["pid"] for r in rs}) > 1}
-    if again:  # scored on the search split by one worker, on the held-out split by another
-        differ = [i for i, rs in again.items() if any(r["tensors"] != rs[0]["tensors"] for r in rs)]
-        line = (f"{len(again)} candidate(s) merged by 2 workers (search + held-out): "
-                + ("all bit-identical" if not differ else f"{len(differ)} DIFFER (ids {differ[:5]})"))
-        print(f"{label}: {line}")
-        record(label, "same merge, 2 workers", line)
-        if differ:
-            sys.exit(f"report: the workers' merges of one candidate differ: {differ[:5]}")
-    if peaks:
-        line = (", ".join(f"{v:.0f}" for v in sorted(peaks.values(), reverse=True))
-                + " MiB (torch max allocated, per worker)")
-        print(f"{label}: {line}")
-        record(label, "peak per worker", line)
 
 
 def _folder_tensors(folder: Path) -> dict[str, Any]:
@@ -386,15 +337,47 @@ def _folder_tensors(folder: Path) -> dict[str, Any]:
     return tensors
 
 
-def replay_check(db: Path, a: Path, b: Path, digests: Path | None, trial: int | None) -> None:
-    """Two replays equal bit for bit, and equal to what the search's worker scored."""
+def _materialized(db: Path, candidate: int, device: str) -> dict[str, Any]:
+    """The candidate's weights as a worker's Materializer builds them on ``device`` (the code the
+    search ran, in this process), by parameter name."""
+    import torch
+
+    from evomerge.search.config import stored_config
+    from evomerge.workers.materialize import Materializer
+    from evomerge.workers.recipe import Recipe
+    from evomerge.workers.sources import validate_sources
+
+    with sqlite3.connect(db) as conn:
+        recipe_json, study = conn.execute(
+            "select c.recipe_json, s.name from evomerge_candidates c join evomerge_studies s on s.id = c.study_id "
+            "where c.id = ?", (candidate,)).fetchone()
+        (config_json,) = conn.execute("select config_json from evomerge_studies where name = ?", (study,)).fetchone()
+    cfg = stored_config(config_json, study)
+    folders = validate_sources(cfg.sources(), False, cfg.base_model)
+    materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype), device=device)
+    materializer.apply(Recipe.from_json(recipe_json))
+    return {k: p.detach() for k, p in materializer.params.items()}
+
+
+def _ulps(a: Any, b: Any) -> tuple[int, int]:
+    """(entries that differ, largest difference in units in the last place) of two tensors of one
+    float dtype (same-sign values: the bit patterns' distance)."""
+    import torch
+
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    x, y = a.contiguous().view(ints).to(torch.int64), b.contiguous().view(ints).to(torch.int64)
+    diff = (x - y).abs()
+    return int((diff != 0).sum()), int(diff.max()) if diff.numel() else 0
+
+
+def replay_check(db: Path, a: Path, b: Path, trial: int | None) -> None:
+    """Two replays equal bit for bit; each equal to the candidate materialized again here on the
+    study's device by the worker's code (same device, same bits); on a GPU, the same
+    materialized on the CPU: how far another device's replay is (units in the last place)."""
     import torch
 
     ta, tb = _folder_tensors(a), _folder_tensors(b)
-    same = ta.keys() == tb.keys() and all(
-        ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.int16) if ta[k].element_size() == 2 else ta[k],
-                                                   tb[k].view(torch.int16) if tb[k].element_size() == 2 else tb[k])
-        for k in ta)
+    same = ta.keys() == tb.keys() and all(_ulps(ta[k], tb[k])[0] == 0 and ta[k].dtype == tb[k].dtype for k in ta)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in ta.values()})
     line = f"{'bit-identical' if same else 'DIFFER'} ({len(ta)} tensors, {'/'.join(dtypes)})"
     print(f"replay twice: {line}")
@@ -404,23 +387,26 @@ def replay_check(db: Path, a: Path, b: Path, digests: Path | None, trial: int | 
         where = "and trial_number = ? " if trial is not None else ""
         row = conn.execute(BEST + where + "order by fitness desc, id desc limit 1",
                            () if trial is None else (trial,)).fetchone()
-    rec = _digests(digests).get(int(row[0])) if row else None
-    if rec is None:
-        line = "n/a (no worker digest recorded for the replayed candidate)"
-        ok = False if digests is not None and row else ok
-    else:
-        theirs = rec["tensors"]
-        mine = {k: digest(v) for k, v in ta.items() if k in theirs}
-        missing = sorted(set(theirs) - set(mine))
-        bad = [k for k in mine if mine[k] != theirs[k]]
-        good = not missing and not bad
-        ok = ok and good
-        line = (f"{'bit-identical' if good else 'DIFFER'} to trial {row[1]}'s weights as the worker scored them "
-                f"on {rec.get('device')} ({len(mine)} tensors compared"
-                + (f", {len(bad)} differ, e.g. {bad[0]}" if bad else "")
-                + (f", {len(missing)} missing from the folder" if missing else "") + ")")
+    if row is None:
+        sys.exit("replay-check: no complete merged candidate")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    here = _materialized(db, int(row[0]), device)
+    keys = [k for k in ta if k in here]
+    bad = [k for k in keys if _ulps(ta[k], here[k].cpu())[0]]
+    ok = ok and not bad and bool(keys)
+    line = (f"{'bit-identical' if not bad else 'DIFFER'} to trial {row[1]} materialized again on {device} "
+            f"({len(keys)} tensors" + (f", {len(bad)} differ, e.g. {bad[0]}" if bad else "") + ")")
     print(f"replay vs search: {line}")
-    record("replay", "replay vs in-search", line)
+    record("replay", f"replay vs materialized on {device}", line)
+    if device != "cpu":  # the cross-device tolerance docs/merge-engine.md states: within 1 ulp
+        cpu = _materialized(db, int(row[0]), "cpu")
+        counts = [_ulps(here[k].cpu(), cpu[k]) for k in keys]
+        entries, worst = sum(c[0] for c in counts), max((c[1] for c in counts), default=0)
+        total = sum(here[k].numel() for k in keys)
+        line = f"{entries} of {total} entries differ, at most {worst} ulp"
+        print(f"cuda vs cpu merge: {line}")
+        record("replay", "cuda vs cpu merge", line)
+        ok = ok and worst <= 1
     if not ok:
         sys.exit("replay-check: FAILED")
 
@@ -518,12 +504,10 @@ def main() -> None:
     r.add_argument("--mem", type=Path)
     r.add_argument("--wall", type=float)
     r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--digests", type=Path)
     c = sub.add_parser("replay-check")
     c.add_argument("--db", type=Path, required=True)
     c.add_argument("--a", type=Path, required=True)
     c.add_argument("--b", type=Path, required=True)
-    c.add_argument("--digests", type=Path)
     c.add_argument("--trial", type=int)
     t = sub.add_parser("best-trial")
     t.add_argument("--db", type=Path, required=True)
@@ -540,9 +524,9 @@ def main() -> None:
     elif args.cmd == "build":
         build(args.out, args.hidden, args.layers, args.trials, args.trials1, args.device)
     elif args.cmd == "report":
-        report(args.db, args.label, args.mem, args.wall, args.workers, args.digests)
+        report(args.db, args.label, args.mem, args.wall, args.workers)
     elif args.cmd == "replay-check":
-        replay_check(args.db, args.a, args.b, args.digests, args.trial)
+        replay_check(args.db, args.a, args.b, args.trial)
     elif args.cmd == "best-trial":
         best_trial(args.db)
     elif args.cmd == "host-sources":
