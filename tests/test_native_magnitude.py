@@ -62,7 +62,7 @@ def _misleading(n: int = 64 * 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def test_a_misleading_sample_misses_and_the_fallback_is_exact(threads: int) -> None:
     base, delta, k = _misleading()
-    lib = selection._kernel()
+    lib = selection.kernel()
     assert lib is not None
     assert selection._native_cuts(lib, [delta], base, [(0, k)], selection.WIDTHS[0]) == [None]  # missed
     assert selection.largest_cuts([delta], base, [(0, k)]) == selection.largest_cuts([delta], base, [(0, k)],

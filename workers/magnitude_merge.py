@@ -52,4 +52,6 @@ def merge(base: Tensor, experts: Sequence[Tensor], trims: Sequence[Trim], weight
         int(consensus and normalize), sample_size(n), WIDTHS[0], native.threads())
     if status < 0:
         raise ValueError(f"band merge rejected its arguments (n={n}, {count} experts)")
-    return status == 1  # 0: a bracket missed (rare): the two-step path selects with its own retries
+    # 0: a bracket missed (rare): the two-step path selects with its own retries; 2: a build without
+    # AVX-512 declines (its scalar pass is slower than the selection and the compiled merge)
+    return status == 1

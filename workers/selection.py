@@ -157,7 +157,7 @@ _ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.
          ctypes.c_int, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int))
 
 
-def _kernel() -> Callable[..., int] | None:
+def kernel() -> Callable[..., int] | None:
     """The native selection, or None (no compiler, or turned off)."""
     return native.kernel("band_scan", "evomerge_select", _ARGS)
 
@@ -192,7 +192,7 @@ def largest_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence
     |δ_expert| lie (δ = expert − ``base``; the expert itself when ``base`` is None); ties at the
     cut go to the lowest indices. All experts share one pass where the native path runs
     (``native_path`` False: the radix path only, which gives the same cuts)."""
-    select = _kernel() if native_path else None
+    select = kernel() if native_path else None
     cuts: list[Cut | None] = [None] * len(wants)
     if wants and select is not None and native.takes([*experts, *([base] if base is not None else [])],
                                                       min_numel=NATIVE_MIN, max_numel=1 << 31):

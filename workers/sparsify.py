@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from evomerge.workers import selection
 from evomerge.workers.selection import Cut, abs_bits, largest_cuts
 
 
@@ -73,6 +74,11 @@ def breadcrumbs_trims(density: Sequence[float], gamma: Sequence[float], n: int) 
         top = min(int(g * n), n - kept)
         trims.append(Trim(0) if d >= 1.0 else Trim(-1) if kept == 0 else Trim(kept + top if kept + top < n else 0, top))
     return trims
+
+
+def native_selection() -> bool:
+    """Whether the native selection kernel is built and loaded (CPU tensors' cuts)."""
+    return selection.kernel() is not None
 
 
 def cut_wants(trims: Sequence[Trim]) -> list[tuple[int, int]]:

@@ -262,18 +262,19 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
 def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
                   scale: float, normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
     """:func:`task_vector_merge` of magnitude-trimmed task vectors (TIES, Breadcrumbs): one native
-    pass where it runs (:mod:`workers.magnitude_merge`, CPU); else (a GPU, a CPU without the native
-    kernels) the cuts selected and merged on the device with no read back
-    (:func:`fused.trimmed_merge`); else (no compiler) the cuts are selected and the bands merged.
-    All give the same bits."""
+    pass where it runs (:mod:`workers.magnitude_merge`, CPU with AVX-512); on a GPU (or a CPU without
+    the native kernels) the cuts selected and merged on the device with no read back
+    (:func:`fused.trimmed_merge`); else the cuts are selected (natively where it runs) and the
+    bands merged (compiled where it runs). All give the same bits."""
     result = torch.empty_like(base) if out is None else out
     coeff = _sum_factor(weight, scale, normalize, consensus)
     if magnitude_merge.merge(base, experts, trims, weight, coeff=coeff, scale=scale, consensus=consensus,
                              normalize=normalize, out=result):
         return result
-    if fused.trimmed_merge(base, experts, weight, trims, scale=scale, coeff=coeff, consensus=consensus,
-                           normalize=normalize, out=result):
-        return result  # a GPU (or a CPU without the native kernel): cuts and merge with no read back
+    if (base.device.type != "cpu" or not sparsify.native_selection()) and fused.trimmed_merge(
+            base, experts, weight, trims, scale=scale, coeff=coeff, consensus=consensus, normalize=normalize,
+            out=result):
+        return result  # a GPU (or a CPU without the native kernels): cuts and merge with no read back
     keep = sparsify.bands(experts, trims, base)
     return task_vector_merge(base, experts, weight, scale=scale, normalize=normalize, consensus=consensus,
                              out=result, keep=keep)
