@@ -22,7 +22,7 @@ from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
 from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
-from evomerge.workers.streaming import working_dtype
+from evomerge.workers.precision import working_dtype
 
 
 Placement = Literal["auto", "device", "host"]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, sparsify, streaming
+from evomerge.workers.precision import working_dtype
 from evomerge.workers.gram import gram as inner_products
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
@@ -43,7 +44,7 @@ def _emit(result: Tensor, out: Tensor | None, like: Tensor) -> Tensor:
 def _widened(base: Tensor, experts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """The sources in the working dtype (float32 for 16-bit ones, exact): for the operators whose
     ops run on whole tensors (DELLA, PCB), so a 16-bit merge is the float32 merge rounded once."""
-    dtype = streaming.working_dtype(base.dtype)
+    dtype = working_dtype(base.dtype)
     return base.to(dtype), [e.to(dtype) for e in experts]
 
 
@@ -178,7 +179,7 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
         return result
     flat_base, flat_out, flats = base.reshape(-1), result.view(-1), [e.reshape(-1) for e in experts]
     size = streaming.chunk_size(base.device)
-    wide = streaming.working_dtype(base.dtype)
+    wide = working_dtype(base.dtype)
     for start in range(0, flat_base.numel(), size):  # the whole-tensor ops, one chunk at a time
         b = flat_base[start:start + size].to(wide)  # 16-bit: every δ in float32, rounded once at the end
         weighted = [(f[start:start + size] - b).mul_(w) for f, w in zip(flats, weight)]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import native
+from evomerge.workers.precision import working_dtype
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class _Magnitudes:
         self._base = base.reshape(-1) if base is not None else None
         self.n = self._expert.numel()
         size = max(1, min(SELECT_CHUNK if expert.device.type == "cpu" else 1 << 28, self.n))
-        self._wide = expert.dtype in (torch.float16, torch.bfloat16)  # magnitudes of the float32 δ
-        dtype = torch.float32 if self._wide else expert.dtype
+        dtype = working_dtype(expert.dtype)
+        self._wide = dtype != expert.dtype  # 16-bit: magnitudes of the float32 δ
         self._size, self._delta = size, torch.empty(size, dtype=dtype, device=expert.device)
         self._bits = torch.empty(size, dtype=torch.int32, device=expert.device)
         self._spare = torch.empty(size, dtype=torch.int32, device=expert.device)

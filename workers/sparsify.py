@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from evomerge.workers import selection
+from evomerge.workers.precision import working_dtype
 from evomerge.workers.selection import Cut, abs_bits, largest_cuts
 
 
@@ -120,7 +121,7 @@ def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if band.empty:
         return torch.zeros_like(delta, dtype=torch.bool)
-    bits = abs_bits(delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta)  # cuts are float32 bits
+    bits = abs_bits(delta.to(working_dtype(delta.dtype)))  # 16-bit: cuts are float32 bits
     mask = _above(bits, band.low)
     if band.high is not None:
         mask &= ~_above(bits, band.high)

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, magnitude_merge, native, sparsify
+from evomerge.workers.precision import HALF, working_dtype
 from evomerge.workers.sparsify import DareDraw, MagnitudeBand, Trim
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
-HALF = (torch.float16, torch.bfloat16)  # merged in float32, rounded once (merge arithmetic 2)
 _INT_OF = {4: torch.int32, 2: torch.int16}
 _SIGN_SHIFT = {4: 31, 2: 15}
 
@@ -46,11 +46,6 @@ def chunk_size(device: torch.device | None = None) -> int:
     if device is not None and device.type != "cpu":
         return 1 << 28
     return CHUNK * max(1, min(8, torch.get_num_threads()))
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a merge computes in: float32 for 16-bit sources, rounded once when stored."""
-    return torch.float32 if dtype in HALF else dtype
 
 
 _COMBINE_ARGS = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
