@@ -159,3 +159,14 @@ def test_new_studies_record_their_arithmetic_and_device(tmp_path: Path) -> None:
         assert stored is not None and (stored.merge_arithmetic, stored.device) == (arithmetic.MERGE_ARITHMETIC, "cpu")
     finally:
         repo.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_replay_on_a_device_this_machine_lacks_is_refused_in_one_line(tmp_path: Path) -> None:
+    db = _old_study(tmp_path, "float32")
+    proc = run_cli("replay", "--storage", f"sqlite:///{db}", "--study", "prev", "--out", str(tmp_path / "m"),
+                   "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "no CUDA device" in lines[0], lines
+    assert not (tmp_path / "m").exists()
