@@ -22,7 +22,7 @@ from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
 from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
-from evomerge.workers.precision import working_dtype
+from evomerge.workers.precision import widened
 
 
 Placement = Literal["auto", "device", "host"]
@@ -100,10 +100,10 @@ class Materializer:
         experts = [self.on_device(self.sources[m][key]) for m in recipe.models]
         if not recipe.transforms:
             return op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
-        dtype, wide = base.dtype, working_dtype(base.dtype)  # 16-bit: merge and transform in float32, round once
-        base, experts = base.to(wide), [e.to(wide) for e in experts]
+        dtype = base.dtype  # 16-bit: merge and transform in float32, round once
+        base, experts = widened(base, experts)
         merged = op.fn(base, experts, normalize=recipe.normalize, generator=generator,
-                       out=out if wide == dtype else None, **kwargs)
+                       out=out if base.dtype == dtype else None, **kwargs)
         for name in recipe.transforms:
             transform = get_transform(name)
             values = {p.name: recipe.shared[p.name][0] for p in transform.params}

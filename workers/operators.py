@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, sparsify, streaming
-from evomerge.workers.precision import working_dtype
+from evomerge.workers.precision import widened, working_dtype
 from evomerge.workers.gram import gram as inner_products
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
@@ -41,11 +41,15 @@ def _emit(result: Tensor, out: Tensor | None, like: Tensor) -> Tensor:
     return out if result is out else out.copy_(result)
 
 
-def _widened(base: Tensor, experts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """The sources in the working dtype (float32 for 16-bit ones, exact): for the operators whose
-    ops run on whole tensors (DELLA, PCB), so a 16-bit merge is the float32 merge rounded once."""
-    dtype = working_dtype(base.dtype)
-    return base.to(dtype), [e.to(dtype) for e in experts]
+def _della(base: Tensor, experts: Sequence[Tensor], density: Sequence[float], epsilon: Sequence[float],
+           weight: Sequence[float], scale: float, normalize: bool, consensus: bool,
+           generator: torch.Generator | None, out: Tensor | None) -> Tensor:
+    """DELLA's MAGPRUNE drop of every δ_i, then the sum or the TIES election; whole tensors, so
+    16-bit sources are widened first and the result rounded once."""
+    wide, sources = widened(base, experts)
+    deltas = [sparsify.della(e - wide, d, eps, generator) for e, d, eps in zip(sources, density, epsilon)]
+    target = out if wide is base else None  # float32 sources: straight into ``out``
+    return _emit(_task_vector_merge(wide, deltas, weight, scale, normalize, consensus, target), out, base)
 
 
 def _guarded(total: float) -> float:
@@ -143,10 +147,7 @@ def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], 
           generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
     """DELLA (Deep et al. 2024): MAGPRUNE drop with magnitude-ranked keep probabilities in
     [d − ε, d + ε] and 1/p rescale, then TIES sign election and fusion."""
-    wide, sources = _widened(base, experts)
-    deltas = [sparsify.della(e - wide, d, eps, generator) for e, d, eps in zip(sources, density, epsilon)]
-    target = out if wide is base else None  # float32 sources: straight into ``out``
-    return _emit(_task_vector_merge(wide, deltas, weight, scale, normalize, True, target), out, base)
+    return _della(base, experts, density, epsilon, weight, scale, normalize, True, generator, out)
 
 
 @register("della_linear")
@@ -154,10 +155,7 @@ def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[f
                  weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                  generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
     """DELLA's MAGPRUNE drop, then task arithmetic (no sign election)."""
-    wide, sources = _widened(base, experts)
-    deltas = [sparsify.della(e - wide, d, eps, generator) for e, d, eps in zip(sources, density, epsilon)]
-    target = out if wide is base else None  # float32 sources: straight into ``out``
-    return _emit(_task_vector_merge(wide, deltas, weight, scale, normalize, False, target), out, base)
+    return _della(base, experts, density, epsilon, weight, scale, normalize, False, generator, out)
 
 
 # --- masks from agreement -----------------------------------------------------------
@@ -215,7 +213,7 @@ def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequen
     product, min-max rescaled to scores s_i; θ_b + λ·Σ w_i s_i δ̃_i / Σ s_i. The merge is a
     weighted mean by construction, so ``normalize`` does not apply."""
     n, numel = len(experts), base.numel()
-    wide, sources = _widened(base, experts)
+    wide, sources = widened(base, experts)
     clipped, signed = [], []
     for e in sources:
         delta = (e - wide).flatten()
