@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from evomerge.evaluators.tasks import TaskSpec
+from evomerge.evaluators.spec import TaskSpec
 
 
 class ScoreError(ValueError):

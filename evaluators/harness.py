@@ -11,7 +11,8 @@ from typing import Any
 
 from evomerge.evaluators.racing import Partial, keep_going
 from evomerge.evaluators.settings import FEWSHOT_SEED, DocSample, document_order, prompt_key
-from evomerge.evaluators.tasks import TaskSpec, TaskSuite, build_task_dict, doc_samples
+from evomerge.evaluators.spec import TaskSpec, TaskSuite
+from evomerge.evaluators.tasks import build_task_dict, doc_samples
 
 
 @dataclass(frozen=True)

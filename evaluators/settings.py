@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from evomerge.evaluators.tasks import TaskError, TaskSpec  # tasks.py imports this module lazily
+from evomerge.evaluators.spec import TaskError, TaskSpec
 
 # lm-eval's own default ``fewshot_random_seed`` (simple_evaluate): few-shot examples are the
 # same in every call, every worker and after a resume. lm-eval's sampler starts unseeded

@@ -12,47 +12,13 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from evomerge.evaluators.racing import RacingSettings
-
-
-class TaskError(ValueError):
-    """A task cannot be found or built; the message is one line."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One scored task: lm-eval task name, the metric read from its results, its weight, and
-    how its prompts are built (evomerge.evaluators.settings; the config resolves the
-    evaluation-wide defaults into each task)."""
-
-    name: str
-    metric: str = "acc"
-    weight: float = 1.0
-    num_fewshot: int | None = None  # None: the task's own (0 if it has none)
-    apply_chat_template: bool = False
-    system_instruction: str | None = None
-    fewshot_as_multiturn: bool = False
-    generation_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)  # over the task's own
-
-
-@dataclass(frozen=True)
-class TaskSuite:
-    """The tasks of a study and where to find them."""
-
-    tasks: tuple[TaskSpec, ...]
-    task_paths: tuple[Path, ...] = ()
-    search_split: str | None = None  # None: the task's own test_split
-    heldout_split: str | None = None
-    limit: int | None = None  # documents per task on the search split (None: all), a seeded sample
-    heldout_limit: int | None = None  # the same on the held-out split
-    sample_seed: int = 0  # draws the sampled documents: stored with the study, so fixed for it
-    racing: RacingSettings = RacingSettings()  # multi-fidelity scoring of the search split
+from evomerge.evaluators.settings import apply_settings, check_chat_template, check_settings, sample_docs
+from evomerge.evaluators.spec import TaskError, TaskSpec, TaskSuite
 
 
 @functools.cache  # one class, created on first use so lm-eval is imported only by workers
@@ -161,7 +127,6 @@ def task_config(spec: TaskSpec, suite: TaskSuite, split: str | None) -> dict[str
 def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
     """lm-eval Task objects for the search (or held-out) split, keyed by our task name, with
     each task's settings applied."""
-    from evomerge.evaluators.settings import apply_settings  # it imports this module
 
     split = suite.heldout_split if heldout else suite.search_split
     if heldout and split is None:
@@ -209,7 +174,6 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
 
 def doc_samples(suite: TaskSuite, tasks: Mapping[str, Any], heldout: bool) -> dict[str, list[int]]:
     """lm-eval's ``samples``: the documents scored per task where a limit cuts the split."""
-    from evomerge.evaluators.settings import sample_docs
 
     limit = suite.heldout_limit if heldout else suite.limit
     samples: dict[str, list[int]] = {}
@@ -261,7 +225,6 @@ def check_suite(suite: TaskSuite, tokenizer_dir: Path | None = None, model: str 
     each configured metric is one the task reports and each setting is one lm-eval applies
     (TaskError, one line, otherwise); with ``tokenizer_dir`` (the workers' tokenizer, of
     ``model``), that it has the chat template the settings ask for."""
-    from evomerge.evaluators.settings import check_chat_template, check_settings
 
     for heldout in (False, True) if suite.heldout_split is not None else (False,):
         tasks = build_task_dict(suite, heldout)

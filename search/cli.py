@@ -146,7 +146,7 @@ def _engine_command(args: argparse.Namespace, url: str | None) -> int:
     from evomerge.search.commands import SearchFailed
     from evomerge.search.config import ConfigError
     from evomerge.search.controller import StudyMismatch
-    from evomerge.evaluators.tasks import TaskError
+    from evomerge.evaluators.spec import TaskError
     from evomerge.workers.memory_plan import PlanError
     from evomerge.workers.replay import ReplayError
     from evomerge.workers.sources import SourceError

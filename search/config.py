@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 
 from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
-from evomerge.evaluators.tasks import TaskSpec, TaskSuite
+from evomerge.evaluators.spec import TaskSpec, TaskSuite
 from evomerge.search.presets import apply_defaults
 from evomerge.workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
 from evomerge.workers.sources import SourceModel

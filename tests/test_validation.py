@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.evaluators.tasks import TaskError
+from evomerge.evaluators.spec import TaskError
 from evomerge.search.cli import main
 from evomerge.search.commands import Prepared, SearchFailed, prepare, run_search
 from evomerge.search.config import ConfigError, load_config

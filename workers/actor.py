@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from evomerge.evaluators.harness import Evaluator, Scoring
-from evomerge.evaluators.tasks import TaskSuite
+from evomerge.evaluators.spec import TaskSuite
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe
