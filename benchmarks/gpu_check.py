@@ -151,7 +151,7 @@ def _reads(op_name: str) -> int:
 def ops(device: str, rows: int, cols: int, repeats: int, full_7b: bool, full_ops: list[str], budget: float) -> None:
     import torch
 
-    from evomerge.workers.operators import OPERATORS
+    from evomerge.workers.registry import OPERATORS
 
     start = time.monotonic()
     dtype = torch.bfloat16
@@ -203,7 +203,7 @@ def _full_7b(device: str, names: list[str], repeats: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evomerge.workers.operators import OPERATORS
+    from evomerge.workers.registry import OPERATORS
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,

@@ -44,7 +44,7 @@ import torch._inductor.config  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from evomerge.workers import fused  # noqa: E402
-from evomerge.workers.operators import OPERATORS  # noqa: E402
+from evomerge.workers.registry import OPERATORS  # noqa: E402
 
 # (hidden, MLP, layers, vocab, kv heads / heads): Llama-2 7 B and Llama-3 70 B
 MODELS = {"7b": (4096, 11008, 32, 32000, 1.0, 64), "70b": (8192, 28672, 80, 128256, 0.125, 512)}

@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge.search.mergekit_compat import SHARED_METHODS  # noqa: E402
 from evomerge.workers.layout import tensor_seed  # noqa: E402
-from evomerge.workers.operators import OPERATORS  # noqa: E402
+from evomerge.workers.registry import OPERATORS  # noqa: E402
 from evomerge.workers.registry import Operator  # noqa: E402
 from merge_throughput import PER_EXPERT, SHARED, make_recipe, mergekit_call  # noqa: E402
 

@@ -48,7 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge.search.mergekit_compat import SHARED_METHODS, to_mergekit  # noqa: E402
 from evomerge.workers.materialize import Materializer  # noqa: E402
-from evomerge.workers.operators import OPERATORS  # noqa: E402
+from evomerge.workers.registry import OPERATORS  # noqa: E402
 from evomerge.workers.recipe import Recipe  # noqa: E402
 from evomerge.workers.replay import verify_folder, write_model_folder  # noqa: E402
 

@@ -19,8 +19,8 @@ from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
 from evomerge.search.presets import apply_defaults
-from evomerge.workers.operators import OPERATORS, TRANSFORMS, get_operator, get_transform
-from evomerge.workers.sources import SourceModel
+from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, method_spec, transform_spec
+from evomerge.workers.source_spec import SourceModel
 
 
 class ConfigError(ValueError):
@@ -51,27 +51,27 @@ class MergeConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method not in OPERATORS:
-            raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(OPERATORS))})")
+        if method not in METHODS:
+            raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})")
         return method
 
     @field_validator("transforms")
     @classmethod
     def _known_transforms(cls, names: list[str]) -> list[str]:
         for name in names:
-            if name not in TRANSFORMS:
-                raise ValueError(f"unknown transform {name!r} (known: {', '.join(sorted(TRANSFORMS))})")
+            if name not in TRANSFORMS_DECLARED:
+                raise ValueError(f"unknown transform {name!r} (known: {', '.join(sorted(TRANSFORMS_DECLARED))})")
         if len(set(names)) != len(names):
             raise ValueError(f"a transform is listed twice in {names}")
         return names
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
-        op = get_operator(self.method)
+        op = method_spec(self.method)
         if self.transforms and not op.task_vector:
             raise ValueError(f"transforms {self.transforms} act on task vectors; {self.method} is not a "
                              "task-vector method")
-        known = list(op.param_names) + [p.name for t in self.transforms for p in get_transform(t).params]
+        known = list(op.param_names) + [p.name for t in self.transforms for p in transform_spec(t).params]
         for name, (low, high) in self.ranges.items():
             if name not in known:
                 raise ValueError(f"ranges: {self.method} has no parameter {name!r} (it has {known})")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
 from evomerge.search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
-from evomerge.workers.operators import check_recipe, complete
+from evomerge.workers.recipe import check_recipe, complete
 from evomerge.workers.recipe import Recipe
 
 

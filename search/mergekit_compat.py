@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from evomerge.workers.operators import get_operator
+from evomerge.workers.methods import method_spec
 from evomerge.workers.recipe import Recipe
 
 # Methods both libraries implement, with mergekit's default for ``normalize``.
@@ -115,7 +115,7 @@ def from_mergekit(raw: Mapping[str, Any], folder: Path) -> MergeJob:
     method = raw.get("merge_method")
     if method not in SHARED_METHODS:
         raise _fail("merge_method", f"{method!r} is not supported (supported: {', '.join(SHARED_METHODS)})")
-    op = get_operator(method)
+    op = method_spec(method)
     entries = raw.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise _fail("models", "need a list of {model: path, parameters: {...}}")
@@ -253,7 +253,7 @@ def to_mergekit(recipe: Recipe, folders: Mapping[str, str], dtype: str = "float3
         raise MergekitConfigError(f"mergekit has no {method} method")
     if recipe.transforms:
         raise MergekitConfigError(f"mergekit has no equivalent of the {'/'.join(recipe.transforms)} transform")
-    op = get_operator(method)
+    op = method_spec(method)
     models = []
     for name in recipe.models:
         params = {p: _value(recipe.params[p][name], recipe.layout) for p in sorted(recipe.params)}

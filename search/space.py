@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.workers.layout import LayoutKind, num_values
-from evomerge.workers.operators import get_operator, get_transform
+from evomerge.workers.methods import method_spec, transform_spec
 from evomerge.workers.recipe import Recipe
-from evomerge.workers.registry import ParamSpec
+from evomerge.workers.methods import ParamSpec
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
 
@@ -59,7 +59,7 @@ class SearchSpace:
               ranges: Mapping[str, tuple[float, float]] | None = None,
               fixed: Mapping[str, float] | None = None) -> "SearchSpace":
         ranges, fixed = dict(ranges or {}), dict(fixed or {})
-        op = get_operator(method)
+        op = method_spec(method)
         op.check_experts(len(experts))
         groups = num_values(layout, num_layers, group_size, points)
         genes: list[Gene] = []
@@ -77,7 +77,7 @@ class SearchSpace:
         genes += [Gene(None, p.name, g, *ranges.get(p.name, (p.low, p.high)))
                   for p in op.params if not p.per_expert and searched(p) for g in range(groups)]
         for name in transforms:
-            for p in get_transform(name).params:
+            for p in transform_spec(name).params:
                 if searched(p):
                     genes.append(Gene(None, p.name, 0, *ranges.get(p.name, (p.low, p.high))))
                 else:
@@ -93,7 +93,7 @@ class SearchSpace:
         return [g.name(self.groups) for g in self.genes]
 
     def _per_expert(self) -> set[str]:
-        return {p.name for p in get_operator(self.method).params if p.per_expert}
+        return {p.name for p in method_spec(self.method).params if p.per_expert}
 
     def decode(self, unit: Sequence[float], label: str = "") -> Recipe:
         """The recipe of a genome; genes outside the unit box are clipped to it."""

@@ -68,7 +68,7 @@ def test_methods_text_is_plain_and_fits_100_columns(tmp_path: Path) -> None:
 
 
 def test_methods_json_lists_every_method_with_its_parameters(tmp_path: Path) -> None:
-    from evomerge.workers.operators import OPERATORS, TRANSFORMS
+    from evomerge.workers.registry import OPERATORS, TRANSFORMS
 
     proc = _cli("methods", "--json", cwd=tmp_path)
     entries = json.loads(proc.stdout)
@@ -90,7 +90,7 @@ def test_every_declared_method_has_exactly_its_implementation() -> None:
     """workers/methods.py (torch-free, what `methods` and the config read) and the tensor
     functions registered in workers/operators.py name the same methods and parameters."""
     from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED
-    from evomerge.workers.operators import OPERATORS, TRANSFORMS
+    from evomerge.workers.registry import OPERATORS, TRANSFORMS
 
     assert set(OPERATORS) == set(METHODS) and set(TRANSFORMS) == set(TRANSFORMS_DECLARED)
     for name, op in OPERATORS.items():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.workers import gram, native
-from evomerge.workers.operators import OPERATORS
+from evomerge.workers.registry import OPERATORS
 
 
 def _exact(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> tuple[list[list[float]], list[list[float]]]:

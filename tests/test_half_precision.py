@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from evomerge.workers.operators import OPERATORS
+from evomerge.workers.registry import OPERATORS
 from evomerge.workers.sparsify import della_probabilities
 
 SHAPE = (700, 512)  # 358 400 entries: more than one chunk of the streaming combination

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 
 from evomerge.storage.repository import Repository
 from evomerge.workers import arithmetic, fused
-from evomerge.workers.operators import OPERATORS, Operator
+from evomerge.workers.registry import OPERATORS, Operator
 from tests.conftest import DEMO, ROOT
 from tests.test_bad_input import run_cli
 
@@ -81,7 +81,7 @@ def test_large_16_bit_merges_take_the_fast_paths_with_the_same_bits(native: str,
 import torch
 from tests.test_merge_arithmetic import FUSED, _assert_widened, _experts_for, _sources
 from evomerge.workers import fused
-from evomerge.workers.operators import OPERATORS
+from evomerge.workers.registry import OPERATORS
 for half in (torch.bfloat16, torch.float16):
     for name in FUSED:
         base, experts = _sources((fused.FUSE_MIN // 512 + 3, 512), half, _experts_for(OPERATORS[name]), 3, 0.05)

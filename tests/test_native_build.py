@@ -23,7 +23,7 @@ KERNELS = ("band_scan", "band_merge", "gram")
 # (several sample blocks, Gram blocks and vector tails).
 _MERGES = (
     "import sys, torch\n"
-    "from evomerge.workers.operators import OPERATORS\n"
+    "from evomerge.workers.registry import OPERATORS\n"
     "from evomerge.workers import native\n"
     "g = torch.Generator().manual_seed(3)\n"
     "base = torch.randn(300_007, generator=g)\n"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evomerge.workers import magnitude_merge, selection, sparsify, streaming
-from evomerge.workers.operators import OPERATORS
+from evomerge.workers.registry import OPERATORS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from evomerge.workers import sparsify
 from evomerge.workers.layout import depth_fraction
-from evomerge.workers.operators import OPERATORS, TRANSFORMS
+from evomerge.workers.registry import OPERATORS, TRANSFORMS
 
 torch.set_num_threads(1)
 

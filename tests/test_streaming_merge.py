@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evomerge.workers import fused, selection, sparsify, streaming
-from evomerge.workers.operators import OPERATORS
+from evomerge.workers.registry import OPERATORS
 
 BIG = 3 * streaming.CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
 

@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.operators import complete
+from evomerge.workers.recipe import complete
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.routing import Route, Router, build_stack
 

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
-from evomerge.workers.operators import check_recipe, complete, get_operator, get_transform
+from evomerge.workers.recipe import check_recipe, complete
+from evomerge.workers.registry import get_operator, get_transform
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
 from evomerge.workers.precision import widened

@@ -2,13 +2,17 @@
 
 No torch here on purpose: the config checks, the search space, ``evomerge methods`` and the
 mergekit interop read these declarations without loading a tensor library. Each
-declaration has exactly one implementation in :mod:`evomerge.workers.operators`, a pure
-tensor function bound to it by :func:`evomerge.workers.registry.register` (tested).
+declaration names its implementation, a pure tensor function, as ``"module:function"``;
+:mod:`evomerge.workers.registry` imports and binds it on first use (tested for every method).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+OPERATORS_MODULE = "evomerge.workers.operators"  # where implementations live unless declared elsewhere
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,21 @@ class MethodSpec:
     random: bool = False
     task_vector: bool = True
     experts: tuple[int, int | None] = (1, None)
+    impl: str = ""  # "module:function"; empty: the function named like the method in OPERATORS_MODULE
+
+    @property
+    def target(self) -> str:
+        return self.impl or f"{OPERATORS_MODULE}:{self.name}"
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def check_experts(self, n: int) -> None:
+        low, high = self.experts
+        if n < low or (high is not None and n > high):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ValueError(f"{self.name} merges {want} expert model(s) besides the base, got {n}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,29 @@ class TransformSpec:
     name: str
     params: tuple[ParamSpec, ...]
     doc: str
+    impl: str = ""  # as MethodSpec.impl
+
+    @property
+    def target(self) -> str:
+        return self.impl or f"{OPERATORS_MODULE}:{self.name}"
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def declare(kind: str, specs: Iterable[N]) -> dict[str, N]:
+    """``specs`` by name; a name declared twice is an error, not a silent overwrite."""
+    table: dict[str, N] = {}
+    for spec in specs:
+        if spec.name in table:
+            raise ValueError(f"{kind} {spec.name!r} is declared twice")
+        table[spec.name] = spec
+    return table
 
 
 WEIGHT = ParamSpec("weight", 0.0, 1.0, 0.5, "scale of the expert's contribution")
@@ -68,7 +110,7 @@ AGREE = ParamSpec("k", 0.0, 4.0, 2.0, "Consensus: entries claimed by fewer exper
 RATIO = ParamSpec("ratio", 0.02, 0.5, 0.1, "PCB: fraction of entries kept after balancing", per_expert=False)
 PCB_WEIGHT = ParamSpec("weight", 0.0, 2.0, 1.0, "PCB: scale λ_i of the expert's balanced task vector")
 
-METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+METHODS: dict[str, MethodSpec] = declare("merge method", (
     MethodSpec("linear", (WEIGHT,), "Model soup (Wortsman et al. 2022): the weighted mean of the models; "
                "list the base among them to give it weight.", task_vector=False),
     MethodSpec("task_arithmetic", (WEIGHT, SCALE), "Task arithmetic (Ilharco et al. 2023): the base plus the "
@@ -97,13 +139,30 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                "their task vectors' agreement; nothing to search.", task_vector=False, experts=(2, None)),
     MethodSpec("swap", (SELECT,), "Layer swapping (Bandarkar et al. 2024): each tensor copied whole from one "
                "model; per layer with layer-group genes of size 1.", task_vector=False),
-)}
+))
 
-TRANSFORMS_DECLARED: dict[str, TransformSpec] = {t.name: t for t in (
+TRANSFORMS_DECLARED: dict[str, TransformSpec] = declare("transform", (
     TransformSpec("lines", (ParamSpec("alpha", 0.0, 1.0, 0.5, "LiNeS scale of the shallowest layer's task vector",
                                       per_expert=False),
                             ParamSpec("beta", 0.0, 1.5, 0.5, "LiNeS increase of the scale towards the last layer",
                                       per_expert=False)),
                   "LiNeS (Wang et al. 2025): the merged task vector scaled up with depth, so shallow layers "
                   "stay near the base."),
-)}
+))
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The declaration of merge method ``name`` (KeyError naming the known ones)."""
+    return _lookup("merge method", METHODS, name)
+
+
+def transform_spec(name: str) -> TransformSpec:
+    """The declaration of transform ``name`` (KeyError naming the known ones)."""
+    return _lookup("transform", TRANSFORMS_DECLARED, name)
+
+
+def _lookup(kind: str, table: dict[str, N], name: str) -> N:
+    try:
+        return table[name]
+    except KeyError:
+        raise KeyError(f"unknown {kind} {name!r} (known: {', '.join(sorted(table))})") from None

@@ -1,4 +1,4 @@
-"""Merge operators: one pure tensor function per method, registered by name.
+"""Merge operators: one pure tensor function per declared method (workers/methods.py).
 
 Each operator merges one tensor: ``base`` (θ_b) and the experts' tensors (θ_i), with the
 parameters' values for this tensor (a tuple per expert for per-expert parameters, a float
@@ -22,12 +22,6 @@ from torch import Tensor
 from evomerge.workers import fused, sparsify, streaming
 from evomerge.workers.precision import widened, working_dtype
 from evomerge.workers.gram import gram as inner_products
-from evomerge.workers.recipe import Recipe
-from evomerge.workers.registry import (OPERATORS, TRANSFORMS, Operator, ParamSpec, Transform, get_operator, get_transform,
-                              register, register_transform)
-
-__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "check_recipe", "complete",
-           "get_operator", "get_transform"]
 
 
 _combine = streaming.combine
@@ -73,7 +67,6 @@ def _sparse_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[floa
 # --- linear family -----------------------------------------------------------------
 
 
-@register("linear")
 def linear(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], normalize: bool = True,
            out: Tensor | None = None, **_: object) -> Tensor:
     """Model soup (Wortsman et al. 2022): Σ w_i θ_i, divided by Σ w_i when normalized.
@@ -82,7 +75,6 @@ def linear(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], 
     return _combine([(e, w / total) for e, w in zip(experts, weight)], out)
 
 
-@register("task_arithmetic")
 def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence[float], scale: float = 1.0,
                     normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): θ_b + λ Σ w_i δ_i, computed in one pass as
@@ -95,7 +87,6 @@ def task_arithmetic(base: Tensor, experts: Sequence[Tensor], *, weight: Sequence
 # --- sparsified task vectors ---------------------------------------------------------
 
 
-@register("ties")
 def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
          scale: float = 1.0, normalize: bool = False, out: Tensor | None = None, **_: object) -> Tensor:
     """TIES (Yadav et al. 2023): trim each δ_i to its top-d_i magnitudes, elect the sign of
@@ -104,7 +95,6 @@ def ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], w
                                    normalize=normalize, consensus=True, out=out)
 
 
-@register("dare_linear")
 def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
                 scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
                 out: Tensor | None = None, **_: object) -> Tensor:
@@ -113,7 +103,6 @@ def dare_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
     return _sparse_merge(base, experts, weight, scale, normalize, False, out, draws)
 
 
-@register("dare_ties")
 def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], weight: Sequence[float],
               scale: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
               out: Tensor | None = None, **_: object) -> Tensor:
@@ -122,7 +111,6 @@ def dare_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[floa
     return _sparse_merge(base, experts, weight, scale, normalize, True, out, draws)
 
 
-@register("breadcrumbs")
 def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], gamma: Sequence[float],
                 weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                 out: Tensor | None = None, **_: object) -> Tensor:
@@ -132,7 +120,6 @@ def breadcrumbs(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[fl
                                    scale=scale, normalize=normalize, consensus=False, out=out)
 
 
-@register("breadcrumbs_ties")
 def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float],
                      gamma: Sequence[float], weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                      out: Tensor | None = None, **_: object) -> Tensor:
@@ -141,7 +128,6 @@ def breadcrumbs_ties(base: Tensor, experts: Sequence[Tensor], *, density: Sequen
                                    scale=scale, normalize=normalize, consensus=True, out=out)
 
 
-@register("della")
 def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
           weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
           generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
@@ -150,7 +136,6 @@ def della(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], 
     return _della(base, experts, density, epsilon, weight, scale, normalize, True, generator, out)
 
 
-@register("della_linear")
 def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[float], epsilon: Sequence[float],
                  weight: Sequence[float], scale: float = 1.0, normalize: bool = False,
                  generator: torch.Generator | None = None, out: Tensor | None = None, **_: object) -> Tensor:
@@ -163,7 +148,6 @@ def della_linear(base: Tensor, experts: Sequence[Tensor], *, density: Sequence[f
 _PCB_CLIP = 0.01  # PCB clips the 1 % smallest and largest magnitudes per task (official pcb_ES code)
 
 
-@register("consensus")
 def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float], weight: Sequence[float],
               k: float = 2.0, scale: float = 1.0, normalize: bool = False, out: Tensor | None = None,
               **_: object) -> Tensor:
@@ -204,7 +188,6 @@ def _kth(x: Tensor, index: int) -> Tensor:
     return torch.kthvalue(x, index + 1).values
 
 
-@register("pcb")
 def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequence[float], scale: float = 1.0,
         out: Tensor | None = None, **_: object) -> Tensor:
     """PCB merging (Du et al. 2024, §3, as in the official pcb_ES code), per tensor: clip each
@@ -242,7 +225,6 @@ def pcb(base: Tensor, experts: Sequence[Tensor], *, ratio: float, weight: Sequen
 # --- geometry ------------------------------------------------------------------------
 
 
-@register("slerp")
 def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | None = None,
           **_: object) -> Tensor:
     """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
@@ -262,7 +244,6 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
     return _combine([(base, c0), (experts[0], c1)], out)
 
 
-@register("model_stock")
 def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None = None, **_: object) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): t = N·cos θ / (1 + (N−1)·cos θ) with cos θ the
     mean pairwise cosine of the task vectors (whole tensor); θ = t·mean(θ_i) + (1−t)·θ_b.
@@ -282,7 +263,6 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     return _combine([(base, 1.0 - t), *((e, t / n) for e in experts)], out)
 
 
-@register("swap")
 def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], out: Tensor | None = None,
          **_: object) -> Tensor:
     """Layer swapping (Bandarkar et al. 2024): each tensor is copied whole from one source,
@@ -296,46 +276,9 @@ def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], ou
 # --- transforms ------------------------------------------------------------------------
 
 
-@register_transform("lines")
 def lines(merged: Tensor, base: Tensor, depth: float, *, alpha: float, beta: float) -> Tensor:
     """LiNeS (Wang et al. 2025, eq. 2): scale the merged task vector of a layer at depth
     ℓ/(L−1) by α + β·ℓ/(L−1), so shallow layers stay near the base. Tensors outside the
     layers (embeddings, final norm, head) get α, as in the LiNeS code
     (:func:`workers.layout.depth_fraction`)."""
     return merged.sub_(base).mul_(alpha + beta * depth).add_(base)
-
-
-def complete(recipe: Recipe) -> Recipe:
-    """``recipe`` with every parameter it omits set to its declared default."""
-    if recipe.kind != "merge":
-        return recipe
-    op = get_operator(recipe.method or "")
-    params = {k: dict(v) for k, v in recipe.params.items()}
-    shared = dict(recipe.shared)
-    specs = [*op.params, *(p for t in recipe.transforms for p in get_transform(t).params)]
-    for spec in specs:
-        if spec.per_expert:
-            for model in recipe.models:
-                params.setdefault(spec.name, {}).setdefault(model, (spec.default,))
-        else:
-            shared.setdefault(spec.name, (spec.default,))
-    return recipe.model_copy(update={"params": params, "shared": shared})
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Refuse a merge recipe its operator cannot run: wrong expert count, missing parameters,
-    or a transform on a method that is not task arithmetic over a base (ValueError, one line)."""
-    op = get_operator(recipe.method or "")
-    op.check_experts(len(recipe.models))
-    for spec in op.params:
-        have = spec.name in (recipe.params if spec.per_expert else recipe.shared)
-        if not have:
-            where = "params" if spec.per_expert else "shared"
-            raise ValueError(f"recipe for {op.name} lacks {where} parameter {spec.name!r}")
-    for name in recipe.transforms:
-        transform = get_transform(name)
-        if not op.task_vector:
-            raise ValueError(f"transform {name} needs a task-vector method, not {op.name}")
-        for spec in transform.params:
-            if spec.name not in recipe.shared:
-                raise ValueError(f"recipe lacks shared parameter {spec.name!r} of transform {name}")

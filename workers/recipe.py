@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from evomerge.workers import recipe_text
 from evomerge.workers.layout import LayoutKind
+from evomerge.workers.methods import method_spec, transform_spec
 
 SCHEMA_VERSION = 2
 
@@ -121,3 +122,38 @@ class Recipe(BaseModel):
 
 Recipe.model_rebuild()
 
+
+def complete(recipe: Recipe) -> Recipe:
+    """``recipe`` with every parameter it omits set to its declared default."""
+    if recipe.kind != "merge":
+        return recipe
+    op = method_spec(recipe.method or "")
+    params = {k: dict(v) for k, v in recipe.params.items()}
+    shared = dict(recipe.shared)
+    specs = [*op.params, *(p for t in recipe.transforms for p in transform_spec(t).params)]
+    for spec in specs:
+        if spec.per_expert:
+            for model in recipe.models:
+                params.setdefault(spec.name, {}).setdefault(model, (spec.default,))
+        else:
+            shared.setdefault(spec.name, (spec.default,))
+    return recipe.model_copy(update={"params": params, "shared": shared})
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse a merge recipe its operator cannot run: wrong expert count, missing parameters,
+    or a transform on a method that is not task arithmetic over a base (ValueError, one line)."""
+    op = method_spec(recipe.method or "")
+    op.check_experts(len(recipe.models))
+    for spec in op.params:
+        have = spec.name in (recipe.params if spec.per_expert else recipe.shared)
+        if not have:
+            where = "params" if spec.per_expert else "shared"
+            raise ValueError(f"recipe for {op.name} lacks {where} parameter {spec.name!r}")
+    for name in recipe.transforms:
+        transform = transform_spec(name)
+        if not op.task_vector:
+            raise ValueError(f"transform {name} needs a task-vector method, not {op.name}")
+        for spec in transform.params:
+            if spec.name not in recipe.shared:
+                raise ValueError(f"recipe lacks shared parameter {spec.name!r} of transform {name}")

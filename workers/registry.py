@@ -1,29 +1,31 @@
 """The merge-method registry: each declared method (evomerge.workers.methods) bound to the
-tensor function that implements it (evomerge.workers.operators).
+tensor function that implements it.
 
-The search space, the config checks, the mergekit import/export and the CLI read the
-declarations; no other table of parameter names exists.
+Declarations come first and carry no torch: the search space, the config checks, the
+mergekit interop and the CLI read :data:`~evomerge.workers.methods.METHODS`. The
+implementation named by a declaration's ``"module:function"`` is imported on first use of
+that method here, so importing this module loads no tensor library, and nothing is
+registered by the side effect of importing another module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from typing import TYPE_CHECKING
-
-from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, ParamSpec
+from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, MethodSpec, ParamSpec, TransformSpec
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "get_operator", "get_transform",
-           "register", "register_transform"]
+__all__ = ["OPERATORS", "TRANSFORMS", "Operator", "ParamSpec", "Transform", "get_operator", "get_transform"]
 
 
-@dataclass(frozen=True)
-class Operator:
-    """A registered merge method: one pure function merging one tensor.
+@dataclass(frozen=True, kw_only=True)
+class Operator(MethodSpec):
+    """A declared merge method bound to its pure function, merging one tensor.
 
     ``fn(base, experts, *, normalize, generator, out, **params)`` gets the base tensor, the
     experts' tensors (same shape and dtype) and the parameters' values for this tensor: a
@@ -31,27 +33,11 @@ class Operator:
     tensor, written into ``out`` when given, and never modifies its inputs.
     """
 
-    name: str
     fn: Callable[..., Tensor]
-    params: tuple[ParamSpec, ...]
-    random: bool  # draws random masks: gets a generator seeded from the recipe
-    task_vector: bool  # base + f(task vectors): depth transforms (LiNeS) apply
-    experts: tuple[int, int | None]  # allowed number of experts (min, max)
-    doc: str
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
-    def check_experts(self, n: int) -> None:
-        low, high = self.experts
-        if n < low or (high is not None and n > high):
-            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-            raise ValueError(f"{self.name} merges {want} expert model(s) besides the base, got {n}")
 
 
-@dataclass(frozen=True)
-class Transform:
+@dataclass(frozen=True, kw_only=True)
+class Transform(TransformSpec):
     """A transform of a task-vector operator's result: ``fn(merged, base, depth, **params)``.
 
     ``merged`` is the operator's result for one tensor (a buffer the caller owns: the
@@ -60,47 +46,60 @@ class Transform:
     one value per merge.
     """
 
-    name: str
     fn: Callable[..., Tensor]
-    params: tuple[ParamSpec, ...]
-    doc: str
 
 
-OPERATORS: dict[str, Operator] = {}
-TRANSFORMS: dict[str, Transform] = {}
+S = TypeVar("S", MethodSpec, TransformSpec)
+B = TypeVar("B", Operator, Transform)
 
 
-def register(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Bind ``fn`` to the declared merge method ``name`` (KeyError: not declared)."""
-    spec = METHODS[name]
-
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        OPERATORS[name] = Operator(name, fn, spec.params, spec.random, spec.task_vector, spec.experts, spec.doc)
-        return fn
-
-    return wrap
+def _load(target: str) -> Callable[..., Tensor]:
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ImportError(f"{target}: no such function (a declaration in evomerge.workers.methods names it)")
+    return fn
 
 
-def register_transform(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Bind ``fn`` to the declared task-vector transform ``name``."""
-    spec = TRANSFORMS_DECLARED[name]
+class Bound(Mapping[str, B], Generic[S, B]):
+    """The declarations of one kind, each bound to its implementation when first looked up.
 
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        TRANSFORMS[name] = Transform(name, fn, spec.params, spec.doc)
-        return fn
+    A read-only mapping from name to the bound record; an unknown name is a KeyError that
+    lists the known ones.
+    """
 
-    return wrap
+    def __init__(self, kind: str, declared: Mapping[str, S], bind: Callable[..., B]) -> None:
+        self._kind, self._declared, self._bind = kind, declared, bind
+        self._bound: dict[str, B] = {}
+
+    def __getitem__(self, name: str) -> B:
+        if name not in self._bound:
+            spec = self._declared.get(name)
+            if spec is None:
+                raise KeyError(f"unknown {self._kind} {name!r} (known: {', '.join(sorted(self._declared))})")
+            fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+            self._bound[name] = self._bind(**fields, fn=_load(spec.target))
+        return self._bound[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared)
+
+    def __len__(self) -> int:
+        return len(self._declared)
+
+    def __contains__(self, name: object) -> bool:  # no binding needed to answer
+        return name in self._declared
+
+
+OPERATORS: Bound[MethodSpec, Operator] = Bound("merge method", METHODS, Operator)
+TRANSFORMS: Bound[TransformSpec, Transform] = Bound("transform", TRANSFORMS_DECLARED, Transform)
 
 
 def get_operator(name: str) -> Operator:
-    try:
-        return OPERATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown merge method {name!r} (known: {', '.join(sorted(OPERATORS))})") from None
+    """The operator declared as ``name``, bound to its function (KeyError: not declared)."""
+    return OPERATORS[name]
 
 
 def get_transform(name: str) -> Transform:
-    try:
-        return TRANSFORMS[name]
-    except KeyError:
-        raise KeyError(f"unknown transform {name!r} (known: {', '.join(sorted(TRANSFORMS))})") from None
+    """The transform declared as ``name``, bound to its function (KeyError: not declared)."""
+    return TRANSFORMS[name]

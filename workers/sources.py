@@ -26,21 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 
+from evomerge.workers.source_spec import SourceError, SourceModel
+
 # Config fields that must agree for two models' tensors to be merged one to one.
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
-
-
-class SourceError(ValueError):
-    """A source model cannot be used; the message is one line."""
-
-
-@dataclass(frozen=True)
-class SourceModel:
-    """A named source model: a local folder, or a hub id resolved through the HF cache."""
-
-    name: str
-    path: str
 
 
 @dataclass(frozen=True)
