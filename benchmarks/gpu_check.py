@@ -344,7 +344,7 @@ def _materialized(db: Path, candidate: int, device: str) -> dict[str, Any]:
 
     from evomerge.search.config import stored_config
     from evomerge.workers.materialize import Materializer
-    from evomerge.workers.recipe import Recipe
+    from evomerge.workers.recipe import parse_recipe
     from evomerge.workers.sources import validate_sources
 
     with sqlite3.connect(db) as conn:
@@ -355,7 +355,7 @@ def _materialized(db: Path, candidate: int, device: str) -> dict[str, Any]:
     cfg = stored_config(config_json, study)
     folders = validate_sources(cfg.sources(), False, cfg.base_model)
     materializer = Materializer(folders, cfg.base_model, getattr(torch, cfg.workers.dtype), device=device)
-    materializer.apply(Recipe.from_json(recipe_json))
+    materializer.apply(parse_recipe(recipe_json))
     return {k: p.detach() for k, p in materializer.params.items()}
 
 
@@ -426,11 +426,11 @@ def host_sources(folder: Path) -> None:
     import torch
 
     from evomerge.workers.materialize import Materializer
-    from evomerge.workers.recipe import Recipe
+    from evomerge.workers.recipe import MergeRecipe
 
     names = ("base", "a", "b")  # as build() writes them
     base, experts = names[0], names[1:]
-    recipe = Recipe(kind="merge", method="dare_ties", base=base, models=experts, seed=1,
+    recipe = MergeRecipe(method="dare_ties", base=base, models=experts, seed=1,
                     params={"weight": {m: (0.8,) for m in experts}, "density": {m: (0.5,) for m in experts}})
     merged = {}
     for where in ("device", "host"):

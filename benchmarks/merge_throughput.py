@@ -49,7 +49,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from evomerge.search.mergekit_compat import SHARED_METHODS, to_mergekit  # noqa: E402
 from evomerge.workers.materialize import Materializer  # noqa: E402
 from evomerge.workers.registry import OPERATORS  # noqa: E402
-from evomerge.workers.recipe import Recipe  # noqa: E402
+from evomerge.workers.recipe import MergeRecipe, Recipe
 from evomerge.workers.replay import verify_folder, write_model_folder  # noqa: E402
 
 SIZES = {"small": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4),
@@ -117,7 +117,7 @@ def make_recipe(op: str) -> Recipe:
     params = {p.name: {m: (PER_EXPERT[p.name][i],) for i, m in enumerate(models)} for p in spec.params
               if p.per_expert}
     shared = {p.name: (SHARED[p.name],) for p in spec.params if not p.per_expert}
-    return Recipe(kind="merge", method=op, base="base", models=models, params=params, shared=shared,
+    return MergeRecipe(method=op, base="base", models=models, params=params, shared=shared,
                   normalize=SHARED_METHODS.get(op, False), seed=1, label="bench")
 
 

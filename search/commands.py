@@ -30,7 +30,7 @@ from evomerge.workers import arithmetic
 from evomerge.workers.actor import WorkerSpec
 from evomerge.workers.arithmetic import MERGE_ARITHMETIC
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe
 from evomerge.workers.replay import ReplayError, model_card, write_model_folder
 from evomerge.workers.routing import RouteError, check_routable
 from evomerge.workers.sources import SourceModel, check_finite, read_config, validate_sources
@@ -98,7 +98,7 @@ def _ps_member(repo: Repository, ps_id: int, dfs_name: str) -> Recipe:
     record = repo.get_study(dfs_name)
     if record is not None:
         for cand in repo.candidates(record.id):
-            members = Recipe.from_json(cand.recipe_json).members
+            members = parse_recipe(cand.recipe_json).members
             if PS_MEMBER in members:
                 return members[PS_MEMBER]
     best = best_candidate(repo.candidates(ps_id))
@@ -106,7 +106,7 @@ def _ps_member(repo: Repository, ps_id: int, dfs_name: str) -> Recipe:
         raise UsageError("the PS stage has no completed trial: nothing to route over")
     if best.duplicate_of is not None:
         best = repo.candidate(best.duplicate_of)
-    return Recipe.from_json(best.recipe_json).model_copy(update={"label": ""})
+    return parse_recipe(best.recipe_json).model_copy(update={"label": ""})
 
 
 def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int, ray_address: str | None,
@@ -210,7 +210,7 @@ def _replayed(repo: Repository, study_id: int, trial: int | None) -> tuple[Candi
     cand = _pick(repo.candidates(study_id), trial)
     if cand.duplicate_of is not None:
         cand = repo.candidate(cand.duplicate_of)
-    return cand, Recipe.from_json(cand.recipe_json)
+    return cand, parse_recipe(cand.recipe_json)
 
 
 def _best_stage(repo: Repository, name: str, study_id: int, trial: int | None) -> tuple[str, int]:
@@ -305,14 +305,14 @@ def cmd_merge(args: argparse.Namespace, _url: str | None) -> int:
     if out.exists():
         raise UsageError(f"--out {out} already exists; choose a new folder")
     recipe = job.recipe
-    base = recipe.base if recipe.kind == "merge" else recipe.source
-    used = dict.fromkeys(n for n in (base, *recipe.models, job.tokenizer_source) if n)
-    merge_base = recipe.base if recipe.kind == "merge" else None  # a lone source may be an adapter
+    base = recipe.sources()[0]
+    used = dict.fromkeys(n for n in (*recipe.sources(), job.tokenizer_source) if n)
+    merge_base = recipe.base if isinstance(recipe, MergeRecipe) else None  # a lone source may be an adapter
     folders = validate_sources([SourceModel(n, job.sources[n]) for n in used], args.allow_pickle, merge_base)
     import torch
     from transformers import AutoTokenizer
 
-    materializer = Materializer(folders, base or "", getattr(torch, job.dtype), allow_pickle=args.allow_pickle)
+    materializer = Materializer(folders, base, getattr(torch, job.dtype), allow_pickle=args.allow_pickle)
     if job.tokenizer_source:
         materializer.tokenizer = AutoTokenizer.from_pretrained(folders[job.tokenizer_source])
     card = model_card(recipe, Path(args.config).stem, None, None, None, None, None)

@@ -40,7 +40,7 @@ from evomerge.search.dfs_space import RouteSpace
 from evomerge.search.space import SearchSpace
 from evomerge.storage.repository import CandidateRecord, LeaseLost, Repository
 from evomerge.storage.retry import DatabaseUnavailable
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe, parse_recipe
 from evomerge.workers.result import Failed, Job, Scored, TrialResult
 
 LEASE_S = 120.0
@@ -83,12 +83,12 @@ def baseline_recipes(cfg: SearchConfig, space: Space) -> list[tuple[str, Recipe]
     if isinstance(space, RouteSpace):
         members = dict(space.members)
         out = [("source", members[m].model_copy(update={"label": f"PS model {m}"}) if m in members
-                else Recipe(kind="source", source=m, label=f"source {m}")) for m in space.models]
+                else SourceRecipe(source=m, label=f"source {m}")) for m in space.models]
         return out + [("untuned", space.identity(label=f"model {space.models[0]} as a route"))]
-    out: list[tuple[str, Recipe]] = [("source", Recipe(kind="source", source=m.name, label=f"source {m.name}"))
+    out: list[tuple[str, Recipe]] = [("source", SourceRecipe(source=m.name, label=f"source {m.name}"))
                                      for m in cfg.models]
     experts = cfg.experts
-    out.append(("untuned", Recipe(kind="merge", method="linear", base=cfg.base_model, models=experts,
+    out.append(("untuned", MergeRecipe(method="linear", base=cfg.base_model, models=experts,
                                   params={"weight": {m: (round(1 / len(experts), 6),) for m in experts}},
                                   normalize=False, label="untuned soup")))
     initial = [cfg.optimizer.init] * space.dim
@@ -195,7 +195,7 @@ class Controller:
     def _prior(self, cand: CandidateRecord) -> bool:
         """A baseline whose recipe lies in the search space: told to the optimizer as a prior."""
         return self.use_priors and not cand.evolved and cand.duplicate_of is None \
-            and self.space.genome_of(Recipe.from_json(cand.recipe_json)) is not None
+            and self.space.genome_of(parse_recipe(cand.recipe_json)) is not None
 
     def _values(self, cand: CandidateRecord) -> tuple[float, ...] | None:
         """What the study maximizes: the fitness, or each task's score (multi-objective)."""
@@ -209,7 +209,7 @@ class Controller:
     def _evaluated(self, cand: CandidateRecord) -> Evaluated:
         if cand.evolved:
             return Evaluated(cand.id, tuple(cand.genes or ()), self._values(cand), cand.generation)
-        x = self.space.genome_of(Recipe.from_json(cand.recipe_json))
+        x = self.space.genome_of(parse_recipe(cand.recipe_json))
         assert x is not None, "only baselines of the space are told"
         return Evaluated(cand.id, x, self._values(cand), prior=True)
 
@@ -324,7 +324,7 @@ class Controller:
         if running is not None and running != cand.id:
             self._waiting.setdefault(running, []).append((cand.id, number))
             return 0
-        reason = self.space.reject(Recipe.from_json(cand.recipe_json))
+        reason = self.space.reject(parse_recipe(cand.recipe_json))
         if reason is not None:  # e.g. an empty or too long route: recorded, never evaluated
             self.repo.end_attempt(cand.id, "search", None, f"rejected: {reason}")
             return self._fail(cand, number, f"rejected before evaluation: {reason}", None)
@@ -344,7 +344,7 @@ class Controller:
         return 1
 
     def _open_trial(self, cand: CandidateRecord) -> int:
-        recipe = Recipe.from_json(cand.recipe_json)
+        recipe = parse_recipe(cand.recipe_json)
         params: dict[str, float] = {}
         bounds: dict[str, tuple[float, float]] = {}
         if cand.evolved or self.space.belongs(recipe):

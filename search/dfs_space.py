@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.search.space import box_violation
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, RouteRecipe
 
 DECIMALS = 4  # scales are rounded so equal genomes hash equally
 INIT_MARGIN = 0.25  # initial inclusion genes at 0.5 ± this: on for A's first repetition, else off
@@ -116,7 +116,7 @@ class RouteSpace:
         if self.pin_ends and last > 0:
             hops.append((head, last))
             scales.append(1.0)
-        return Recipe(kind="route", base=head, models=self.models, route=tuple(hops), scales=tuple(scales),
+        return RouteRecipe(base=head, models=self.models, route=tuple(hops), scales=tuple(scales),
                       members=dict(self.members), label=label)
 
     def initial(self, init: float) -> list[float]:
@@ -127,11 +127,11 @@ class RouteSpace:
         """Model A as a route (its layers in order, scales 1)."""
         head = self.models[0]
         layers = tuple((head, i) for i in range(self.num_layers[0]))
-        return Recipe(kind="route", base=head, models=self.models, route=layers, scales=(1.0,) * len(layers),
+        return RouteRecipe(base=head, models=self.models, route=layers, scales=(1.0,) * len(layers),
                       members=dict(self.members), label=label)
 
     def belongs(self, recipe: Recipe) -> bool:
-        return recipe.kind == "route" and recipe.models == self.models
+        return isinstance(recipe, RouteRecipe) and recipe.models == self.models
 
     def genome_of(self, recipe: Recipe) -> tuple[float, ...] | None:
         """The genome of a baseline, when it has one: model A as a route is the start."""
@@ -156,7 +156,7 @@ class RouteSpace:
     def reject(self, recipe: Recipe) -> str | None:
         """Why a route must not be evaluated, or None. Other recipes of a DFS study (its
         source baselines: the collection's models as they are) are never rejected here."""
-        if recipe.kind != "route":
+        if not isinstance(recipe, RouteRecipe):
             return None
         hops = len(recipe.route)
         if hops == 0:

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
 from evomerge.search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
-from evomerge.workers.recipe import check_recipe, complete
 from evomerge.workers.recipe import Recipe
 
 
@@ -54,19 +53,13 @@ def load_merge_file(file: str | Path) -> MergeJob:
             raise ConfigError(format_validation_error(file, exc)) from None
         names = [m.name for m in spec.models]
         job = MergeJob({m.name: resolve_path(m.path, folder, hub_like=True) for m in spec.models},
-                       complete(spec.recipe), spec.dtype, spec.tokenizer_source)
-        used = [n for n in ((job.recipe.base, *job.recipe.models) if job.recipe.kind == "merge"
-                            else (job.recipe.source,)) if n]
+                       spec.recipe, spec.dtype, spec.tokenizer_source)  # completed and checked when read
+        used = list(job.recipe.sources())
         unknown = [n for n in used + [spec.tokenizer_source or names[0]] if n not in names]
         if unknown:
             raise ConfigError(f"merge file {file}: recipe names model {unknown[0]!r}, not among models {names}")
     if job.dtype not in DTYPES:
         raise ConfigError(f"merge file {file}: dtype {job.dtype!r} is not supported")
-    try:
-        if job.recipe.kind == "merge":
-            check_recipe(job.recipe)
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"merge file {file}: {exc}") from None
     return job
 
 

@@ -22,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from evomerge.workers.methods import method_spec
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe
 
 # Methods both libraries implement, with mergekit's default for ``normalize``.
 SHARED_METHODS = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False,
@@ -197,9 +197,9 @@ def from_mergekit(raw: Mapping[str, Any], folder: Path) -> MergeJob:
     tokenizer = _tokenizer_source(raw.get("tokenizer_source"), names, base)
     models = tuple(experts) if method != "linear" else tuple(names[p] for p in paths)
     try:
-        recipe = Recipe(kind="merge", method=method, base=base, models=models, params=params, shared=shared,
-                        layout=next(iter(layouts), "model"), normalize=normalize, label="mergekit import")  # type: ignore[arg-type]
-        op.check_experts(len(models))
+        recipe = MergeRecipe(method=method, base=base, models=models, params=params, shared=shared,
+                             layout=next(iter(layouts), "model"), normalize=normalize,  # type: ignore[arg-type]
+                             label="mergekit import")
     except ValidationError as exc:
         raise _fail("models", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     except ValueError as exc:
@@ -246,9 +246,9 @@ def _value(values: tuple[float, ...], layout: str) -> Any:
 
 def to_mergekit(recipe: Recipe, folders: Mapping[str, str], dtype: str = "float32") -> str:
     """The mergekit YAML of ``recipe`` (MergekitConfigError where mergekit cannot express it)."""
-    if recipe.kind != "merge":
-        raise MergekitConfigError("a source model is not a merge: copy its folder instead")
-    method = recipe.method or ""
+    if not isinstance(recipe, MergeRecipe):
+        raise MergekitConfigError("a source model or route is not a merge: copy or replay its folder instead")
+    method = recipe.method
     if method not in SHARED_METHODS:
         raise MergekitConfigError(f"mergekit has no {method} method")
     if recipe.transforms:
@@ -265,9 +265,9 @@ def to_mergekit(recipe: Recipe, folders: Mapping[str, str], dtype: str = "float3
         models.append(entry)
     config: dict[str, Any] = {"merge_method": method}
     if method != "linear":
-        config["base_model"] = folders[recipe.base or ""]
+        config["base_model"] = folders[recipe.base]
         if method in ("slerp",):
-            models.insert(0, {"model": folders[recipe.base or ""]})
+            models.insert(0, {"model": folders[recipe.base]})
     config["models"] = models
     top: dict[str, Any] = {"normalize": recipe.normalize} if method not in ("slerp", "model_stock") else {}
     for name, values in sorted(recipe.shared.items()):
@@ -283,7 +283,7 @@ def to_mergekit(recipe: Recipe, folders: Mapping[str, str], dtype: str = "float3
     return head + yaml.safe_dump(config, sort_keys=False)
 
 
-def _check_della(recipe: Recipe, name: str) -> None:
+def _check_della(recipe: MergeRecipe, name: str) -> None:
     for d in recipe.params["density"][name]:
         for e in recipe.params["epsilon"][name]:
             if not (0 < d - e and d + e < 1):

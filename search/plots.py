@@ -16,7 +16,7 @@ from typing import Any
 from evomerge.search.leaderboard import best_candidate
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.layout import MODULES
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, parse_recipe
 
 _HEIGHT = 420
 
@@ -46,9 +46,9 @@ def study_figures(cands: Sequence[CandidateRecord]) -> list[Figure]:
         out.append(history)
     best = best_candidate([c for c in cands if c.evolved])
     if best is not None:
-        recipe = Recipe.from_json(best.recipe_json)
+        recipe = parse_recipe(best.recipe_json)
         title = f"Best evolved recipe, trial {best.trial_number} (fitness {best.fitness:.4f})"
-        picture = route_figure(recipe, title) if recipe.kind == "route" else genes_figure(recipe, title)
+        picture = route_figure(recipe, title) if isinstance(recipe, RouteRecipe) else genes_figure(recipe, title)
         if picture is not None:
             out.append(picture)
     return out
@@ -67,7 +67,7 @@ def fitness_history(cands: Sequence[CandidateRecord]) -> Figure | None:
     data: list[dict[str, Any]] = []
     for c in done:
         if not c.evolved and c.duplicate_of is None:
-            label = Recipe.from_json(c.recipe_json).label or c.origin
+            label = parse_recipe(c.recipe_json).label or c.origin
             data.append({"type": "scatter", "mode": "lines", "x": span, "y": [c.fitness, c.fitness],
                          "name": f"{label} (trial {c.trial_number})", "line": {"dash": "dash", "width": 1}})
     if evolved:
@@ -77,7 +77,7 @@ def fitness_history(cands: Sequence[CandidateRecord]) -> Figure | None:
             best.append(running)
         data.append({"type": "scatter", "mode": "markers", "name": "evolved trial",
                      "x": [c.trial_number for c in evolved], "y": [c.fitness for c in evolved],
-                     "text": [Recipe.from_json(c.recipe_json).summary()[:120] for c in evolved],
+                     "text": [parse_recipe(c.recipe_json).summary()[:120] for c in evolved],
                      "marker": {"size": 6, "opacity": 0.6}})
         data.append({"type": "scatter", "mode": "lines", "name": "best so far", "line": {"shape": "hv", "width": 3},
                      "x": [c.trial_number for c in evolved], "y": best})
@@ -107,13 +107,13 @@ def value_labels(recipe: Recipe, count: int) -> list[str]:
 def genes_figure(recipe: Recipe, title: str) -> Figure | None:
     """A merge recipe's parameters (weights, densities, ...) per expert, value by value along
     its layout (layer groups, module types or depth anchors); None for a source model."""
-    if recipe.kind != "merge" or not (recipe.params or recipe.shared):
+    if not isinstance(recipe, MergeRecipe) or not (recipe.params or recipe.shared):
         return None
     series = [(f"{model} {name}", recipe.params[name][model], name)
               for name in sorted(recipe.params) for model in recipe.models]
     series += [(f"{name} (shared)", values, name) for name, values in sorted(recipe.shared.items())]
     count = max(len(values) for _, values, _ in series)
-    method = "+".join((recipe.method or "", *recipe.transforms))
+    method = "+".join((recipe.method, *recipe.transforms))
     if count == 1:  # one value per expert: bars, one group per parameter
         bars = tuple({"type": "bar", "name": name, "x": [param], "y": [values[0]], "text": [f"{values[0]:.3f}"]}
                      for name, values, param in series)
@@ -133,7 +133,7 @@ def genes_figure(recipe: Recipe, title: str) -> Figure | None:
 def route_figure(recipe: Recipe, title: str) -> Figure | None:
     """A route recipe's path: the source layer of every hop (one colour per model), with
     the hop's scale as the marker's size and label."""
-    if recipe.kind != "route" or not recipe.route:
+    if not isinstance(recipe, RouteRecipe) or not recipe.route:
         return None
     order = sorted({(recipe.models.index(m), layer, m) for m, layer in recipe.route})
     categories = [f"{m} L{layer}" for _, layer, m in order]

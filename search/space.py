@@ -17,7 +17,7 @@ import numpy as np
 
 from evomerge.workers.layout import LayoutKind, num_values
 from evomerge.workers.methods import method_spec, transform_spec
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe
 from evomerge.workers.methods import ParamSpec
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
@@ -111,7 +111,7 @@ class SearchSpace:
                 params[name] = {m: [value] for m in self.experts}
             else:
                 shared[name] = [value]
-        return Recipe(kind="merge", method=self.method, base=self.base, models=self.experts,
+        return MergeRecipe(method=self.method, base=self.base, models=self.experts,
                       params={p: {m: tuple(v) for m, v in per.items()} for p, per in params.items()},
                       shared={p: tuple(v) for p, v in shared.items()}, transforms=self.transforms,
                       layout=self.layout, group_size=self.group_size, normalize=self.normalize,
@@ -119,7 +119,7 @@ class SearchSpace:
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """The unit-box genome of a recipe of this space."""
-        if (recipe.kind != "merge" or recipe.method != self.method or recipe.models != self.experts
+        if (not isinstance(recipe, MergeRecipe) or recipe.method != self.method or recipe.models != self.experts
                 or recipe.transforms != self.transforms):
             raise ValueError("recipe does not belong to this search space")
         out = []
@@ -130,7 +130,7 @@ class SearchSpace:
         return np.asarray(out)
 
     def belongs(self, recipe: Recipe) -> bool:
-        return (recipe.kind == "merge" and recipe.method == self.method and recipe.models == self.experts
+        return (isinstance(recipe, MergeRecipe) and recipe.method == self.method and recipe.models == self.experts
                 and recipe.transforms == self.transforms)
 
     def leave_one_out(self, genome: Sequence[float]) -> list[tuple[str, list[float]]]:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from evomerge.search.config import TrackingConfig
 from evomerge.storage.repository import CandidateRecord
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, parse_recipe
 
 _MAX_PARAM = 500  # MLflow's oldest servers cap a param value at 500 characters
 
@@ -75,7 +75,7 @@ class MlflowTracker:
     def _log(self, cand: CandidateRecord) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        recipe = Recipe.from_json(cand.recipe_json)
+        recipe = parse_recipe(cand.recipe_json)
         tags = run_tags(cand, self.study, self.optimizer)
         run = self.client.create_run(self.experiment_id, run_name=f"trial {cand.trial_number}", tags=tags)
         params = {**{k: repr(v) for k, v in self.genes(recipe).items()}, "recipe": recipe.summary()[:_MAX_PARAM]}

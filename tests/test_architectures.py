@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import ARCHITECTURES, write_config
 from tests.test_search_e2e import evomerge, query
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe
 
 TASKS = ("mc_add", "mc_sub")
 
@@ -113,7 +113,7 @@ def test_replay_of_the_best_mixed_route(searched: Searched, tmp_path: Path) -> N
     from evomerge.workers.materialize import Materializer
     from evomerge.workers.replay import write_model_folder
 
-    routes = [Recipe.from_json(r) for o, s, r, _, _ in sorted(_rows(searched.db, "t:dfs"), key=lambda x: -(x[3] or 0))
+    routes = [parse_recipe(r) for o, s, r, _, _ in sorted(_rows(searched.db, "t:dfs"), key=lambda x: -(x[3] or 0))
               if o == "cma" and s == "complete"]
     recipe = next(r for r in routes if {name for name, _ in r.route} != {"ps"})
     folder = write_model_folder(Materializer(searched.models, "base"), recipe, tmp_path / "route", "card")
@@ -136,7 +136,7 @@ def test_merge_of_each_architecture(arch: str, arch_models: dict[str, dict[str, 
 
     folders = validate_sources([SourceModel(n, str(p)) for n, p in arch_models[arch].items()])
     weights = {"a": 0.6, "b": 0.7}
-    recipe = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a", "b"),
+    recipe = MergeRecipe(method="task_arithmetic", base="base", models=("a", "b"),
                     params={"weight": {m: (w,) for m, w in weights.items()}}, shared={"scale": (1.0,)})
     folder = write_model_folder(Materializer(folders, "base"), recipe, tmp_path / "merged", "card")
     written = load_file(folder / "model.safetensors")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.search.dfs_space import RouteLimits, RouteSpace
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, parse_recipe
 
 
 def _space(pin: bool = True, block: int = 1, repeats: int = 2, max_hops: int = 64,
@@ -42,7 +42,7 @@ def test_paths_follow_the_layout_and_pin_ends(data: st.DataObject, pin: bool, bl
     low, high = space.bounds()["hops"]  # Optuna must accept every path's length, rejected ones too
     assert low <= space.params_of(recipe)["hops"] <= high
     assert all(0.0 <= s <= 2.0 for s in recipe.scales)
-    assert Recipe.from_json(recipe.to_json()) == recipe
+    assert parse_recipe(recipe.to_json()) == recipe
 
 
 def test_pinned_layers_leave_the_layout_and_the_start_is_model_a() -> None:

@@ -6,7 +6,7 @@ from evomerge.evaluators.harness import Evaluator
 from evomerge.search.config import load_config
 from tests.conftest import ROOT
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
 from evomerge.workers.sources import validate_sources
 
 
@@ -15,10 +15,10 @@ def test_reused_requests_score_like_fresh_ones() -> None:
     suite = cfg.suite()
     mat = Materializer(validate_sources(cfg.sources()), cfg.base_model)
     evaluator = Evaluator(suite, mat.model, mat.tokenizer, batch_size=200)
-    merge = Recipe(kind="merge", method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
+    merge = MergeRecipe(method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
                    params={"weight": {"cipher_a": (0.75,), "cipher_b": (0.75,)}})
     seen = []
-    for recipe in (Recipe(kind="source", source="cipher_a"), merge, Recipe(kind="source", source="cipher_b")):
+    for recipe in (SourceRecipe(source="cipher_a"), merge, SourceRecipe(source="cipher_b")):
         mat.apply(recipe)
         for heldout in (False, True):
             reused = evaluator.score(heldout=heldout)
@@ -45,7 +45,7 @@ def test_scores_equal_plain_lm_eval_and_a_sample_equals_its_documents() -> None:
     cfg = load_config(ROOT / "demo" / "demo.yaml")
     suite = cfg.suite()
     mat = Materializer(validate_sources(cfg.sources()), cfg.base_model)
-    mat.apply(Recipe(kind="merge", method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
+    mat.apply(MergeRecipe(method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
                      params={"weight": {"cipher_a": (0.8,), "cipher_b": (0.7,)}}))
     names = [t.name for t in suite.tasks]
     sample = {name: DocSample([3, 17, 40, 41, 150, 199]) for name in names}

@@ -8,14 +8,14 @@ import torch
 
 from evomerge.workers.layout import layer_index
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
 
 
 def test_layer_groups_apply_their_own_genes(tiny_models: dict[str, Path]) -> None:
     mat = Materializer({k: tiny_models[k] for k in ("base", "a")}, "base")
     storage_before = {k: p.data_ptr() for k, p in mat.params.items()}
     # 2 layers, groups of 1: genes [layer0, layer1, non-layer] = weights [1, 0, 0.5].
-    recipe = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a",),
+    recipe = MergeRecipe(method="task_arithmetic", base="base", models=("a",),
                     params={"weight": {"a": (1.0, 0.0, 0.5)}}, shared={"scale": (1.0,)},
                     layout="layer_group", group_size=1)
     mat.apply(recipe)
@@ -30,15 +30,15 @@ def test_layer_groups_apply_their_own_genes(tiny_models: dict[str, Path]) -> Non
 
 def test_source_recipe_and_seeded_dare(tiny_models: dict[str, Path]) -> None:
     mat = Materializer({k: tiny_models[k] for k in ("base", "a", "b")}, "base")
-    mat.apply(Recipe(kind="source", source="b"))
+    mat.apply(SourceRecipe(source="b"))
     for key, param in mat.params.items():
         assert torch.equal(param.detach(), mat.sources["b"][key])
-    recipe = Recipe(kind="merge", method="dare_ties", base="base", models=("a", "b"),
+    recipe = MergeRecipe(method="dare_ties", base="base", models=("a", "b"),
                     params={"density": {"a": (0.3,), "b": (0.6,)}, "weight": {"a": (0.8,), "b": (0.9,)}},
                     shared={"scale": (1.0,)}, seed=5)
     mat.apply(recipe)
     first = {k: p.detach().clone() for k, p in mat.params.items()}
-    mat.apply(Recipe(kind="source", source="a"))
+    mat.apply(SourceRecipe(source="a"))
     mat.apply(recipe)  # the same recipe again: bit-identical, whatever ran in between
     assert all(torch.equal(first[k], p.detach()) for k, p in mat.params.items())
     mat.apply(recipe.model_copy(update={"seed": 6}))

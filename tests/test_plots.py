@@ -7,7 +7,7 @@ import json
 
 from evomerge.search.plots import fitness_history, genes_figure, route_figure, study_figures
 from evomerge.storage.repository import CandidateRecord
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, SourceRecipe
 
 
 def _cand(cid: int, origin: str, recipe: Recipe, fitness: float | None, heldout: float | None = None) -> CandidateRecord:
@@ -19,12 +19,12 @@ def _cand(cid: int, origin: str, recipe: Recipe, fitness: float | None, heldout:
 
 
 def _merge(a: tuple[float, ...], b: tuple[float, ...], **kw: object) -> Recipe:
-    return Recipe(kind="merge", method="ties", base="base", models=("a", "b"),
+    return MergeRecipe(method="ties", base="base", models=("a", "b"),
                   params={"weight": {"a": a, "b": b}, "density": {"a": (0.5,), "b": (0.7,)}}, **kw)
 
 
 def test_fitness_history_has_baselines_best_so_far_and_heldout() -> None:
-    cands = [_cand(1, "source", Recipe(kind="source", source="a", label="source a"), 0.4),
+    cands = [_cand(1, "source", SourceRecipe(source="a", label="source a"), 0.4),
              _cand(2, "cma", _merge((1.0,), (0.5,)), 0.3),
              _cand(3, "cma", _merge((1.2,), (0.5,)), 0.6, heldout=0.55),
              _cand(4, "cma", _merge((0.2,), (0.5,)), None),
@@ -48,11 +48,11 @@ def test_layer_group_genes_follow_the_layout() -> None:
     assert traces["a weight"]["x"] == ["layers 0-1", "layers 2-3", "embeddings, norm, head"]
     assert traces["a weight"]["y"] == [1.0, 0.8, 0.1] and traces["b weight"]["y"] == [0.2, 0.4, 0.6]
     assert traces["b density"]["y"] == [0.7, 0.7, 0.7]  # a constant is the same at every layer
-    assert genes_figure(Recipe(kind="source", source="a"), "best") is None
+    assert genes_figure(SourceRecipe(source="a"), "best") is None
 
 
 def test_route_figure_shows_each_hop_with_its_scale() -> None:
-    recipe = Recipe(kind="route", base="A", models=("A", "B"), route=(("A", 0), ("B", 1), ("A", 1), ("B", 1)),
+    recipe = RouteRecipe(base="A", models=("A", "B"), route=(("A", 0), ("B", 1), ("A", 1), ("B", 1)),
                     scales=(1.0, 0.5, 1.5, 1.0))
     fig = route_figure(recipe, "best")
     assert fig is not None

@@ -124,7 +124,7 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
     from evomerge.evaluators.harness import Evaluator
     from evomerge.search.config import load_config
     from evomerge.workers.materialize import Materializer
-    from evomerge.workers.recipe import Recipe
+    from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
     from evomerge.workers.sources import validate_sources
     from tests.conftest import ROOT
 
@@ -133,14 +133,14 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
     suite = cfg.model_copy(update={"evaluation": on}).suite()
     mat = Materializer(validate_sources(cfg.sources()), cfg.base_model)
     evaluator = Evaluator(suite, mat.model, mat.tokenizer, batch_size=200)
-    mat.apply(Recipe(kind="merge", method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
+    mat.apply(MergeRecipe(method="task_arithmetic", base="base", models=("cipher_a", "cipher_b"),
                      params={"weight": {"cipher_a": (0.75,), "cipher_b": (0.75,)}}))
     full = evaluator.score()
     for bar in (None, 0.0):  # nothing to race against / any candidate can reach it
         scoring = evaluator.race(bar)
         assert scoring.complete and scoring.documents == 600
         assert scoring.scores == pytest.approx(full, abs=1e-12)  # two disjoint parts, one mean
-    mat.apply(Recipe(kind="source", source="base"))  # echoes words: scores 0 everywhere
+    mat.apply(SourceRecipe(source="base"))  # echoes words: scores 0 everywhere
     stopped = evaluator.race(0.9)
     assert not stopped.complete and stopped.documents == 120
     assert stopped.scores == {"cipher_a": 0.0, "cipher_b": 0.0, "cipher_mix": 0.0}

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import ROOT
 from tests.test_bad_input import run_cli
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, recipe_from
 from evomerge.workers.replay import ReplayError, _write, write_model_folder
 
 
 def _recipe() -> Recipe:
-    return Recipe.model_validate({"kind": "merge", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
+    return recipe_from({"kind": "merge", "method": "task_arithmetic", "base": "base", "models": ["a", "b"],
                              "params": {"weight": {"a": [0.6], "b": [0.4]}}})
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import ARCHITECTURES
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, SourceRecipe
 from evomerge.workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
 
 torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def test_routing_shares_weights_and_leaves_sources_untouched(sources: dict[str, 
     assert sources["A"].config.num_hidden_layers == 2 and router.model.config.num_hidden_layers == 5
     router.model(ids)
     assert torch.equal(sources["A"](ids).logits, before)
-    recipe = Recipe(kind="route", base="A", models=("A", "B"), route=MIXED.hops, scales=MIXED.scales)
+    recipe = RouteRecipe(base="A", models=("A", "B"), route=MIXED.hops, scales=MIXED.scales)
     assert recipe.path_text() == "A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30"
     assert recipe.summary() == "route of 5 hops: A0×0.90 B1×1.20 A1×0.70 A1 B0×1.30 (A=A, B=B)"
 
@@ -129,9 +129,9 @@ def test_replay_of_route_and_ps_route_recipes(arch: str, arch_models: dict[str, 
     from evomerge.workers.replay import write_model_folder
 
     mat = Materializer(arch_models[arch], "base")
-    ps = Recipe(kind="merge", method="task_arithmetic", base="base", models=("a", "b"),
+    ps = MergeRecipe(method="task_arithmetic", base="base", models=("a", "b"),
                 params={"weight": {"a": (0.6,), "b": (0.7,)}}, shared={"scale": (1.0,)})
-    route = Recipe(kind="route", base="ps", models=("ps", "a"), members={"ps": ps},
+    route = RouteRecipe(base="ps", models=("ps", "a"), members={"ps": ps},
                    route=(("ps", 1), ("a", 0), ("ps", 0), ("ps", 1)), scales=(1.1, 0.8, 1.0, 1.2))
     folder = write_model_folder(mat, route, tmp_path / "route", "card")
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -161,7 +161,7 @@ def test_route_replays_in_16_bit_workers_dtype(dtype: torch.dtype, tiny_models: 
     from evomerge.workers.replay import ReplayError, verify_route, write_model_folder
 
     mat = Materializer({k: tiny_models[k] for k in ("base", "a", "b")}, "base", dtype)
-    route = Recipe(kind="route", base="a", models=("a", "b"), route=(("a", 0), ("b", 1), ("a", 1), ("a", 1)),
+    route = RouteRecipe(base="a", models=("a", "b"), route=(("a", 0), ("b", 1), ("a", 1), ("a", 1)),
                    scales=(1.0, 0.6, 1.0, 1.3))
     folder = write_model_folder(mat, route, tmp_path / "route", "card")
     written = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -203,7 +203,7 @@ def test_routes_of_changing_length_on_one_worker(arch: str, arch_models: dict[st
     ids = _ids(6, batch=2, length=10)  # longer than the sliding windows (4) of qwen2 and mistral
     with torch.no_grad():
         for k, hops in enumerate(SEQUENCE):
-            recipe = Recipe(kind="route", base="a", models=("a", "b"), route=hops,
+            recipe = RouteRecipe(base="a", models=("a", "b"), route=hops,
                             scales=tuple(1.0 + 0.1 * ((k + i) % 3) for i in range(len(hops))))
             candidate.apply(recipe)
             got = candidate.model(ids).logits
@@ -215,7 +215,7 @@ def test_routes_of_changing_length_on_one_worker(arch: str, arch_models: dict[st
                 assert candidate.model.config.layer_types == [types[i] for _, i in hops]
             assert own.to_dict() == before and candidate.config is own
         _assert_cached_decoding_matches(candidate.model, _ids(7, batch=1, length=9), prompt=3)
-        candidate.apply(Recipe(kind="source", source="a"))
+        candidate.apply(SourceRecipe(source="a"))
         assert candidate.model.config is own and len(candidate.model.model.layers) == 2
         assert torch.equal(candidate.model(ids).logits, _load(arch_models[arch]["a"])(ids).logits)
 

@@ -140,9 +140,9 @@ def test_replay_writes_the_mergekit_config_of_the_best(searched: tuple[Path, Pat
     evomerge("replay", "--storage", f"sqlite:///{db}", "--trial", str(trial), "--mergekit-yaml", str(path), cwd=tmp)
     text = path.read_text()
     assert "merge_method: dare_ties" in text and "random masks" in text  # the RNG caveat is stated
-    from evomerge.workers.recipe import Recipe
+    from evomerge.workers.recipe import parse_recipe
 
-    best = Recipe.from_json(recipe_json)
+    best = parse_recipe(recipe_json)
     back = from_mergekit(yaml.safe_load(text), tmp).recipe
     assert back.params == best.params and back.shared == best.shared and back.normalize == best.normalize
 

@@ -11,7 +11,7 @@ from evomerge.search.optimizers.base import default_popsize
 from evomerge.search.optimizers.cmaes import AsyncCMA
 from evomerge.search.space import SearchSpace
 from evomerge.workers.layout import num_values, value_for
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, parse_recipe, recipe_from
 
 
 def _space(group_size: int | None = None) -> SearchSpace:
@@ -35,7 +35,7 @@ def test_encode_decode_round_trip(genes: list[float], group_size: int | None) ->
     x = np.asarray(genes[: space.dim])
     recipe = space.decode(x)
     np.testing.assert_allclose(space.encode(recipe), x, atol=1e-5)
-    again = Recipe.from_json(recipe.to_json())
+    again = parse_recipe(recipe.to_json())
     assert again == recipe and again.content_hash == recipe.content_hash
     assert space.decode(space.encode(recipe)) == recipe  # decoding is a fixed point
 
@@ -57,9 +57,9 @@ def test_hash_ignores_label_but_not_values() -> None:
 
 def test_recipe_validation() -> None:
     with pytest.raises(ValueError):
-        Recipe(kind="merge", method="ties", base="b", models=("x",), params={"weight": {"y": (1.0,)}})
+        MergeRecipe(method="ties", base="b", models=("x",), params={"weight": {"y": (1.0,)}})
     with pytest.raises(ValueError):
-        Recipe(kind="source")
+        recipe_from({"kind": "source"})
 
 
 def test_gene_groups_by_layer() -> None:
@@ -77,8 +77,10 @@ def test_fixed_and_unsearched_parameters_ride_in_every_recipe() -> None:
     assert recipe.params["density"] == {"add": (0.3,), "sub": (0.3,)} and recipe.shared == {"scale": (1.0,)}
     searched_scale = SearchSpace.build("ties", "base", ["add"], num_layers=4, ranges={"scale": (0.5, 1.5)})
     assert searched_scale.names() == ["add.density", "add.weight", "scale"]
-    lines = SearchSpace.build("model_stock", "base", ["add", "sub"], num_layers=4, transforms=["lines"])
-    assert lines.names() == ["alpha", "beta"] and lines.decode([0.0, 1.0]).shared == {"alpha": (0.0,), "beta": (1.5,)}
+    lines = SearchSpace.build("task_arithmetic", "base", ["add", "sub"], num_layers=4, transforms=["lines"],
+                              fixed={"weight": 1.0})
+    assert lines.names() == ["alpha", "beta"] and lines.decode([0.0, 1.0]).shared == {"alpha": (0.0,), "beta": (1.5,),
+                                                                                    "scale": (1.0,)}
     module = SearchSpace.build("slerp", "base", ["add"], num_layers=4, layout="module")
     assert module.names() == ["t[0]", "t[1]", "t[2]"]
     depth = SearchSpace.build("task_arithmetic", "base", ["add"], num_layers=4, layout="depth", points=4)
@@ -88,7 +90,7 @@ def test_fixed_and_unsearched_parameters_ride_in_every_recipe() -> None:
 def test_schema_1_recipes_still_load() -> None:
     old = ('{"schema_version":1,"kind":"merge","method":"ties","base":"b","models":["x"],'
            '"params":{"weight":{"x":[1.0,0.5]}},"group_size":1,"normalize":false,"seed":0,"label":""}')
-    recipe = Recipe.from_json(old)
+    recipe = parse_recipe(old)
     assert recipe.schema_version == 2 and recipe.layout == "layer_group" and recipe.group_size == 1
 
 

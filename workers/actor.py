@@ -22,7 +22,7 @@ from evomerge.evaluators.harness import Evaluator, Scoring
 from evomerge.evaluators.spec import TaskSuite
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import parse_recipe
 from evomerge.workers.result import Failed, Job, Scored, TrialResult
 
 
@@ -63,7 +63,7 @@ class EvalWorker:
         """Materialize ``job``'s recipe and score it; errors come back as :class:`Failed`."""
         start = time.perf_counter()
         try:
-            self.candidate.apply(Recipe.from_json(job.recipe_json))
+            self.candidate.apply(parse_recipe(job.recipe_json))
         except Exception as exc:  # a bad recipe or a non-finite merge fails this trial only
             return TrialResult(job, Failed(f"materialize: {_one_line(exc)}"), self.name,
                                time.perf_counter() - start, 0.0)

@@ -18,8 +18,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import complete
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, RouteRecipe, SourceRecipe
 from evomerge.workers.routing import Route, Router, build_stack
 
 
@@ -36,18 +35,18 @@ class CandidateModel:
         self._members: dict[str, dict[str, torch.Tensor]] = {}  # merged members' tensors, by recipe hash
 
     def apply(self, recipe: Recipe) -> None:
-        if recipe.kind != "route":
+        if not isinstance(recipe, RouteRecipe):
             self.release()
             self.materializer.apply(recipe)
             self._weights = recipe.content_hash
             return
-        head = recipe.members.get(recipe.base or "") or Recipe(kind="source", source=recipe.base)
+        head = recipe.head()
         router = self._router_for(recipe)
         if self._weights != head.content_hash:
             self.release()
             self.materializer.apply(head)
             self._weights = head.content_hash
-        router.apply(Route(recipe.base or "", recipe.route, recipe.scales))
+        router.apply(Route(recipe.base, recipe.route, recipe.scales))
         self._router = router
 
     def release(self) -> None:
@@ -56,8 +55,8 @@ class CandidateModel:
             self._router.restore()
             self._router = None
 
-    def _router_for(self, recipe: Recipe) -> Router:
-        key = Recipe(kind="route", base=recipe.base, models=recipe.models, members=recipe.members).content_hash
+    def _router_for(self, recipe: RouteRecipe) -> Router:
+        key = recipe.collection().content_hash
         if key not in self._routers:
             self.release()
             mat = self.materializer
@@ -69,10 +68,10 @@ class CandidateModel:
                 else:
                     stacks[name] = build_stack(template, self.config, self.tensors_of(recipe, name))
             configs = {name: self.config for name in recipe.models}
-            self._routers[key] = Router(mat.model, stacks, configs, recipe.base or "")
+            self._routers[key] = Router(mat.model, stacks, configs, recipe.base)
         return self._routers[key]
 
-    def tensors_of(self, recipe: Recipe, name: str) -> dict[str, torch.Tensor]:
+    def tensors_of(self, recipe: RouteRecipe, name: str) -> dict[str, torch.Tensor]:
         """The state dict of collection model ``name`` of a route recipe (shared, not copied,
         for sources)."""
         if name in recipe.members:
@@ -82,10 +81,9 @@ class CandidateModel:
     @torch.no_grad()
     def _merged(self, member: Recipe) -> dict[str, torch.Tensor]:
         """A merged collection model's tensors (computed once per worker; routes share them)."""
-        full = complete(member)
-        if full.kind == "source":
-            return self.materializer.source_tensors(full.source or "")
-        if full.content_hash not in self._members:
-            self._members[full.content_hash] = {key: self.materializer.merge_tensor(full, key)
-                                                for key in self.materializer.params}
-        return self._members[full.content_hash]
+        if isinstance(member, SourceRecipe):
+            return self.materializer.source_tensors(member.source)
+        if member.content_hash not in self._members:
+            self._members[member.content_hash] = {key: self.materializer.merge_tensor(member, key)
+                                                  for key in self.materializer.params}
+        return self._members[member.content_hash]

@@ -19,9 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
-from evomerge.workers.recipe import check_recipe, complete
 from evomerge.workers.registry import get_operator, get_transform
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import MergeRecipe, SourceRecipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
 from evomerge.workers.precision import widened
 
@@ -65,26 +64,23 @@ class Materializer:
                 raise SourceError(f"model {name!r} lacks tensor {missing[0]}")
 
     @torch.no_grad()
-    def apply(self, recipe: Recipe) -> None:
+    def apply(self, recipe: SourceRecipe | MergeRecipe) -> None:
         """Rewrite the working model's weights so that it is ``recipe``'s model."""
-        if recipe.kind == "source":
-            self._check_known(recipe.source or "")
-            for key, param in self.params.items():
-                param.copy_(self.sources[recipe.source or ""][key])
-            return
-        for name in (recipe.base or "", *recipe.models):
+        for name in recipe.sources():
             self._check_known(name)
-        recipe = complete(recipe)  # parameters a recipe omits (e.g. stored before they existed) take defaults
-        check_recipe(recipe)
+        if isinstance(recipe, SourceRecipe):
+            for key, param in self.params.items():
+                param.copy_(self.sources[recipe.source][key])
+            return
         for key, param in self.params.items():
             self.merge_tensor(recipe, key, out=param.data)
             # one cheap reduction; NaN/inf anywhere makes the sum non-finite
             if not bool(torch.isfinite(param.data.sum())) and not bool(torch.isfinite(param.data).all()):
                 raise FloatingPointError(f"merged tensor {key} holds NaN or inf")
 
-    def merge_tensor(self, recipe: Recipe, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def merge_tensor(self, recipe: MergeRecipe, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The merged value of one tensor under a complete ``recipe`` (written into ``out`` if given)."""
-        op = get_operator(recipe.method or "")
+        op = get_operator(recipe.method)
         kwargs: dict[str, object] = {}
         for spec in op.params:
             if spec.per_expert:
@@ -97,7 +93,7 @@ class Materializer:
             # on the host whatever the device: a draw is two integers per expert (a counter-hash key,
             # workers/sparsify.Stream), the masks are computed where the tensors are, without a sync
             generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, key))
-        base = self.on_device(self.sources[recipe.base or ""][key])
+        base = self.on_device(self.sources[recipe.base][key])
         experts = [self.on_device(self.sources[m][key]) for m in recipe.models]
         if not recipe.transforms:
             return op.fn(base, experts, normalize=recipe.normalize, generator=generator, out=out, **kwargs)
@@ -124,7 +120,7 @@ class Materializer:
         tensors = self.sources[name]
         return tensors if self.placement == "device" else {k: self.on_device(v) for k, v in tensors.items()}
 
-    def _value(self, recipe: Recipe, values: tuple[float, ...], key: str) -> float:
+    def _value(self, recipe: MergeRecipe, values: tuple[float, ...], key: str) -> float:
         return value_for(values, key, self.num_layers, recipe.layout, recipe.group_size)
 
     def _check_known(self, name: str) -> None:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import Recipe
+from evomerge.workers.recipe import Recipe, RouteRecipe
 from evomerge.workers.routing import Route, export_config, export_state_dict
 
 
@@ -68,7 +68,7 @@ def write_model_folder(materializer: Materializer, recipe: Recipe, out: Path, ca
                        max_shard_size: str = "2GB") -> Path:
     """Materialize ``recipe`` and write it to ``out`` (which must not exist yet). A route
     recipe is written as an ordinary model with one layer per hop (:func:`route_model`)."""
-    if recipe.kind == "route":
+    if isinstance(recipe, RouteRecipe):
         candidate = CandidateModel(materializer)
         candidate.apply(recipe)
         try:
@@ -130,13 +130,13 @@ def _alive(pid: int) -> bool:
 
 
 @torch.no_grad()
-def route_model(candidate: CandidateModel, recipe: Recipe) -> PreTrainedModel:
+def route_model(candidate: CandidateModel, recipe: RouteRecipe) -> PreTrainedModel:
     """The route as an ordinary model of the head's architecture: one decoder layer per hop,
     hop scales folded into the weights (:func:`workers.routing.export_state_dict`)."""
     materializer = candidate.materializer
     tensors = {name: candidate.tensors_of(recipe, name) for name in recipe.models}
     config = candidate.config  # the model's own config: while a route is applied, the model holds the route's
-    route = Route(recipe.base or "", recipe.route, recipe.scales)
+    route = Route(recipe.base, recipe.route, recipe.scales)
     exported = export_config(route, {n: config for n in recipe.models})
     state = export_state_dict(route, tensors, bool(getattr(config, "tie_word_embeddings", False)))
     model = AutoModelForCausalLM.from_config(exported, dtype=materializer.model.dtype)
