@@ -195,7 +195,9 @@ class EvaluationConfig(_Strict):
     system_instruction: str | None = Field(None, min_length=1)
     fewshot_as_multiturn: StrictBool = False
     heldout_top_k: StrictInt = Field(3, ge=0)
-    batch_size: StrictInt = Field(64, ge=1)
+    # auto: the largest batch that fits, found per task on a GPU; CPU_BATCH on the CPU
+    # (evaluators/batching.py). An int: that batch, as before.
+    batch_size: StrictInt | Literal["auto"] = "auto"
 
     def spec(self, task: TaskEntry) -> TaskSpec:
         """``task`` with the evaluation-wide settings filled in where it sets none."""
@@ -220,6 +222,14 @@ class EvaluationConfig(_Strict):
                     (spec.num_fewshot, spec.generation_kwargs, *prompt_key(spec)):
                 raise ValueError(f"tasks[{i}] {task.name!r}: listed twice with different settings")
         return self
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        # one message for the union (pydantic would report each member's failure apart)
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"Input should be a valid batch size: an integer >= 1 or 'auto', not {value!r}")
 
     @field_validator("search_split", "heldout_split")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from evomerge.evaluators.batching import planned_batch
 from evomerge.search.config import ConfigError, SearchConfig
 from evomerge.search.dfs_space import RouteLimits, RouteSpace
 from evomerge.search.space import SearchSpace
@@ -68,6 +69,8 @@ def _bytes_per_hop(config: object, cfg: SearchConfig) -> float:
     heads = int(getattr(config, "num_attention_heads"))
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    tokens = cfg.evaluation.batch_size * int(getattr(config, "max_position_embeddings", 2048))
+    # auto counts as the CPU's batch: on a GPU the batch found shrinks to what the route leaves
+    batch = planned_batch(cfg.evaluation.batch_size)
+    tokens = batch * int(getattr(config, "max_position_embeddings", 2048))
     per_value = 2 if cfg.workers.dtype in ("bfloat16", "float16") else 4
     return float(tokens * (2 * hidden + width + 2 * kv * head_dim) * per_value)

@@ -157,7 +157,7 @@ def test_plan_command_prints_the_table_and_json(big: dict[str, Path], capsys: py
     assert main(args) == 0
     table = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
     assert table["workers per GPU"].strip() == f"2 (up to {dumped['max_workers_per_gpu']} fit at batch 1)"
-    assert table["evaluation batch"].strip() == f"{dumped['batch']} (evaluation.batch_size 64)"
+    assert table["evaluation batch"].strip() == f"{dumped['batch']} (evaluation.batch_size auto)"  # the default
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

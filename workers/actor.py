@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from evomerge.evaluators.batching import BatchSize
 from evomerge.evaluators.harness import Evaluator, Scoring
 from evomerge.evaluators.spec import TaskSuite
 from evomerge.workers.candidate_model import CandidateModel
@@ -35,7 +36,7 @@ class WorkerSpec:
     suite: TaskSuite
     dtype: str = "float32"
     device: str = "cpu"
-    batch_size: int = 64
+    batch_size: BatchSize = "auto"  # or a fixed batch (evaluators/batching.py)
     threads: int = 1
     allow_pickle: bool = False  # read .bin/.pt checkpoints (the user's explicit --allow-pickle)
     sources: Literal["auto", "device", "host"] = "auto"  # where the sources live (workers/materialize.py)

@@ -39,6 +39,17 @@ def source_placement(choice: Placement, source_bytes: int, free_bytes: int | Non
     return "device" if free_bytes is None or source_bytes <= HEADROOM * free_bytes else "host"
 
 
+def load_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The working model from ``folder`` in ``dtype``, with PyTorch's scaled-dot-product
+    attention (fused kernels on a GPU, no L x L score matrix kept) where the architecture has
+    it, else the architecture's own attention."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa",
+                                                    trust_remote_code=False)
+    except ValueError:  # transformers refuses SDPA for an architecture without it
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+
+
 class Materializer:
     """Holds the source tensors and one working model whose weights each recipe rewrites."""
 
@@ -46,8 +57,7 @@ class Materializer:
                  device: str = "cpu", allow_pickle: bool = False, sources: Placement = "auto") -> None:
         self.device = device
         skeleton = model_folder(base, folders[base])  # an adapter source: its base's config and tokenizer
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            skeleton, dtype=dtype, trust_remote_code=False).to(device).eval()
+        self.model: PreTrainedModel = load_model(skeleton, dtype).to(device).eval()
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else None
         # every source has the working model's tensors (checked below), so its bytes are the model's

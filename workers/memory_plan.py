@@ -26,7 +26,10 @@ What one worker holds (``b``: bytes per entry of the worker's dtype):
   the host (Python, torch, lm-eval), plus on the host, for a GPU worker, the model as it is
   built before it moves to the GPU (start-up).
 
-The evaluation batch is the configured one, or the largest that fits when that does not.
+The evaluation batch is the configured one, or the largest that fits when that does not;
+for ``auto`` what fits capped as a worker caps it (:func:`evomerge.evaluators.batching.planned_batch`:
+32 on the CPU, 512 on a GPU), at the planned length: a worker finds its batch per task, at the
+task's own longest request, so a task of shorter prompts gets more.
 A worker's GPU share is the GPU divided among the workers placed on it (``ceil(workers /
 gpus)``); workers never span GPUs.
 """
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from evomerge.evaluators.batching import BatchSize, planned_batch
 from evomerge.workers.sources import inspect_tensors, read_config
 
 GiB = 1 << 30
@@ -92,7 +96,7 @@ class Workload:
     sources: int  # models every worker holds (base and experts)
     dtype: str  # the workers' dtype (workers.dtype)
     workers: int
-    batch_size: int  # evaluation.batch_size
+    batch_size: BatchSize  # evaluation.batch_size
     seq_len: int  # tokens per sequence planned for
     placement: Literal["auto", "device", "host"] = "auto"  # workers.sources
 
@@ -117,7 +121,7 @@ class Plan:
     placement: Placement
     scratch_bytes: int
     sequence_bytes: int  # one sequence of seq_len tokens
-    batch: int  # evaluation batch that fits (<= workload.batch_size); 0 when not even one
+    batch: int  # evaluation batch that fits (<= workload.batch_size, or auto's cap); 0 when not even one
     worker_gpu_bytes: int  # one worker on its GPU at that batch (0: CPU workers)
     worker_host_bytes: int  # one worker's own host memory at that batch
     shared_host_bytes: int  # host memory the node's workers share (sources in host memory)
@@ -183,7 +187,8 @@ def _cpu_plan(shape: ModelShape, work: Workload, machine: Machine, one: int, sou
     fits_in_memory = not shared or sources + work.workers * (own + seq) <= machine.host_bytes
     placement: Placement = "host" if fits_in_memory else "disk"
     common = sources if shared and placement == "host" else 0
-    batch = min(work.batch_size, max((machine.host_bytes - common - work.workers * own) // (work.workers * seq), 0))
+    batch = planned_batch(work.batch_size, max((machine.host_bytes - common - work.workers * own) // (work.workers * seq),
+                                               0))
     most = max((machine.host_bytes - common) // (own + seq), 0)
     problem = None
     if batch < 1:
@@ -211,7 +216,7 @@ def _gpu_plan(shape: ModelShape, work: Workload, machine: Machine, one: int, sou
     common = sources if shared and placement == "host" else 0
     own_host = built + (sources if placement == "host" and not shared else 0)
     fixed = streamed + (sources if on_device else 0)
-    batch = min(work.batch_size, max((share - fixed) // seq, 0))
+    batch = planned_batch(work.batch_size, max((share - fixed) // seq, 0), gpu=True)
     most_gpu = max(machine.gpu_bytes // (fixed + seq), 0)
     most_host = max((machine.host_bytes - common) // own_host, 0)
     problem = None
