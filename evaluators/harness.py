@@ -44,8 +44,8 @@ def _lm_class() -> type:
         depend on the weights a worker rewrites between candidates (a fifth of a candidate's
         scoring on the tiny landscapes). Its progress bars, two or three per call, go to a
         worker's stderr, which Ray copies to the driver's log: noise, and CPU on both ends.
-        lm-eval's own "auto" probes again on every call, at the model's whole max length, from
-        at most 64; ours probes once per task at the task's longest request."""
+        lm-eval's own "auto" probes again on every call (for generation at the model's whole max
+        length), from at most 64; ours probes once per task at the task's longest request."""
 
         def __init__(self, batch: BatchSize, **kwargs: Any) -> None:
             super().__init__(batch_size=1 if batch == "auto" else batch, **kwargs)
