@@ -30,7 +30,7 @@ from evomerge.workers import arithmetic
 from evomerge.workers.actor import WorkerSpec
 from evomerge.workers.arithmetic import MERGE_ARITHMETIC
 from evomerge.workers.materialize import Materializer
-from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe
+from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, parse_recipe
 from evomerge.workers.replay import ReplayError, model_card, write_model_folder
 from evomerge.workers.routing import RouteError, check_routable
 from evomerge.workers.sources import SourceModel, check_finite, read_config, validate_sources
@@ -98,9 +98,9 @@ def _ps_member(repo: Repository, ps_id: int, dfs_name: str) -> Recipe:
     record = repo.get_study(dfs_name)
     if record is not None:
         for cand in repo.candidates(record.id):
-            members = parse_recipe(cand.recipe_json).members
-            if PS_MEMBER in members:
-                return members[PS_MEMBER]
+            recipe = parse_recipe(cand.recipe_json)
+            if isinstance(recipe, RouteRecipe) and PS_MEMBER in recipe.members:
+                return recipe.members[PS_MEMBER]
     best = best_candidate(repo.candidates(ps_id))
     if best is None:
         raise UsageError("the PS stage has no completed trial: nothing to route over")

@@ -225,9 +225,9 @@ def _assert_cached_decoding_matches(model: PreTrainedModel, ids: torch.Tensor, p
     full forward pass."""
     full = model(ids).logits
     out = model(ids[:, :prompt], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
+    cache, steps = out.cache, [out.logits]
     for t in range(prompt, ids.shape[1]):
-        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        cache = out.cache
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -33,6 +33,7 @@ from torch.profiler import record_function
 
 from evomerge.workers.selection import NO_SPLIT
 from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, Trim, cut_wants, signed32
+from evomerge.workers.torch_internals import recompile_limit
 
 FUSE_MIN = 1 << 18  # entries (Llama-100M attention: 590 K): smaller stay eager; compiling costs ~10-20 s per process and kernel variant
 _HALF_WORD = 1 << 15
@@ -152,7 +153,7 @@ class _Compiled:
                 self._compiled = torch.compile(self._fn, dynamic=True, fullgraph=True)
             # one variant per expert count, election, band shape and thread count: more than
             # dynamo's default 8 (past it, fullgraph fails and every merge would go eager)
-            with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+            with recompile_limit(_VARIANTS):
                 self._compiled(*args)
             return True
         except Exception as error:  # no compiler, unsupported platform: the eager pass is exact too
