@@ -27,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from evomerge.evaluators.batching import planned_batch  # noqa: E402
 from evomerge.search.commands import prepare  # noqa: E402
 from evomerge.search.config import load_config  # noqa: E402
 from evomerge.search.controller import Controller, baseline_recipes  # noqa: E402
@@ -71,7 +72,8 @@ def _naive_process(config: Path, trials: int, offset: int, ready: Any, results: 
     prep = prepare(cfg)
     torch.set_num_threads(cfg.workers.threads)  # the workers' threads: equal resources
     mat = Materializer(prep.folders, cfg.base_model)
-    lm = HFLM(pretrained=mat.model, tokenizer=mat.tokenizer, batch_size=cfg.evaluation.batch_size)
+    # the batch ours uses on the CPU (lm-eval's own "auto" would probe the host's memory)
+    lm = HFLM(pretrained=mat.model, tokenizer=mat.tokenizer, batch_size=planned_batch(cfg.evaluation.batch_size))
     recipes = [r for _, r in baseline_recipes(cfg, prep.space)]
     manager = TaskManager(include_defaults=False)  # fair: skip indexing lm-eval's 15k built-in tasks
     ready.wait()
