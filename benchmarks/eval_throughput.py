@@ -1,6 +1,7 @@
 """Documents per second of the evaluator on the CPU at 135 M: batch 1 against auto's batch.
 
     python benchmarks/eval_throughput.py [--threads 1] [--batches 1,auto] [--docs 128] [--gen-docs 32]
+    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --docs 2048 --gen-docs 512 --max-gen-toks 64
 
 The model is a random Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads of which 3
 KV heads, MLP 1536, vocabulary 49152, tied embeddings), built here: the real one (examples/real)
@@ -13,6 +14,8 @@ never stops early, so every document generates all of them).
 Every batch is timed in the same process at the same thread count, the best of ``--repeats``
 scorings after one untimed warm-up; the ratio is against batch 1 of the same run. A regression
 guard: auto's batch on the CPU (``evaluators.batching.CPU_BATCH``) must stay well above 1x.
+On a CUDA device (``--device cuda``) auto is the batch found per task, printed after its run
+(the GPU check of the found batch; not run yet: no GPU in the session that wrote it).
 """
 
 from __future__ import annotations
@@ -55,12 +58,12 @@ def tokenizer():  # type: ignore[no-untyped-def]
                                    unk_token="<unk>")
 
 
-def model() -> torch.nn.Module:
+def model(device: str, dtype: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     built = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa"))
-    return built.eval()
+    return built.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def write_tasks(folder: Path, docs: int, gen_docs: int, max_gen_toks: int) -> None:
@@ -102,24 +105,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-docs", type=int, default=32, help="generation documents")
     parser.add_argument("--max-gen-toks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lm, tok = model(), tokenizer()
+    lm, tok = model(args.device, args.dtype), tokenizer()
     batches = [b if b == "auto" else int(b) for b in args.batches.split(",")]
+    gpu = args.device.startswith("cuda")
     print(f"SmolLM2-135M-shaped random Llama ({sum(p.numel() for p in lm.parameters()) / 1e6:.1f} M params, "
-          f"{lm.config._attn_implementation}, float32), {torch.get_num_threads()} thread(s); "
-          f"auto on the CPU = batch {CPU_BATCH}; best of {args.repeats} after a warm-up")
+          f"{lm.config._attn_implementation}, {args.dtype}) on {args.device}, {torch.get_num_threads()} thread(s); "
+          f"auto = {'found per task' if gpu else f'batch {CPU_BATCH}'}; best of {args.repeats} after a warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         write_tasks(Path(tmp), args.docs, args.gen_docs, args.max_gen_toks)
         for name, metric, docs in (("ll", "acc", args.docs), ("gen", "exact_match", args.gen_docs)):
             suite = TaskSuite((TaskSpec(name, metric),), (Path(tmp),), "search")
             base = None
             for batch in batches:
-                took = seconds(Evaluator(suite, lm, tok, batch_size=batch), args.repeats)
+                evaluator = Evaluator(suite, lm, tok, batch_size=batch, device=args.device)
+                took = seconds(evaluator, args.repeats)
                 rate = docs / took
                 base = base or rate
+                found = ", ".join(f"{kept.batch} for {kept.tokens} tokens"
+                                  for kept in evaluator.lm.sizes.found().values())
                 print(f"{name:>3}  {docs:4d} docs  batch {str(batch):>4}  {took:7.2f} s  {rate:7.1f} docs/s  "
-                      f"{rate / base:5.2f}x batch 1", flush=True)
+                      f"{rate / base:5.2f}x batch 1{f'  (found: {found})' if found else ''}", flush=True)
     return 0
 
 
