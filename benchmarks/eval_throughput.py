@@ -1,7 +1,8 @@
 """Documents per second of the evaluator on the CPU at 135 M: batch 1 against auto's batch.
 
     python benchmarks/eval_throughput.py [--threads 1] [--batches 1,auto] [--docs 128] [--gen-docs 32]
-    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --docs 1024 --gen-docs 64 --max-gen-toks 64 --repeats 1
+    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --docs 1024 --gen-docs 64 \
+        --max-gen-toks 64 --repeats 1
 
 The model is a random Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads of which 3
 KV heads, MLP 1536, vocabulary 49152, tied embeddings), built here: the real one (examples/real)

@@ -187,8 +187,8 @@ def _cpu_plan(shape: ModelShape, work: Workload, machine: Machine, one: int, sou
     fits_in_memory = not shared or sources + work.workers * (own + seq) <= machine.host_bytes
     placement: Placement = "host" if fits_in_memory else "disk"
     common = sources if shared and placement == "host" else 0
-    batch = planned_batch(work.batch_size, max((machine.host_bytes - common - work.workers * own) // (work.workers * seq),
-                                               0))
+    fit = max((machine.host_bytes - common - work.workers * own) // (work.workers * seq), 0)
+    batch = planned_batch(work.batch_size, fit)
     most = max((machine.host_bytes - common) // (own + seq), 0)
     problem = None
     if batch < 1:
