@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import save_tiny_model, write_config
+from tests.helpers import save_tiny_model, write_config
 from tests.test_bad_input import _assert_usage_error, run_cli
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

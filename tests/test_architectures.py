@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ARCHITECTURES, write_config
+from tests.helpers import ARCHITECTURES, write_config
 from tests.test_search_e2e import evomerge, query
 from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import evomerge
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 HEAVY = ("torch", "transformers", "ray", "lm_eval", "optuna", "optuna_dashboard", "numpy", "pydantic")
 # Runs one CLI call in a fresh interpreter, then prints which heavy packages it imported.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, system_tool
+from tests.helpers import ROOT, system_tool
 
 COMPOSE = ROOT / "docker" / "compose.yaml"
 RAY_NODES = ("ray-head", "ray-worker-0", "ray-worker-1", "controller")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from evomerge.search.config import load_config
 
 

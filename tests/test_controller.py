@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_config
+from tests.helpers import write_config
 from tests.test_failures import _controller
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, system_tool
+from tests.helpers import free_port, system_tool
 from tests.test_search_e2e import demo_config, evomerge, query, served_dashboard
 
 STUDY = "dash-browser"

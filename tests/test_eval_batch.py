@@ -18,7 +18,7 @@ from evomerge.search.config import ConfigError, load_config
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.memory_plan import GiB, Machine, Workload, plan, read_shape
 from evomerge.workers.sources import validate_sources
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DEMO = ROOT / "demo"
 

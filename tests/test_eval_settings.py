@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, save_tiny_arch, write_config
+from tests.helpers import ROOT, save_tiny_arch, write_config
 from tests.test_bad_input import run_cli
 from tests.test_search_e2e import evomerge, query
 from evomerge.evaluators.harness import Evaluator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from evomerge.evaluators.harness import Evaluator
 from evomerge.search.config import load_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
 from evomerge.workers.sources import validate_sources

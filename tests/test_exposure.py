@@ -11,7 +11,7 @@ import pytest
 
 from evomerge.search.config import load_config
 from evomerge.search.pool import WorkerPool
-from tests.conftest import write_config
+from tests.helpers import write_config
 from evomerge.workers.actor import WorkerSpec
 
 

@@ -16,7 +16,7 @@ from evomerge.search.controller import Controller
 from evomerge.search.ledger import Ledger
 from evomerge.search.pool import NOT_RUN, WorkerPool
 from evomerge.storage.repository import Repository
-from tests.conftest import write_config
+from tests.helpers import write_config
 from evomerge.workers.actor import WorkerSpec
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.storage.repository import LeaseError, LeaseLost, Repository
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 
@@ -123,7 +123,7 @@ def test_heldout_rescoring_runs_under_the_lease(tmp_path: Path, tiny_models: dic
     import ray
 
     from tests.test_failures import _controller
-    from tests.conftest import write_config
+    from tests.helpers import write_config
 
     cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a", "b")}, tiny_tasks,
                        budget={"max_trials": 6})

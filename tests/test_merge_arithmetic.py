@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 from evomerge.storage.repository import Repository
 from evomerge.workers import arithmetic, fused
 from evomerge.workers.registry import OPERATORS, Operator
-from tests.conftest import DEMO, ROOT
+from tests.helpers import DEMO, ROOT
 from tests.test_bad_input import run_cli
 
 HALF = (torch.bfloat16, torch.float16)

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import ROOT, write_config
+from tests.helpers import ROOT, write_config
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 PG_DATA = os.environ.get("EVOMERGE_TEST_PG_DATA")

@@ -21,7 +21,7 @@ from evomerge.search.config import load_config
 from evomerge.search.planning import check_search, plan_search, render
 from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError, Workload,
                                           plan, read_shape, sequence_bytes)
-from tests.conftest import DEMO, ROOT
+from tests.helpers import DEMO, ROOT
 
 HEADERS = ROOT / "benchmarks" / "header_models.py"
 DEMO_CONFIG = DEMO / "demo.yaml"

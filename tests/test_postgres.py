@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_config
+from tests.helpers import ROOT, write_config
 
 URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="EVOMERGE_TEST_POSTGRES_URL not set (see .ci/postgres.sh)")

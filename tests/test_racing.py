@@ -126,7 +126,7 @@ def test_racing_on_real_tasks_stops_the_hopeless_and_scores_the_rest_exactly() -
     from evomerge.workers.materialize import Materializer
     from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
     from evomerge.workers.sources import validate_sources
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     cfg = load_config(ROOT / "demo" / "demo.yaml")
     on = cfg.evaluation.model_copy(update={"racing": cfg.evaluation.racing.model_copy(update={"enabled": True})})

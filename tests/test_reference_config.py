@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from evomerge.search.config import SearchConfig, load_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 REFERENCE = ROOT / "examples" / "reference.yaml"
 # Fields the reference fills with an example because they have no default (required), or

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_bad_input import run_cli
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe, recipe_from

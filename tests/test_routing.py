@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tests.conftest import ARCHITECTURES
+from tests.helpers import ARCHITECTURES
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, SourceRecipe
 from evomerge.workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
 

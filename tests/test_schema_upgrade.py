@@ -14,7 +14,7 @@ from pathlib import Path
 
 from evomerge.storage.migrations import SCHEMA_VERSION, SchemaTooNew
 from evomerge.storage.repository import Repository
-from tests.conftest import DEMO, ROOT
+from tests.helpers import DEMO, ROOT
 
 DATA = ROOT / "tests" / "data"
 # The 0.1.0 database stores the absolute model and task paths its search was started with;

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEMO, ROOT, write_config
+from tests.helpers import DEMO, ROOT, write_config
 
 DEMO_MODELS = {"base": DEMO / "models" / "base", "cipher_a": DEMO / "models" / "cipher_a",
                "cipher_b": DEMO / "models" / "cipher_b"}
@@ -283,7 +283,7 @@ def served_dashboard(db: Path, cwd: Path, port: int | None = None) -> Iterator[C
     answering; yields a GET of a path."""
     import urllib.request
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", "dashboard", "--storage", f"sqlite:///{db}",

@@ -15,7 +15,7 @@ from evomerge.search.cli import main
 from evomerge.search.commands import Prepared, SearchFailed, prepare, run_search
 from evomerge.search.config import ConfigError, load_config
 from evomerge.search.stages import ps_space
-from tests.conftest import write_config
+from tests.helpers import write_config
 from tests.test_bad_input import run_cli
 from evomerge.workers.sources import validate_sources
 
