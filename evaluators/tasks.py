@@ -10,72 +10,15 @@ so a wrong name, split or metric is one line before anything is written.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evomerge.evaluators.lm_eval_adapter import reusable_task_class
 from evomerge.evaluators.settings import apply_settings, check_chat_template, check_settings, sample_docs
 from evomerge.evaluators.spec import TaskError, TaskSpec, TaskSuite
-
-
-@functools.cache  # one class, created on first use so lm-eval is imported only by workers
-def _reusable_task_class() -> type:
-    from lm_eval.api.task import ConfigurableTask
-
-    class ReusableTask(ConfigurableTask):  # type: ignore[misc]
-        """A ConfigurableTask that renders its requests once per worker.
-
-        lm-eval rebuilds every request on each ``evaluate`` call, compiling the Jinja
-        templates anew per document: on the demo that was 75 % of a candidate's evaluation.
-        Prompts do not depend on the model, so later calls only clear the responses the
-        previous model left on the instances (``resps`` and ``filtered_resps``). Each set of
-        documents keeps its own requests: racing (evaluators/racing.py) alternates between
-        a first stage, the rest and the whole sample, which a single cached set rebuilt on
-        every call (racing then cost 2.5-7 x the evaluation seconds it was meant to save).
-        """
-
-        _built: dict[tuple[object, ...], list[Any]] | None = None
-        _docs: list[Any] | None = None
-
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)  # reads the docs' table features: eval_docs is the table until now
-            # Then a list: lm-eval walks every evaluation document on each call to pick a
-            # sample's, and a row of a datasets table costs ~20 us to read (racing's
-            # 60-document first stage of a 300-document set spent a third of its time there).
-            self._docs = list(super().eval_docs)
-
-        @property
-        def eval_docs(self) -> Any:
-            return self._docs if self._docs is not None else super().eval_docs
-
-        def build_all_requests(self, *, limit: int | None = None, **kwargs: object) -> None:
-            key = (limit, kwargs.get("rank"), kwargs.get("world_size"), _frozen(kwargs.get("samples")),
-                   kwargs.get("system_instruction"), kwargs.get("apply_chat_template"),
-                   kwargs.get("fewshot_as_multiturn"))
-            built = self._built if self._built is not None else {}
-            if key in built:
-                self._instances = built[key]
-                for instance in self._instances:
-                    instance.resps.clear()
-                    instance.filtered_resps.clear()
-                return
-            super().build_all_requests(limit=limit, **kwargs)
-            if len(built) >= _REQUEST_SETS:  # a few sets at most: forget the oldest
-                built.pop(next(iter(built)))
-            built[key] = self._instances
-            self._built = built
-
-    return ReusableTask
-
-
-_REQUEST_SETS = 6  # the full sample, racing's stages (3 by default), and spares
-
-
-def _frozen(samples: object) -> tuple[int, ...] | None:
-    return None if samples is None else tuple(samples)  # type: ignore[call-overload]
 
 
 def find_local_task(name: str, task_paths: tuple[Path, ...]) -> tuple[dict[str, Any], Path] | None:
@@ -143,7 +86,7 @@ def build_task_dict(suite: TaskSuite, heldout: bool) -> dict[str, Any]:
         if heldout:  # a distinct lm-eval name, so nothing keyed by task name mixes the splits
             cfg["task"] = f"{spec.name}__{split}"
         try:
-            built[spec.name] = _reusable_task_class()(config=cfg)
+            built[spec.name] = reusable_task_class()(config=cfg)
         except KeyError as exc:  # lm-eval reads the test split while building the task
             if split is not None and exc.args == (split,):
                 raise TaskError(f"{field} {split!r}: task {spec.name!r} has no such split") from None

@@ -14,3 +14,14 @@ def test_torch_keeps_its_recompile_limit_setting() -> None:
     with recompile_limit(before + 5):
         assert torch._dynamo.config.recompile_limit == before + 5
     assert torch._dynamo.config.recompile_limit == before
+
+
+def test_lm_eval_keeps_the_members_its_adapter_uses() -> None:
+    import inspect
+
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+
+    assert list(inspect.signature(HFLM._encode_pair).parameters) == ["self", "context", "continuation"]
+    assert "self.batch_size_per_gpu" in inspect.getsource(HFLM.__init__)  # read per call by HFLM's batching
+    assert "self._instances" in inspect.getsource(ConfigurableTask.build_all_requests)

@@ -12,7 +12,8 @@ import torch
 
 from evomerge.evaluators.batching import (CPU_BATCH, GPU_MAX_BATCH, BatchCache, is_out_of_memory, largest_fitting,
                                           planned_batch)
-from evomerge.evaluators.harness import Evaluator, _lm_class
+from evomerge.evaluators.harness import Evaluator
+from evomerge.evaluators.lm_eval_adapter import lm_class
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
 from evomerge.search.config import ConfigError, load_config
 from evomerge.workers.materialize import Materializer
@@ -185,7 +186,7 @@ def test_auto_scores_like_batch_1_and_is_found_once_per_task(generation_tasks: P
     limit = MemoryLimit(12)
     handle = mat.model.register_forward_pre_hook(limit, with_kwargs=True)
     try:
-        lm = _lm_class()(batch="auto", pretrained=mat.model, tokenizer=mat.tokenizer, device="cpu")
+        lm = lm_class()(batch="auto", pretrained=mat.model, tokenizer=mat.tokenizer, device="cpu")
         auto = Evaluator(suite, mat.model, mat.tokenizer, lm=lm)
         assert auto.score() == one
         found = {key[0]: kept.batch for key, kept in lm.sizes.found().items()}
