@@ -20,82 +20,85 @@ from typing import Any
 from evomerge.evaluators.batching import BatchCache, BatchSize, model_probe
 
 
+class _EncodingCache:
+    """What evomerge adds to lm-eval's HFLM (mixed in by :func:`lm_class`): it tokenizes each
+    (context, continuation) pair once per worker, quietly, and with ``batch="auto"`` (asked for
+    on a GPU) finds each task's batch (evaluators/batching.py).
+
+    lm-eval tokenizes every loglikelihood request again on each call; the tokens do not
+    depend on the weights a worker rewrites between candidates (a fifth of a candidate's
+    scoring on the tiny landscapes). Its progress bars, two or three per call, go to a
+    worker's stderr, which Ray copies to the driver's log: noise, and CPU on both ends.
+    lm-eval's own "auto" probes again on every call (for generation at the model's whole max
+    length), from at most 64; ours probes once per task at the task's longest request."""
+
+    def __init__(self, batch: BatchSize, **kwargs: Any) -> None:
+        super().__init__(batch_size=1 if batch == "auto" else batch, **kwargs)
+        self.auto = batch == "auto"
+        self.sizes = BatchCache()
+        self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        return self._batched(super().loglikelihood, requests, "loglikelihood", self._pair_tokens)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = True) -> list[float]:
+        return self._batched(super().loglikelihood_rolling, requests, "loglikelihood", lambda _: self.max_length)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
+        return self._batched(super().generate_until, requests, "generate", self._generation_tokens)
+
+    def _batched(self, parent: Callable[..., Any], requests: list[Any], kind: str,
+                 tokens_of: Callable[[Any], int]) -> Any:
+        """``parent(requests)`` at the batch of the longest request of each task among them
+        (the smallest of those batches), halved and run again on an out-of-memory error."""
+        if not self.auto or not requests:
+            return parent(requests, disable_tqdm=True)
+        longest: dict[str, int] = {}
+        for request in requests:
+            longest[request.task_name] = max(longest.get(request.task_name, 0), tokens_of(request))
+        config = self.model.config  # a route's own config: its layer count is the route's
+        shape = (str(self.model.dtype), *(getattr(config, f, None) for f in
+                                           ("num_hidden_layers", "hidden_size", "vocab_size")))
+        keys = [(task, kind, str(self.device), shape) for task in sorted(longest)]
+        batch = min(self.sizes.batch(key, longest[key[0]],
+                                     model_probe(self.model, self.device, longest[key[0]], kind == "generate"))
+                    for key in keys)
+
+        def call(size: int) -> Any:
+            self.batch_size_per_gpu = size
+            return parent(requests, disable_tqdm=True)
+        return self.sizes.run(keys, batch, call)
+
+    def _pair_tokens(self, request: Any) -> int:
+        """Tokens of a loglikelihood request's forward pass (lm-eval drops the last one and
+        keeps at most its max length)."""
+        context, continuation = request.args
+        if context:
+            context_enc, continuation_enc = self._encode_pair(context, continuation)
+        else:
+            context_enc, continuation_enc = [self.prefix_token_id], self.tok_encode(continuation)
+        return min(len(context_enc) + len(continuation_enc), self.max_length + 1) - 1
+
+    def _generation_tokens(self, request: Any) -> int:
+        """Prompt (left-truncated as lm-eval does) plus the tokens it may generate."""
+        context, kwargs = request.args
+        new = int((kwargs or {}).get("max_gen_toks", self.max_gen_toks))
+        return min(len(self.tok_encode(context)), max(self.max_length - new, 1)) + new
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        key = (context, continuation)
+        if key not in self._encoded:
+            self._encoded[key] = super()._encode_pair(context, continuation)
+        context_enc, continuation_enc = self._encoded[key]
+        return list(context_enc), list(continuation_enc)  # callers may change theirs
+
+
 @functools.cache  # created on first use: lm-eval is imported by workers only
 def lm_class() -> type:
+    """lm-eval's HFLM with :class:`_EncodingCache` (constructed with ``batch`` and HFLM's arguments)."""
     from lm_eval.models.huggingface import HFLM
 
-    class EncodingCacheLM(HFLM):  # type: ignore[misc]
-        """HFLM that tokenizes each (context, continuation) pair once per worker, quietly, and
-        with ``batch="auto"`` (asked for on a GPU) finds each task's batch (evaluators/batching.py).
-
-        lm-eval tokenizes every loglikelihood request again on each call; the tokens do not
-        depend on the weights a worker rewrites between candidates (a fifth of a candidate's
-        scoring on the tiny landscapes). Its progress bars, two or three per call, go to a
-        worker's stderr, which Ray copies to the driver's log: noise, and CPU on both ends.
-        lm-eval's own "auto" probes again on every call (for generation at the model's whole max
-        length), from at most 64; ours probes once per task at the task's longest request."""
-
-        def __init__(self, batch: BatchSize, **kwargs: Any) -> None:
-            super().__init__(batch_size=1 if batch == "auto" else batch, **kwargs)
-            self.auto = batch == "auto"
-            self.sizes = BatchCache()
-            self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
-            return self._batched(super().loglikelihood, requests, "loglikelihood", self._pair_tokens)
-
-        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = True) -> list[float]:
-            return self._batched(super().loglikelihood_rolling, requests, "loglikelihood", lambda _: self.max_length)
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
-            return self._batched(super().generate_until, requests, "generate", self._generation_tokens)
-
-        def _batched(self, parent: Callable[..., Any], requests: list[Any], kind: str,
-                     tokens_of: Callable[[Any], int]) -> Any:
-            """``parent(requests)`` at the batch of the longest request of each task among them
-            (the smallest of those batches), halved and run again on an out-of-memory error."""
-            if not self.auto or not requests:
-                return parent(requests, disable_tqdm=True)
-            longest: dict[str, int] = {}
-            for request in requests:
-                longest[request.task_name] = max(longest.get(request.task_name, 0), tokens_of(request))
-            config = self.model.config  # a route's own config: its layer count is the route's
-            shape = (str(self.model.dtype), *(getattr(config, f, None) for f in
-                                               ("num_hidden_layers", "hidden_size", "vocab_size")))
-            keys = [(task, kind, str(self.device), shape) for task in sorted(longest)]
-            batch = min(self.sizes.batch(key, longest[key[0]],
-                                         model_probe(self.model, self.device, longest[key[0]], kind == "generate"))
-                        for key in keys)
-
-            def call(size: int) -> Any:
-                self.batch_size_per_gpu = size
-                return parent(requests, disable_tqdm=True)
-            return self.sizes.run(keys, batch, call)
-
-        def _pair_tokens(self, request: Any) -> int:
-            """Tokens of a loglikelihood request's forward pass (lm-eval drops the last one and
-            keeps at most its max length)."""
-            context, continuation = request.args
-            if context:
-                context_enc, continuation_enc = self._encode_pair(context, continuation)
-            else:
-                context_enc, continuation_enc = [self.prefix_token_id], self.tok_encode(continuation)
-            return min(len(context_enc) + len(continuation_enc), self.max_length + 1) - 1
-
-        def _generation_tokens(self, request: Any) -> int:
-            """Prompt (left-truncated as lm-eval does) plus the tokens it may generate."""
-            context, kwargs = request.args
-            new = int((kwargs or {}).get("max_gen_toks", self.max_gen_toks))
-            return min(len(self.tok_encode(context)), max(self.max_length - new, 1)) + new
-
-        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            key = (context, continuation)
-            if key not in self._encoded:
-                self._encoded[key] = super()._encode_pair(context, continuation)
-            context_enc, continuation_enc = self._encoded[key]
-            return list(context_enc), list(continuation_enc)  # callers may change theirs
-
-    return EncodingCacheLM
+    return type("EncodingCacheLM", (_EncodingCache, HFLM), {})
 
 
 @functools.cache  # one class, created on first use so lm-eval is imported only by workers
