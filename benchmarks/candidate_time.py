@@ -32,7 +32,7 @@ from evomerge.search.commands import prepare  # noqa: E402
 from evomerge.search.config import load_config  # noqa: E402
 from evomerge.search.controller import Controller, baseline_recipes  # noqa: E402
 from evomerge.search.ledger import Ledger  # noqa: E402
-from evomerge.search.pool import WorkerPool  # noqa: E402
+from evomerge.workers.pool import WorkerPool  # noqa: E402
 from evomerge.storage.repository import Repository  # noqa: E402
 from evomerge.workers.actor import WorkerSpec  # noqa: E402
 from evomerge.workers.materialize import Materializer  # noqa: E402

@@ -130,7 +130,7 @@ def _merge_fn(op: Any, src: Mapping[str, Any], out: Any, key: str) -> Callable[[
     """One tensor merged the way a worker merges it (workers/materialize.py merge_tensor)."""
     import torch
 
-    from evomerge.search.mergekit_compat import SHARED_METHODS
+    from evomerge.workers.mergekit import SHARED_METHODS
     from evomerge.workers.layout import tensor_seed
 
     experts = ["a"] if op.name == "slerp" else ["a", "b"]

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evomerge.search.mergekit_compat import SHARED_METHODS  # noqa: E402
+from evomerge.workers.mergekit import SHARED_METHODS  # noqa: E402
 from evomerge.workers.layout import tensor_seed  # noqa: E402
 from evomerge.workers.registry import OPERATORS  # noqa: E402
 from evomerge.workers.registry import Operator  # noqa: E402

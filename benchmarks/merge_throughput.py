@@ -15,7 +15,7 @@ printed: other processes on the machine make 2-thread OpenMP timings erratic.
   in bytes of source tensors read per second: for each parameter, the sizes of the tensors the
   operator reads (base + experts; linear reads only the experts, swap only the chosen model).
 - mergekit: ``merge_state_dicts`` (mergekit's in-memory API; state dicts already in memory) of the
-  same merge, its parameters parsed from ``search.mergekit_compat.to_mergekit``'s YAML. Where the
+  same merge, its parameters parsed from ``workers.mergekit.to_mergekit``'s YAML. Where the
   in-memory path fails, ``run_merge`` to disk (loading included) is timed instead, marked "disk".
   ``max|d|`` is the largest difference between the two merged models (random methods: n/a).
 - replay of one model to disk (--disk-op): our ``write_model_folder`` (apply, save, fsync, reload
@@ -46,7 +46,7 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evomerge.search.mergekit_compat import SHARED_METHODS, to_mergekit  # noqa: E402
+from evomerge.workers.mergekit import SHARED_METHODS, to_mergekit  # noqa: E402
 from evomerge.workers.materialize import Materializer  # noqa: E402
 from evomerge.workers.registry import OPERATORS  # noqa: E402
 from evomerge.workers.recipe import MergeRecipe, Recipe

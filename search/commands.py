@@ -14,11 +14,11 @@ from evomerge.search.config import ConfigError, SearchConfig, check_study_name, 
 from evomerge.search.controller import Controller, Space, StudyMismatch
 from evomerge.search.leaderboard import best_candidate, build, combine, count_reasons, render
 from evomerge.search.merge_file import load_merge_file
-from evomerge.search.mergekit_compat import MergekitConfigError, to_mergekit
+from evomerge.workers.mergekit import MergekitConfigError, to_mergekit
 from evomerge.search.ledger import Ledger
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.planning import check_search, cmd_plan
-from evomerge.search.pool import WorkerPool
+from evomerge.workers.pool import WorkerPool
 from evomerge.search.progress import Progress, phase
 from evomerge.search.reading import (UsageError, cmd_dashboard, cmd_methods, cmd_status, find_study, open_repo,
                                      study_leaderboard)

@@ -255,7 +255,7 @@ class WorkersConfig(_Strict):
     sources: Literal["auto", "device", "host"] = "auto"
     max_attempts: StrictInt = Field(2, ge=1)  # a candidate whose worker dies is retried up to this
     # Seconds one evaluation may run before its worker counts as hung (killed, replaced, the
-    # candidate retried). None: derived from finished jobs (search/pool.py JobTimeout).
+    # candidate retried). None: derived from finished jobs (workers/pool.py JobTimeout).
     job_timeout_s: StrictFloat | None = Field(None, gt=0)
 
 

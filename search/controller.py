@@ -33,7 +33,7 @@ from evomerge.search.leaderboard import best_candidate
 from evomerge.search.dashboard import StudyPictures
 from evomerge.search.ledger import Ledger
 from evomerge.search.tracking import open_tracker
-from evomerge.search.pool import NOT_RUN, Crash, WorkerPool
+from evomerge.workers.pool import NOT_RUN, Crash, WorkerPool
 from evomerge.search import signals
 from evomerge.search.progress import Progress
 from evomerge.search.dfs_space import RouteSpace

@@ -12,7 +12,7 @@ replayed folder's ``evomerge_recipe.json``)::
     tokenizer_source: base  # optional: the source whose tokenizer is written
 
 Parameters the recipe omits take their declared defaults. A file with ``merge_method``
-at the top is read as a mergekit config (:mod:`search.mergekit_compat`).
+at the top is read as a mergekit config (:mod:`workers.mergekit`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
-from evomerge.search.mergekit_compat import DTYPES, MergeJob, MergekitConfigError, from_mergekit
+from evomerge.workers.mergekit import DTYPES, MergeJob, MergekitConfigError, from_mergekit
 from evomerge.workers.recipe import Recipe
 
 

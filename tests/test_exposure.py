@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from evomerge.search.config import load_config
-from evomerge.search.pool import WorkerPool
+from evomerge.workers.pool import WorkerPool
 from tests.helpers import write_config
 from evomerge.workers.actor import WorkerSpec
 

@@ -14,7 +14,7 @@ from evomerge.search.commands import prepare
 from evomerge.search.config import load_config
 from evomerge.search.controller import Controller
 from evomerge.search.ledger import Ledger
-from evomerge.search.pool import NOT_RUN, WorkerPool
+from evomerge.workers.pool import NOT_RUN, WorkerPool
 from evomerge.storage.repository import Repository
 from tests.helpers import write_config
 from evomerge.workers.actor import WorkerSpec

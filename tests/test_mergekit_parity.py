@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.search.cli import main
 from evomerge.search.merge_file import load_merge_file
-from evomerge.search.mergekit_compat import from_mergekit, to_mergekit
+from evomerge.workers.mergekit import from_mergekit, to_mergekit
 from evomerge.workers.materialize import Materializer
 
 from mergekit.config import MergeConfiguration

@@ -131,7 +131,7 @@ def test_replay_loads_and_scores_the_same(searched: tuple[Path, Path]) -> None:
 def test_replay_writes_the_mergekit_config_of_the_best(searched: tuple[Path, Path]) -> None:
     """--mergekit-yaml alone writes mergekit's config of the best recipe; read back, it is the
     same recipe (mergekit itself merges it: tests/test_mergekit_parity.py)."""
-    from evomerge.search.mergekit_compat import from_mergekit
+    from evomerge.workers.mergekit import from_mergekit
 
     tmp, db = searched
     path = tmp / "best-mergekit.yaml"

@@ -20,7 +20,7 @@ import pytest
 
 from evomerge.search.commands import prepare
 from evomerge.search.config import load_config
-from evomerge.search.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
+from evomerge.workers.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
 from evomerge.storage.repository import Repository
 from tests.helpers import write_config
 from tests.test_failures import _controller
