@@ -40,7 +40,7 @@ for arg in "$@"; do
 done
 [ "${GPU_CHECK_CPU:-0}" = 1 ] && MODE=cpu
 # what every step imports (pydantic, Ray, lm-eval, torch): a bundle for another Python fails here
-if ! err=$($PY -c "import torch, ray, evomerge.search.commands, evomerge.workers.actor" 2>&1); then
+if ! err=$($PY -c "import torch, ray, evomerge.search.app.commands, evomerge.workers.actor" 2>&1); then
   echo "gpu_check: $PY cannot import evomerge and its dependencies (pip install -e ., or source the bundle's env.sh): $(echo "$err" | tail -1)" >&2
   exit 2
 fi

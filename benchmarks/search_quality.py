@@ -52,9 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # landscapes.py; evomerge is installed
 
 from landscapes import CACHE, TASKS, Landscape, landscapes  # noqa: E402
-from evomerge.search.commands import prepare, run_search  # noqa: E402
+from evomerge.search.app.commands import prepare, run_search  # noqa: E402
 from evomerge.search.config import ConfigError, load_config  # noqa: E402
-from evomerge.search.leaderboard import best_candidate  # noqa: E402
+from evomerge.search.ranking import best_candidate  # noqa: E402
 from evomerge.storage.repository import CandidateRecord  # noqa: E402
 
 BASELINES = ("source", "untuned")

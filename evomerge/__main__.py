@@ -2,6 +2,6 @@
 
 import sys
 
-from evomerge.search.cli import main
+from evomerge.search.app.cli import main
 
 sys.exit(main())

@@ -260,7 +260,7 @@ class WorkersConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Optional logging of every candidate to MLflow (search/tracking.py); off by default."""
+    """Optional logging of every candidate to MLflow (search/app/tracking.py); off by default."""
 
     backend: Literal["none", "mlflow"] = "none"
     uri: str = Field("sqlite:///mlflow.db", min_length=1)  # an MLflow tracking URI; a SQLite file works offline

@@ -10,7 +10,8 @@ fresh random stream.
 
 The controller names no optimizer: it asks the one the config names for genomes, tells it
 every outcome (baselines that lie in the search space first, as priors), and stores the
-updates it reports.
+updates it reports. What it reports (progress, finished candidates, held-out scores, the end
+of a phase) goes to the observers it is given (search/observers.py): it builds none itself.
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ from evomerge.search.optimizers import Evaluated, Optimizer, OptimizerSettings, 
 from evomerge.search.optimizers.base import default_popsize
 from evomerge.evaluators.racing import generation_bar
 from evomerge.search.config import SearchConfig
-from evomerge.search.leaderboard import best_candidate
-from evomerge.search.dashboard import StudyPictures
 from evomerge.search.ledger import Ledger
-from evomerge.search.tracking import open_tracker
-from evomerge.workers.pool import NOT_RUN, Crash, WorkerPool
+from evomerge.search.observers import LoopState, Observers, SearchObserver
+from evomerge.search.ranking import best_candidate
 from evomerge.search import signals
-from evomerge.search.progress import Progress
 from evomerge.search.dfs_space import RouteSpace
 from evomerge.search.space import SearchSpace
 from evomerge.storage.repository import CandidateRecord, LeaseLost, Repository
 from evomerge.storage.retry import DatabaseUnavailable
+from evomerge.workers.pool import NOT_RUN, Crash, WorkerPool
 from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe, parse_recipe
 from evomerge.workers.result import Failed, Job, Scored, TrialResult
 
@@ -105,7 +104,10 @@ class Controller:
     """Drives one study: ``run`` the search, then ``rescore_heldout`` the leaders."""
 
     def __init__(self, cfg: SearchConfig, repo: Repository, ledger: Ledger, space: Space,
-                 pool_factory: Callable[[], WorkerPool], study_id: int) -> None:
+                 pool_factory: Callable[[], WorkerPool], study_id: int,
+                 observers: Sequence[SearchObserver] = ()) -> None:
+        """``observers`` hear of the search's progress and outcomes (progress display,
+        dashboard, tracking: the commands choose them)."""
         self.cfg, self.repo, self.ledger, self.space = cfg, repo, ledger, space
         self.study_id = study_id
         self._pool_factory = pool_factory
@@ -125,8 +127,7 @@ class Controller:
         self.heldout_failed: dict[int, str] = {}  # candidate -> why its held-out re-score failed
         self._heldout_retry: list[int] = []
         self._beat = 0.0
-        self.pictures = StudyPictures(ledger.save_figures)  # the dashboard's figures (search/dashboard.py)
-        self.tracker = open_tracker(cfg.tracking, ledger.study.study_name, cfg.optimizer.name, space)
+        self.observers = Observers(observers)
 
     # --- setup and recovery ----------------------------------------------------------
 
@@ -214,9 +215,9 @@ class Controller:
         return Evaluated(cand.id, x, self._values(cand), prior=True)
 
     def _tell(self, cand: CandidateRecord) -> None:
-        """Tell the optimizer a finished candidate (an evolved one, or a prior), and the tracker."""
+        """Tell the optimizer a finished candidate (an evolved one, or a prior), and the observers."""
         assert self.optimizer is not None
-        self.tracker.log(cand)
+        self.observers.finished(cand)
         if not (cand.evolved or self._prior(cand)):
             return
         update = self.optimizer.tell(self._evaluated(cand))
@@ -232,13 +233,13 @@ class Controller:
 
     # --- the loop --------------------------------------------------------------------
 
-    def run(self, max_trials: int, timeout_s: float | None, progress: Progress | None = None) -> RunSummary:
+    def run(self, max_trials: int, timeout_s: float | None) -> RunSummary:
         """Search until ``max_trials`` candidates are done (counting earlier runs) or time is up.
         A SIGINT/SIGTERM stops it at a safe point (search/signals.py), work in flight re-queued."""
         with signals.deferred():
-            return self._run(max_trials, timeout_s, progress)
+            return self._run(max_trials, timeout_s)
 
-    def _run(self, max_trials: int, timeout_s: float | None, progress: Progress | None) -> RunSummary:
+    def _run(self, max_trials: int, timeout_s: float | None) -> RunSummary:
         started = time.monotonic()
         deadline = started + timeout_s if timeout_s else math.inf
         evaluated_now = 0
@@ -270,10 +271,9 @@ class Controller:
                     done += finished
                     evaluated_now += 1
                 self._heartbeat()
-                if progress:
-                    progress.update(done, self.best_fitness, self.pool.active(), len(self.pool.slots))
+                self.observers.searching(LoopState(done, self.best_fitness, self.pool.active(), len(self.pool.slots)))
             self._show_optimizer()
-            self.pictures.flush(self.repo.candidates(self.study_id))
+            self.observers.phase_ended(self.repo.candidates(self.study_id))
         best = self.best()
         return RunSummary(done, evaluated_now, best.id if best else None, best.fitness if best else None,
                           self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
@@ -382,7 +382,6 @@ class Controller:
                            evaluate_cpu_s=result.evaluate_cpu_s)
         cand = self.repo.candidate(cand.id)
         self.best_fitness = value if self.best_fitness is None else max(self.best_fitness, value)
-        self.pictures.result(value, lambda: self.repo.candidates(self.study_id))
         # One attribute per task score, so the dashboard's trial table shows them as columns.
         self.ledger.complete(number, self._values(cand) or (value,), {
             **{f"score.{task}": score for task, score in result.outcome.scores.items()},
@@ -468,7 +467,7 @@ class Controller:
                 todo.extend(self.repo.candidate(cid) for cid in self._heldout_retry)
                 self._heldout_retry.clear()
                 self._heartbeat()
-            self.pictures.flush(self.repo.candidates(self.study_id))
+            self.observers.phase_ended(self.repo.candidates(self.study_id))
         return scored
 
     def _handle_heldout(self, result: TrialResult | Crash) -> int:
@@ -492,14 +491,11 @@ class Controller:
             return 0
         self.heldout_failed.pop(cid, None)
         self.repo.set_heldout(cid, result.outcome.scores, value)
-        number = self.repo.candidate(cid).trial_number
-        if number is not None:
-            self.ledger.record_heldout(number, value, result.outcome.scores)
+        self.observers.heldout_scored(self.repo.candidate(cid))
         return 1
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-        self.tracker.close()
 

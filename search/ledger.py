@@ -5,7 +5,8 @@ Optuna's own samplers are not involved, and nothing is pickled: parameters, scor
 recipe summaries are plain user attributes.
 
 What the dashboard shows beyond Optuna's columns (a note of per-task and held-out scores on
-each trial, the study's figures) is written through :mod:`search.dashboard`.
+each trial, the study's figures) is the application's: an observer of the controller writes it
+into this ledger's study (search/app/dashboard.py), through :meth:`Ledger.retried`.
 
 Our candidate table is the truth; this ledger follows it. The controller records an
 outcome there first, then tells Optuna, so a stop between the two leaves a RUNNING trial
@@ -25,9 +26,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from evomerge.search.dashboard import first_trial_note, save_figures, save_trial_note, trial_note
 from evomerge.storage.engine import engine_kwargs
-from evomerge.storage.repository import CandidateRecord
 from evomerge.storage.retry import patience_s, retrying
 
 T = TypeVar("T")
@@ -42,13 +41,13 @@ class Ledger:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.patience_s = url, patience_s()
         self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-        self.study = self._retried(lambda: optuna.create_study(
+        self.study = self.retried(lambda: optuna.create_study(
             storage=self.storage, study_name=study_name, directions=["maximize"] * len(objectives),
             load_if_exists=True))
         if self.study.metric_names is None:
             with warnings.catch_warnings():  # experimental in Optuna, stable in use since 3.2
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self._retried(lambda: self.study.set_metric_names(list(objectives)))
+                self.retried(lambda: self.study.set_metric_names(list(objectives)))
         self.study_id = self.study._study_id
 
     @staticmethod
@@ -63,7 +62,8 @@ class Ledger:
             storage.remove_session()
         return True
 
-    def _retried(self, work: Callable[[], T]) -> T:
+    def retried(self, work: Callable[[], T]) -> T:
+        """``work`` on this ledger's storage, retried through transient database faults."""
         return retrying(work, self.url, self.patience_s)
 
     @property
@@ -76,14 +76,14 @@ class Ledger:
         template = create_trial(
             state=TrialState.RUNNING, params=params,
             distributions={k: FloatDistribution(*bounds[k]) for k in params}, user_attrs=attrs)
-        return self._retried(lambda: self.storage.get_trial_number_from_id(
+        return self.retried(lambda: self.storage.get_trial_number_from_id(
             self.storage.create_new_trial(self.study_id, template_trial=template)))
 
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
-        self._retried(lambda: self._set_attrs(number, attrs))
+        self.retried(lambda: self._set_attrs(number, attrs))
 
     def _set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
         trial_id = self._trial_id(number)
@@ -98,17 +98,12 @@ class Ledger:
             self.fail(number, f"non-finite objective values {list(values)!r}")
             return
 
-        scores = {k.removeprefix("score."): v for k, v in attrs.items() if k.startswith("score.")}
-
         def tell() -> None:
             if not self._finished(number):  # a retry after a lost acknowledgement finds it told
                 self._set_attrs(number, attrs)
-                if scores:
-                    fitness = attrs.get("fitness", values[0] if len(values) == 1 else None)
-                    first_trial_note(self.study, number, trial_note(scores, fitness))
                 self.study.tell(number, list(values) if len(values) > 1 else values[0], skip_if_finished=True)
 
-        self._retried(tell)
+        self.retried(tell)
 
     def fail(self, number: int, reason: str) -> None:
         """Fail trial ``number`` with ``reason``; a no-op if it is already finished."""
@@ -118,31 +113,16 @@ class Ledger:
                 self._set_attrs(number, {"fail_reason": reason})
                 self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
-        self._retried(tell)
+        self.retried(tell)
 
     def _finished(self, number: int) -> bool:
         return self.storage.get_trial(self._trial_id(number)).state.is_finished()
-
-    def record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
-        """Show a held-out re-score on search trial ``number`` itself: Optuna freezes finished
-        trials, so it goes into the trial's dashboard note, beside its search scores."""
-        self._retried(lambda: self._record_heldout(number, value, scores))
-
-    def _record_heldout(self, number: int, value: float, scores: dict[str, float]) -> None:
-        trial = self.storage.get_trial(self._trial_id(number))
-        search = {k.removeprefix("score."): float(v) for k, v in trial.user_attrs.items() if k.startswith("score.")}
-        fitness = trial.user_attrs.get("fitness", trial.values[0] if trial.values and len(trial.values) == 1 else None)
-        save_trial_note(self.study, number, trial_note(search, fitness, scores, value))
-
-    def save_figures(self, cands: Sequence[CandidateRecord]) -> None:
-        """Store the study's figures (fitness over trials, the best recipe) for the dashboard."""
-        self._retried(lambda: save_figures(self.study, cands))
 
     def settle_running(self, verdict: Callable[[int], Sequence[float] | str]) -> list[int]:
         """Finish every RUNNING trial (left by a stopped controller) as our table says:
         ``verdict(number)`` is its candidate's stored objective values (COMPLETE) or a reason
         (FAIL). Returns the numbers settled."""
-        numbers = self._retried(lambda: [t.number for t in self.study.get_trials(
+        numbers = self.retried(lambda: [t.number for t in self.study.get_trials(
             deepcopy=False, states=(TrialState.RUNNING,))])
         for number in numbers:
             outcome = verdict(number)

@@ -95,7 +95,7 @@ def test_dfs_stage_evaluates_its_sources_and_routes(searched: Searched) -> None:
 
 def test_dfs_leaderboard_shows_every_source(searched: Searched) -> None:
     """The DFS study's own board (``evomerge status --study t:dfs``) ranks models a and b."""
-    from evomerge.search.leaderboard import build
+    from evomerge.search.app.leaderboard import build
     from evomerge.storage.repository import Repository
 
     repo = Repository(f"sqlite:///{searched.db}")

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import save_file
 
 from evomerge.search.config import ConfigError, load_config, read_mapping
-from evomerge.search.merge_file import load_merge_file
+from evomerge.search.app.merge_file import load_merge_file
 from tests.helpers import ROOT, write_config
 from evomerge.workers.sources import SourceError, SourceModel, load_tensors, validate_sources
 

@@ -18,7 +18,7 @@ from tests.test_search_e2e import evomerge, query
 from evomerge.evaluators.harness import Evaluator
 from evomerge.evaluators.settings import sample_docs
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
-from evomerge.search.cli import main
+from evomerge.search.app.cli import main
 from evomerge.search.config import load_config
 
 SYSTEM = "You are a careful calculator."

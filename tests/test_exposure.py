@@ -36,7 +36,7 @@ def test_local_ray_listens_on_loopback_only_and_workers_lack_db_secrets(
     monkeypatch.setenv("PGPASSWORD", "not-for-workers")
     monkeypatch.setenv("EVOMERGE_STORAGE", "postgresql://u:not-for-workers@db/evomerge")
     cfg = load_config(write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks))
-    from evomerge.search.commands import prepare
+    from evomerge.search.app.commands import prepare
 
     prep = prepare(cfg)
     pool = WorkerPool(WorkerSpec(prep.folders, cfg.base_model, cfg.suite()), 2, 1, 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search.commands import prepare
+from evomerge.search.app.commands import prepare
 from evomerge.search.config import load_config
 from evomerge.search.controller import Controller
 from evomerge.search.ledger import Ledger

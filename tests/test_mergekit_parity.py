@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from evomerge.search.cli import main
-from evomerge.search.merge_file import load_merge_file
+from evomerge.search.app.cli import main
+from evomerge.search.app.merge_file import load_merge_file
 from evomerge.workers.mergekit import from_mergekit, to_mergekit
 from evomerge.workers.materialize import Materializer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search.leaderboard import pareto_front
+from evomerge.search.app.leaderboard import pareto_front
 from evomerge.search.config import SearchConfig
 from evomerge.storage.repository import Repository
 from tests.test_search_e2e import TASKS, demo_config, evomerge, query, served_dashboard

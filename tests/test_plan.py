@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.search.config import load_config
-from evomerge.search.planning import check_search, plan_search, render
+from evomerge.search.app.planning import check_search, plan_search, render
 from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError, Workload,
                                           plan, read_shape, sequence_bytes)
 from tests.helpers import DEMO, ROOT
@@ -80,7 +80,7 @@ def test_search_check_on_the_demo_is_silent_and_skipped_on_a_cluster(capsys: pyt
 
 def test_search_check_with_gpus_says_one_line_and_skips_without_them(
         big: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from evomerge.search import planning
+    from evomerge.search.app import planning
 
     cfg = load_config(big["7b"])
     cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"num_gpus": 1.0})})
@@ -147,7 +147,7 @@ def test_70b_on_one_gpu_with_a_small_host_does_not_fit(big: dict[str, Path]) -> 
 
 
 def test_plan_command_prints_the_table_and_json(big: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    from evomerge.search.cli import main
+    from evomerge.search.app.cli import main
 
     args = ["plan", str(big["7b"]), "--gpus", "8", "--gpu-memory", "139", "--host-memory", "2048", "--workers", "16"]
     assert main([*args, "--json"]) == 0
@@ -161,7 +161,7 @@ def test_plan_command_prints_the_table_and_json(big: dict[str, Path], capsys: py
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    probe = ("import json, sys\nfrom evomerge.search.cli import main\nstatus = main(sys.argv[1:])\n"
+    probe = ("import json, sys\nfrom evomerge.search.app.cli import main\nstatus = main(sys.argv[1:])\n"
              "ray = sys.modules.get('ray')\nprint(json.dumps({'status': status, 'ray': bool(ray and ray.is_initialized())}))")
     return subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(cwd / "ray")})
@@ -183,7 +183,7 @@ def test_a_search_that_cannot_fit_is_refused_in_one_line_before_anything(tmp_pat
     ["--gpus", "1", "--gpu-memory", "80", "--host-memory", "0.1"],
 ])
 def test_plan_that_cannot_fit_exits_2_with_one_line(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    from evomerge.search.cli import main
+    from evomerge.search.app.cli import main
 
     assert main(["plan", str(DEMO_CONFIG), *command]) == 2
     out, err = capsys.readouterr()

@@ -1,11 +1,11 @@
-"""The study's figures (search/plots.py) as plotly JSON: what each trace holds, from real
+"""The study's figures (search/app/plots.py) as plotly JSON: what each trace holds, from real
 recipes and candidate records. The browser test shows them drawn."""
 
 from __future__ import annotations
 
 import json
 
-from evomerge.search.plots import fitness_history, genes_figure, route_figure, study_figures
+from evomerge.search.app.plots import fitness_history, genes_figure, route_figure, study_figures
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, SourceRecipe
 

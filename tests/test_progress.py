@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import re
 
-from evomerge.search.progress import Progress, phase
+from evomerge.search.app.progress import Progress, phase
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 

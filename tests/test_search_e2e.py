@@ -223,7 +223,7 @@ def test_ctrl_c_requeues_in_flight_work(tmp_path: Path) -> None:
 
 def rebuilt_proposal(cfg_path: Path, db: Path) -> tuple[float, ...]:
     """Rebuild the study's optimizer from the database alone and ask it for a genome."""
-    from evomerge.search.commands import objectives, prepare
+    from evomerge.search.app.commands import objectives, prepare
     from evomerge.search.config import load_config
     from evomerge.search.controller import Controller
     from evomerge.search.ledger import Ledger

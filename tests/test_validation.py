@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from evomerge.evaluators.spec import TaskError
-from evomerge.search.cli import main
-from evomerge.search.commands import Prepared, SearchFailed, prepare, run_search
+from evomerge.search.app.cli import main
+from evomerge.search.app.commands import Prepared, SearchFailed, prepare, run_search
 from evomerge.search.config import ConfigError, load_config
 from evomerge.search.stages import ps_space
 from tests.helpers import write_config

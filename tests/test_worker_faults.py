@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.search.commands import prepare
+from evomerge.search.app.commands import prepare
 from evomerge.search.config import load_config
 from evomerge.workers.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
 from evomerge.storage.repository import Repository

@@ -19,9 +19,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from evomerge.search.observers import LoopState, QuietObserver
 
-class Progress:
-    """Phases and the search's progress, for :class:`search.controller.Controller`."""
+
+class Progress(QuietObserver):
+    """Phases (entered by the commands) and the search's progress (an observer of
+    :class:`search.controller.Controller`)."""
 
     def __init__(self, total: int, done: int = 0, stream: TextIO | None = None, every_s: float = 15.0,
                  terminal: bool | None = None, clock: Callable[[], float] = time.monotonic,
@@ -48,6 +51,10 @@ class Progress:
             self._live.phase(name)
         else:
             self._line(f"{name} ...")
+
+    def searching(self, state: LoopState) -> None:
+        """The controller's loop state (search/observers.py)."""
+        self.update(state.done, state.best, state.busy, state.workers)
 
     def update(self, done: int, best: float | None, busy: int, workers: int, force: bool = False) -> None:
         """The search's state; the first call means the workers are up (phase ``search``)."""

@@ -12,16 +12,18 @@ from pathlib import Path
 
 from evomerge.search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
 from evomerge.search.controller import Controller, Space, StudyMismatch
-from evomerge.search.leaderboard import best_candidate, build, combine, count_reasons, render
-from evomerge.search.merge_file import load_merge_file
-from evomerge.workers.mergekit import MergekitConfigError, to_mergekit
+from evomerge.search.app.dashboard import DashboardObserver
+from evomerge.search.app.leaderboard import build, combine, count_reasons, render
+from evomerge.search.app.merge_file import load_merge_file
+from evomerge.search.app.planning import check_search, cmd_plan
+from evomerge.search.app.progress import Progress, phase
+from evomerge.search.app.reading import (UsageError, cmd_dashboard, cmd_methods, cmd_status, find_study, open_repo,
+                                         study_leaderboard)
+from evomerge.search.app.tracking import open_tracker
 from evomerge.search.ledger import Ledger
+from evomerge.search.observers import SearchObserver
 from evomerge.search.optimizers import OPTIMIZERS
-from evomerge.search.planning import check_search, cmd_plan
-from evomerge.workers.pool import WorkerPool
-from evomerge.search.progress import Progress, phase
-from evomerge.search.reading import (UsageError, cmd_dashboard, cmd_methods, cmd_status, find_study, open_repo,
-                                     study_leaderboard)
+from evomerge.search.ranking import best_candidate
 from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from evomerge.storage.engine import redacted
 from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
@@ -30,6 +32,8 @@ from evomerge.workers import arithmetic
 from evomerge.workers.actor import WorkerSpec
 from evomerge.workers.arithmetic import MERGE_ARITHMETIC
 from evomerge.workers.materialize import Materializer
+from evomerge.workers.mergekit import MergekitConfigError, to_mergekit
+from evomerge.workers.pool import WorkerPool
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, parse_recipe
 from evomerge.workers.replay import ReplayError, model_card, write_model_folder
 from evomerge.workers.routing import RouteError, check_routable
@@ -126,6 +130,13 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
         raise StudyMismatch(f"study {study!r} in {redacted(url)} has candidates but its Optuna trials are gone "
                             "(deleted from the dashboard?); resume is impossible: start another --study")
     ledger = Ledger(url, study, objectives(cfg))
+    study_id = record.id
+    done_before = sum(1 for c in repo.candidates(study_id) if c.state in ("complete", "failed"))
+    progress = Progress(max_trials, done_before)
+    # What the search reports reaches the terminal, optuna-dashboard and the tracker through these.
+    observers: list[SearchObserver] = [
+        progress, DashboardObserver(ledger, lambda: repo.candidates(study_id)),
+        open_tracker(cfg.tracking, study, cfg.optimizer.name, space)]
     wcfg = cfg.workers
     spec = WorkerSpec(prep.folders, cfg.base_model, cfg.suite(), wcfg.dtype,
                       search_device(cfg), cfg.evaluation.batch_size, wcfg.threads,
@@ -133,15 +144,13 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
     controller = Controller(cfg, repo, ledger, space,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address,
                                                job_timeout_s=wcfg.job_timeout_s),
-                            record.id)
-    done_before = sum(1 for c in repo.candidates(record.id) if c.state in ("complete", "failed"))
-    progress = Progress(max_trials, done_before)
+                            study_id, observers)
     print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
           f"{workers} worker(s), {space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
     final = None
     try:
         progress.phase("start-up: Ray and workers")
-        summary = controller.run(max_trials, timeout_s, progress)
+        summary = controller.run(max_trials, timeout_s)
         progress.phase("held-out re-scoring")
         heldout = controller.rescore_heldout()
         final = (f"{summary.evaluated_now} evaluated in {summary.elapsed_s:.0f}s, worker utilisation "

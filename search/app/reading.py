@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evomerge.search.leaderboard import Board, build, combine, render
+from evomerge.search.app.leaderboard import Board, build, combine, render
 from evomerge.storage.engine import redacted
 from evomerge.storage.repository import Repository, StudyRecord
 
@@ -189,7 +189,7 @@ def cmd_dashboard(args: argparse.Namespace, url: str) -> int:
         print(f"evomerge: warning: the dashboard on {args.host} has no authentication: anyone who reaches "
               "it can read and delete studies", file=sys.stderr)
     open_repo(url, must_exist=True).close()  # a URL SQLAlchemy can use, and (SQLite) a file that exists
-    from evomerge.search.dashboard import serve  # Optuna itself: only once there is something to serve
+    from evomerge.search.app.dashboard import serve  # Optuna itself: only once there is something to serve
 
     print(f"optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/", file=sys.stderr)
     serve(url, args.host, args.port)  # one thread per request (run_server's is single-threaded)

@@ -1,7 +1,8 @@
 """Optional experiment tracking: every finished candidate as one MLflow run.
 
-The seam is :class:`Tracker` (``log`` a finished candidate, ``close``); the controller
-names no backend. ``tracking.backend: none`` (the default) is :class:`NoTracker`.
+A tracker is an observer of the search (search/observers.py) that hears of every finished
+candidate; the commands open it and the controller names no backend. ``tracking.backend:
+none`` (the default) is an observer that does nothing.
 ``mlflow`` logs to any MLflow tracking URI; the default, a SQLite file, works offline and
 needs no server (``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows it).
 
@@ -20,33 +21,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from evomerge.search.config import TrackingConfig
+from evomerge.search.observers import QuietObserver, SearchObserver
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.recipe import Recipe, parse_recipe
 
 _MAX_PARAM = 500  # MLflow's oldest servers cap a param value at 500 characters
 
 
-class Tracker(Protocol):
-    """Where finished candidates are logged."""
-
-    def log(self, cand: CandidateRecord) -> None:
-        """Log one finished (complete or failed) candidate."""
-
-    def close(self) -> None:
-        """Flush and release the backend."""
-
-
-class NoTracker:
-    """Tracking off."""
-
-    def log(self, cand: CandidateRecord) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class MlflowTracker:
+class MlflowTracker(QuietObserver):
     """One MLflow run per finished candidate, in one experiment (by default named after the study)."""
 
     def __init__(self, uri: str, experiment: str, study: str, optimizer: str,
@@ -63,7 +45,8 @@ class MlflowTracker:
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self._warned = False
 
-    def log(self, cand: CandidateRecord) -> None:
+    def finished(self, cand: CandidateRecord) -> None:
+        """Log one finished (complete or failed) candidate; every call is synchronous."""
         try:
             self._log(cand)
         except Exception as exc:  # an observer must not stop the search; say it once
@@ -84,9 +67,6 @@ class MlflowTracker:
                               metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run.info.run_id, "FINISHED" if cand.state == "complete" else "FAILED")
-
-    def close(self) -> None:
-        pass  # every call above is synchronous: nothing is buffered
 
 
 def run_tags(cand: CandidateRecord, study: str, optimizer: str) -> dict[str, str]:
@@ -117,10 +97,10 @@ class _Space(Protocol):
     def params_of(self, recipe: Recipe) -> dict[str, float]: ...
 
 
-def open_tracker(cfg: TrackingConfig, study: str, optimizer: str, space: _Space) -> Tracker:
+def open_tracker(cfg: TrackingConfig, study: str, optimizer: str, space: _Space) -> SearchObserver:
     """The tracker the config names, logging into an experiment named after ``study``."""
     if cfg.backend == "none":
-        return NoTracker()
+        return QuietObserver()
 
     def genes(recipe: Recipe) -> dict[str, float]:
         return space.params_of(recipe) if space.belongs(recipe) else {}

@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that need no model: served by search/reading.py, which imports nothing heavy
+# Commands that need no model: served by search/app/reading.py, which imports nothing heavy
 # (benchmarks/cli_time.py); every other command loads the whole engine.
 READING_COMMANDS = ("status", "methods", "dashboard")
 
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     url = _storage(args) if hasattr(args, "storage") else None
     if args.command in READING_COMMANDS:
-        from evomerge.search import reading
+        from evomerge.search.app import reading
 
         return _guarded(lambda: int(getattr(reading, f"cmd_{args.command}")(args, url)), (), ())
     return _engine_command(args, url)
@@ -142,8 +142,9 @@ def _engine_command(args: argparse.Namespace, url: str | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
-    from evomerge.search import commands, signals
-    from evomerge.search.commands import SearchFailed
+    from evomerge.search import signals
+    from evomerge.search.app import commands
+    from evomerge.search.app.commands import SearchFailed
     from evomerge.search.config import ConfigError
     from evomerge.search.controller import StudyMismatch
     from evomerge.evaluators.spec import TaskError
@@ -162,7 +163,7 @@ def _guarded(command: Callable[[], int], usage: tuple[type[BaseException], ...],
     """Run a command; an expected error is one line on stderr: exit 2 for bad usage or input
     (``usage`` and our own), 1 for a failure at run time (``failure``, or anything else)."""
     from evomerge.search import signals
-    from evomerge.search.reading import UsageError
+    from evomerge.search.app.reading import UsageError
     from evomerge.storage.migrations import SchemaTooNew
 
     try:

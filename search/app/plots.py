@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.search.leaderboard import best_candidate
+from evomerge.search.ranking import best_candidate
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.layout import MODULES
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, parse_recipe

@@ -4,9 +4,11 @@
   the trial's page) with its per-task scores, and, once the trial is re-scored on the
   held-out split, those scores beside them: the same trial number everywhere. Notes live in
   the study's system attributes, so they can be written after Optuna froze the trial.
-- The study carries plotly figures (:mod:`search.plots`) that the dashboard draws on the
+- The study carries plotly figures (:mod:`search.app.plots`) that the dashboard draws on the
   study's page; :class:`StudyPictures` refreshes them when the best changes (at most every
   ``min_interval_s``) and when a phase ends.
+- :class:`DashboardObserver` writes both as the search goes: an observer the commands give
+  the controller (search/observers.py), writing into the ledger's study.
 - :func:`serve` runs the dashboard's WSGI app on a threading server: ``run_server`` serves
   through bottle's single-threaded development server, where one slow request (a large
   study's trial list) stalls every other tab and API poll.
@@ -17,12 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
-from evomerge.search.plots import study_figures
+from evomerge.search.app.plots import study_figures
+from evomerge.search.observers import QuietObserver
 from evomerge.storage.repository import CandidateRecord
+
+if TYPE_CHECKING:
+    from evomerge.search.ledger import Ledger
 
 
 def trial_note(scores: Mapping[str, float], fitness: float | None,
@@ -88,7 +95,7 @@ class StudyPictures:
     """Keeps the study's figures current without redrawing them on every result."""
 
     def __init__(self, save: Callable[[Sequence[CandidateRecord]], object], min_interval_s: float = 10.0) -> None:
-        """``save`` stores figures of the candidates (e.g. the ledger's ``save_figures``)."""
+        """``save`` stores figures of the candidates (e.g. :func:`save_figures` on a study)."""
         self._save, self.min_interval_s = save, min_interval_s
         self._best: float | None = None
         self._last = float("-inf")
@@ -107,6 +114,42 @@ class StudyPictures:
         """Redraw now (at the end of a phase)."""
         self._save(cands)
         self._last = time.monotonic()
+
+
+class DashboardObserver(QuietObserver):
+    """Each scored trial's note (then its held-out scores beside the search's) and the study's
+    figures, written into the ledger's Optuna study, retried through transient database faults."""
+
+    def __init__(self, ledger: Ledger, cands: Callable[[], Sequence[CandidateRecord]],
+                 min_interval_s: float = 10.0) -> None:
+        """``cands`` reads the study's candidates (for a redraw of the figures)."""
+        self.ledger, self._cands = ledger, cands
+        self.pictures = StudyPictures(lambda cs: ledger.retried(lambda: save_figures(ledger.study, cs)),
+                                      min_interval_s)
+
+    def _fitness(self, cand: CandidateRecord) -> float | None:
+        # A multi-objective study's trials carry one value per task: its note shows no single fitness.
+        return None if self.ledger.multi_objective else cand.fitness
+
+    def finished(self, cand: CandidateRecord) -> None:
+        """A scored trial (not a duplicate: its twin's trial has the note) gets its first note."""
+        number = cand.trial_number
+        if cand.state != "complete" or cand.fitness is None or cand.duplicate_of is not None or number is None:
+            return
+        note = trial_note(cand.scores or {}, self._fitness(cand))
+        self.ledger.retried(lambda: first_trial_note(self.ledger.study, number, note))
+        self.pictures.result(cand.fitness, self._cands)
+
+    def heldout_scored(self, cand: CandidateRecord) -> None:
+        """Optuna freezes finished trials: held-out scores go into the search trial's note."""
+        number = cand.trial_number
+        if number is None or cand.heldout is None:
+            return
+        note = trial_note(cand.scores or {}, self._fitness(cand), cand.heldout, cand.heldout_fitness)
+        self.ledger.retried(lambda: save_trial_note(self.ledger.study, number, note))
+
+    def phase_ended(self, cands: Sequence[CandidateRecord]) -> None:
+        self.pictures.flush(cands)
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -53,12 +53,6 @@ class Board:
         return data
 
 
-def best_candidate(cands: list[CandidateRecord]) -> CandidateRecord | None:
-    """The best completed candidate by search fitness (the earliest on a tie), or None."""
-    done = [c for c in cands if c.state == "complete" and c.fitness is not None]
-    return max(done, key=lambda c: (c.fitness, -c.id)) if done else None
-
-
 def count_reasons(reasons: Iterable[str | None]) -> list[tuple[str, int]]:
     """Failure reasons (whitespace folded, 200 characters at most) with their counts, most
     frequent first."""
