@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evomerge.evaluators.batching import planned_batch  # noqa: E402
-from evomerge.search.commands import prepare  # noqa: E402
+from evomerge.search.app.commands import prepare  # noqa: E402
 from evomerge.search.config import load_config  # noqa: E402
 from evomerge.search.controller import Controller, baseline_recipes  # noqa: E402
 from evomerge.search.ledger import Ledger  # noqa: E402

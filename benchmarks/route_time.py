@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evomerge.evaluators.harness import Evaluator  # noqa: E402
-from evomerge.search.commands import prepare  # noqa: E402
+from evomerge.search.app.commands import prepare  # noqa: E402
 from evomerge.search.config import SearchConfig, load_config  # noqa: E402
 from evomerge.search.dfs_space import RouteSpace  # noqa: E402
 from evomerge.search.stages import PS_MEMBER, ps_space, route_space  # noqa: E402
