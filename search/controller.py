@@ -403,8 +403,8 @@ class Controller:
 
     def _spent_attempts(self, cid: int, split: str) -> int:
         """Attempts on ``split`` whose job ran (or may have): one that never started is free."""
-        return sum(1 for _, s, _, outcome in self.repo.attempts(cid)
-                   if s == split and not (outcome or "").startswith(NOT_RUN))
+        return sum(1 for a in self.repo.attempts(cid)
+                   if a.split == split and not (a.outcome or "").startswith(NOT_RUN))
 
     def _release(self, cand: CandidateRecord) -> int:
         """A finished candidate settles the identical ones that waited for it."""

@@ -28,13 +28,13 @@ def patience_s() -> float:
     return value
 
 
-def _sqlite_connector(database: str) -> Callable[[], sqlite3.Connection]:
+def _sqlite_connector(database: str, patience: float) -> Callable[[], sqlite3.Connection]:
     """Connections with WAL journaling (readers never block the one writer), a busy timeout,
     and synchronous=NORMAL: in WAL mode a killed process loses no committed transaction,
     and commits skip an fsync each (a power cut may lose the last few, never consistency)."""
 
     # A statement waits at most a quarter of the patience for the lock; the retries do the rest.
-    timeout = min(SQLITE_BUSY_TIMEOUT_S, max(1.0, patience_s() / 4))
+    timeout = min(SQLITE_BUSY_TIMEOUT_S, max(1.0, patience / 4))
 
     def connect() -> sqlite3.Connection:
         conn = sqlite3.connect(database, timeout=timeout, check_same_thread=False)
@@ -46,18 +46,19 @@ def _sqlite_connector(database: str) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
-def engine_kwargs(url: str) -> dict[str, Any]:
-    """Keyword arguments for ``create_engine``, shared by our engine and Optuna's RDBStorage."""
+def engine_kwargs(url: str, patience: float | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``create_engine``, shared by our engine and Optuna's RDBStorage;
+    ``patience`` (default :func:`patience_s`) bounds SQLite's wait for its lock."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        return {"creator": _sqlite_connector(parsed.database)}
+        return {"creator": _sqlite_connector(parsed.database, patience_s() if patience is None else patience)}
     if parsed.get_backend_name() == "sqlite":
         return {}
     return {"pool_pre_ping": True}
 
 
-def make_engine(url: str) -> Engine:
-    return create_engine(url, **engine_kwargs(url))
+def make_engine(url: str, patience: float | None = None) -> Engine:
+    return create_engine(url, **engine_kwargs(url, patience))
 
 
 def redacted(url: str) -> str:

@@ -1,114 +1,132 @@
-"""The schema version of our tables, and the migrations that bring an older database up to it.
+"""The schema of our tables: alembic revisions (storage/revisions/), run when a repository opens.
 
-Why not alembic: our part of the database is four tables beside Optuna's, and Optuna already
-keeps *its* alembic state in the same database (table ``alembic_version``). Alembic for ours
-would need a second version table, a script folder shipped as package data and an ``env.py``
-for a handful of DDL steps. Instead: one row in ``evomerge_schema_version`` holds the
-version, and :data:`MIGRATIONS` is an ordered list of small functions, each run in its own
-transaction together with the version bump, so a crash mid-upgrade leaves the database at
-one of the versions (SQLite and PostgreSQL both have transactional DDL).
+Alembic keeps its version in a table of our own, ``evomerge_alembic_version``: Optuna keeps
+*its* alembic state in ``alembic_version`` of the same database, and the two must not meet.
+The revisions (``revisions/versions/``) and alembic's ``env.py`` ship inside the package
+(package data), and run through alembic's command API on our connection: no ``alembic.ini``.
 
-Rules for a future change of ``storage/tables.py``: append a :class:`Migration` with the next
-version that turns the previous schema into the new one (``ALTER TABLE ... ADD COLUMN`` with
-a default, an index, a backfill); never edit a released one. A database newer than this code
-is refused (:class:`SchemaTooNew`) rather than written to.
+Databases from before alembic carry the hand-written runner's version instead:
+evomerge 0.1.0 wrote none (its tables are revision 0001), later ones a row in
+``evomerge_schema_version`` (version N is revision 000N, for N up to 4). Such a database is
+stamped at its revision and upgraded from there, so nothing stored is lost.
+
+The whole upgrade is one transaction under a lock (SQLite: ``BEGIN IMMEDIATE``;
+PostgreSQL: an advisory lock), so a crash leaves the database where it was, and a second
+controller opening the database meanwhile waits and then finds it upgraded.
+
+A change of storage/tables.py comes with a new revision file: the next number, its
+``down_revision`` the previous head; a released revision is never edited. A database newer
+than this code is refused (:class:`SchemaTooNew`) rather than written to.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from sqlalchemy import Connection, Engine, inspect, select, text, update
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, inspect, select, text
 
-from evomerge.storage.tables import Base, SchemaVersionRow, StudyRow
+from evomerge.storage.tables import SchemaVersionRow, StudyRow
+
+VERSION_TABLE = "evomerge_alembic_version"
+REVISIONS = Path(__file__).with_name("revisions")
+_PG_LOCK = 0x65766F6D  # "evom": the advisory lock key of an upgrade on PostgreSQL
 
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer evomerge; one line for the user."""
 
 
-@dataclass(frozen=True)
-class Migration:
-    """Turns schema ``version - 1`` into ``version``."""
-
-    version: int
-    what: str
-    run: Callable[[Connection], None]
-
-
-def _stamp_only(_conn: Connection) -> None:
-    """0.1.0's tables are version 1's: only the version table is new (made by create_all)."""
+def alembic_config(conn: Connection | None = None) -> Config:
+    """Alembic's configuration for our revisions, migrating on ``conn`` (revisions/env.py)."""
+    config = Config()
+    config.set_main_option("script_location", str(REVISIONS))
+    config.attributes["connection"] = conn  # read by revisions/env.py
+    return config
 
 
-def _racing_columns(conn: Connection) -> None:
-    """Multi-fidelity racing: the documents a candidate was scored on, and whether racing
-    stopped it (candidates of older versions were scored in full: documents unknown)."""
-    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN documents INTEGER"))
-    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN raced_out BOOLEAN NOT NULL DEFAULT FALSE"))
+def scripts() -> ScriptDirectory:
+    """Our revisions."""
+    return ScriptDirectory.from_config(alembic_config())
 
 
-def _cpu_seconds_column(conn: Connection) -> None:
-    """The worker's CPU seconds while scoring a candidate, beside the wall-clock ones: on a
-    node shared with other work the wall clock measures the neighbours too."""
-    conn.execute(text("ALTER TABLE evomerge_candidates ADD COLUMN evaluate_cpu_s FLOAT"))
+SCHEMA_VERSION: str = scripts().get_current_head() or ""
 
 
-def _arithmetic_columns(conn: Connection) -> None:
-    """The merge arithmetic and device a study searched with, so a replay elsewhere or under
-    other arithmetic says so (studies of older versions: NULL, read as arithmetic 1)."""
-    conn.execute(text("ALTER TABLE evomerge_studies ADD COLUMN merge_arithmetic INTEGER"))
-    conn.execute(text("ALTER TABLE evomerge_studies ADD COLUMN device VARCHAR(16)"))
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "record the schema version (databases of evomerge 0.1.0 have none)", _stamp_only),
-    Migration(2, "documents scored per candidate, and whether racing stopped it", _racing_columns),
-    Migration(3, "CPU seconds of each candidate's scoring", _cpu_seconds_column),
-    Migration(4, "the merge arithmetic and device of each study", _arithmetic_columns),
-)
-SCHEMA_VERSION = MIGRATIONS[-1].version
-
-
-def stored_version(conn: Connection) -> int | None:
-    """The database's schema version: None for a database without our tables, 0 for one of
-    evomerge 0.1.0 (our tables, no version table)."""
+def stored_revision(conn: Connection) -> str | None:
+    """The database's revision: None for a database without our tables; for one from before
+    alembic, the revision its hand-written version stands for. May be a revision this code
+    does not know (a newer evomerge wrote it)."""
     tables = set(inspect(conn).get_table_names())
+    if VERSION_TABLE in tables:
+        current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        if current is not None:
+            return current
     if SchemaVersionRow.__tablename__ in tables:
-        version = conn.execute(select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)).scalar()
-        if version is not None:
-            return int(version)
-    return 0 if StudyRow.__tablename__ in tables else None
+        legacy = conn.execute(select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)).scalar()
+        return f"{max(int(legacy or 1), 1):04d}"  # version 1 only added this table to 0.1.0's
+    return "0001" if StudyRow.__tablename__ in tables else None
 
 
-def _set_version(conn: Connection, version: int) -> None:
-    values = {"version": version, "updated_at": time.time()}
-    if conn.execute(update(SchemaVersionRow).where(SchemaVersionRow.id == 1).values(**values)).rowcount == 0:
-        conn.execute(SchemaVersionRow.__table__.insert().values(id=1, **values))
-
-
-def upgrade(engine: Engine) -> tuple[int | None, int]:
-    """Create our tables, or migrate them to :data:`SCHEMA_VERSION`; returns (version found
-    (None: a new database), version now). Idempotent; :class:`SchemaTooNew` when the
-    database is ahead of this code."""
+@contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    """One transaction holding the database's schema lock (see the module doc)."""
+    sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
-        found = stored_version(conn)
-    if found is not None and found > SCHEMA_VERSION:
-        raise SchemaTooNew(f"the database's schema is version {found}, newer than this evomerge's "
-                           f"({SCHEMA_VERSION}): upgrade evomerge to read or write it")
-    if found is None:
-        with engine.begin() as conn:
-            Base.metadata.create_all(conn)
-            _set_version(conn, SCHEMA_VERSION)
-        return None, SCHEMA_VERSION
-    for migration in MIGRATIONS[found:]:
-        with engine.begin() as conn:
-            # Re-read inside the transaction: another controller may have migrated meanwhile.
-            now = stored_version(conn) or 0
-            if now >= migration.version:
-                continue
-            Base.metadata.create_all(conn)  # tables new in this version (and the version table)
-            migration.run(conn)
-            _set_version(conn, migration.version)
+        if sqlite:
+            # SQLite's way to rebuild a table that others reference: foreign keys off, outside
+            # the transaction, and checked before the commit.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()  # SQLAlchemy's autobegun transaction; SQLite has none open yet
+        try:
+            with conn.begin():
+                if sqlite:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite would defer BEGIN past the DDL
+                else:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK})
+                yield conn
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("schema upgrade left rows whose foreign key points nowhere; rolled back")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Create our tables, or bring them to :data:`SCHEMA_VERSION`; returns (revision found
+    (None: a new database), revision now). Idempotent; :class:`SchemaTooNew` when the
+    database is ahead of this code."""
+    script = scripts()
+    with engine.connect() as conn:
+        found = stored_revision(conn)
+    _refuse_unknown(script, found)
+    if found == SCHEMA_VERSION:
+        return found, SCHEMA_VERSION  # the common case: read only, no lock taken
+    with _locked(engine) as conn:
+        now = stored_revision(conn)  # another controller may have upgraded meanwhile
+        _refuse_unknown(script, now)
+        if now != SCHEMA_VERSION:
+            _run(conn, now)
     return found, SCHEMA_VERSION
+
+
+def _refuse_unknown(script: ScriptDirectory, revision: str | None) -> None:
+    if revision is not None and revision not in {s.revision for s in script.walk_revisions()}:
+        raise SchemaTooNew(f"the database's schema is version {revision}, newer than this evomerge's "
+                           f"({SCHEMA_VERSION}): upgrade evomerge to read or write it")
+
+
+def _run(conn: Connection, start: str | None) -> None:
+    """Stamp a database from before alembic at its revision, then upgrade to the head, on
+    ``conn`` inside its transaction."""
+    config = alembic_config(conn)
+    current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if start is not None and current is None:
+        command.stamp(config, start)
+    command.upgrade(config, "head")

@@ -18,16 +18,22 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from evomerge.storage.clock import Clock, SystemClock
 from evomerge.storage.engine import make_engine
+from evomerge.storage.kinds import Origin, Split, State
 from evomerge.storage.migrations import upgrade
+from evomerge.storage.records import (BASELINE_ORIGINS, Attempt, CandidateRecord, StudyRecord, attempt_record,
+                                      candidate_record, study_record)
 from evomerge.storage.retry import patience_s, retrying
 from evomerge.storage.tables import AttemptRow, CandidateRow, GenerationRow, StudyRow
+
+__all__ = ["BASELINE_ORIGINS", "Attempt", "CandidateRecord", "LeaseError", "LeaseLost", "Repository",
+           "StudyRecord"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,79 +54,25 @@ def _retried(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         repo = args[0]
         assert isinstance(repo, Repository)
-        return retrying(lambda: method(*args, **kwargs), repo.url, repo.patience_s)
+        return retrying(lambda: method(*args, **kwargs), repo.url, repo.patience_s, repo.clock)
 
     return wrapper
 
 
-@dataclass(frozen=True)
-class StudyRecord:
-    id: int
-    name: str
-    config_json: str
-    merge_arithmetic: int | None = None  # None: stored before versions were recorded (1)
-    device: str | None = None  # where its workers merged: "cpu", "cuda" (None: not recorded)
-
-
-def _study(row: StudyRow) -> StudyRecord:
-    return StudyRecord(row.id, row.name, row.config_json, row.merge_arithmetic, row.device)
-
-
-@dataclass(frozen=True)
-class CandidateRecord:
-    id: int
-    trial_number: int | None
-    origin: str
-    generation: int | None
-    genes: tuple[float, ...] | None
-    recipe_json: str
-    recipe_hash: str
-    state: str
-    duplicate_of: int | None
-    scores: dict[str, float] | None
-    fitness: float | None
-    heldout: dict[str, float] | None
-    heldout_fitness: float | None
-    materialize_s: float | None
-    evaluate_s: float | None
-    worker: str | None
-    attempt: int
-    error: str | None
-    documents: int | None = None  # search documents its scores rest on (None: not recorded)
-    raced_out: bool = False  # racing stopped it after the first stage
-    evaluate_cpu_s: float | None = None  # the worker's CPU seconds while scoring (None: not recorded)
-
-    @property
-    def evolved(self) -> bool:
-        """Proposed by the optimizer (its origin is the optimizer's name), not a baseline."""
-        return self.origin not in BASELINE_ORIGINS
-
-
-BASELINE_ORIGINS = ("source", "untuned")
-
-
-def _record(row: CandidateRow) -> CandidateRecord:
-    return CandidateRecord(
-        id=row.id, trial_number=row.trial_number, origin=row.origin, generation=row.generation,
-        genes=tuple(json.loads(row.genes_json)) if row.genes_json else None,
-        recipe_json=row.recipe_json, recipe_hash=row.recipe_hash, state=row.state,
-        duplicate_of=row.duplicate_of,
-        scores=json.loads(row.scores_json) if row.scores_json else None, fitness=row.fitness,
-        heldout=json.loads(row.heldout_json) if row.heldout_json else None,
-        heldout_fitness=row.heldout_fitness, materialize_s=row.materialize_s,
-        evaluate_s=row.evaluate_s, worker=row.worker, attempt=row.attempt, error=row.error,
-        documents=row.documents, raced_out=bool(row.raced_out), evaluate_cpu_s=row.evaluate_cpu_s)
-
-
 class Repository:
-    """Studies, candidates, attempts and generations of one database."""
+    """Studies, candidates, attempts and generations of one database.
 
-    def __init__(self, url: str, patience: float | None = None) -> None:
+    ``patience``: seconds to retry a transient fault (default ``$EVOMERGE_DB_PATIENCE_S``).
+    ``clock``: what leases, heartbeats, timestamps and the patience read (default the
+    system's; a test passes one it moves forward)."""
+
+    def __init__(self, url: str, patience: float | None = None, clock: Clock | None = None) -> None:
         self.url = url
         self.patience_s = patience_s() if patience is None else patience
-        self.engine = make_engine(url)
+        self.clock: Clock = clock or SystemClock()
+        self.engine = make_engine(url, self.patience_s)
         # our tables made, or an older database migrated to this version (storage/migrations.py)
-        retrying(lambda: upgrade(self.engine), url, self.patience_s)
+        retrying(lambda: upgrade(self.engine), url, self.patience_s, self.clock)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._fence: tuple[int, str, float] | None = None  # (study, owner, lease seconds) while leased
 
@@ -134,7 +86,7 @@ class Repository:
             if self._fence is not None:
                 study_id, owner, seconds = self._fence
                 kept = s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
-                                 .values(lease_until=time.time() + seconds))
+                                 .values(lease_until=self.clock.now() + seconds))
                 if kept.rowcount != 1:
                     raise LeaseLost(self._lost_message(s, study_id, owner))
             yield s
@@ -153,17 +105,17 @@ class Repository:
     def get_study(self, name: str) -> StudyRecord | None:
         with self._session() as s:
             row = s.scalar(select(StudyRow).where(StudyRow.name == name))
-            return _study(row) if row else None
+            return study_record(row) if row else None
 
     @_retried
     def create_study(self, name: str, config_json: str, merge_arithmetic: int | None = None,
                      device: str | None = None) -> StudyRecord:
         with self._tx() as s:
-            row = StudyRow(name=name, config_json=config_json, created_at=time.time(),
+            row = StudyRow(name=name, config_json=config_json, created_at=self.clock.now(),
                            merge_arithmetic=merge_arithmetic, device=device)
             s.add(row)
             s.flush()
-            return _study(row)
+            return study_record(row)
 
     @_retried
     def study_names(self) -> list[str]:
@@ -174,7 +126,7 @@ class Repository:
     def acquire_lease(self, study_id: int, owner: str, seconds: float, owner_alive: Callable[[str], bool]) -> None:
         """Take the study's controller lease, or raise :class:`LeaseError`; ``owner_alive(owner)``
         judges an unexpired lease held by another. From here on, every write is fenced by it."""
-        now = time.time()
+        now = self.clock.now()
         take = update(StudyRow).values(lease_owner=owner, lease_until=now + seconds)
         with self._session.begin() as s:
             # One statement decides: free, expired, or already ours.
@@ -198,7 +150,7 @@ class Repository:
         """Extend the lease; raises :class:`LeaseLost` if another controller took it."""
         with self._session.begin() as s:
             kept = s.execute(update(StudyRow).where(StudyRow.id == study_id, StudyRow.lease_owner == owner)
-                             .values(lease_until=time.time() + seconds))
+                             .values(lease_until=self.clock.now() + seconds))
             if kept.rowcount != 1:
                 raise LeaseLost(self._lost_message(s, study_id, owner))
 
@@ -227,13 +179,13 @@ class Repository:
     # --- candidates ------------------------------------------------------------------
 
     @_retried
-    def add_candidate(self, study_id: int, recipe_json: str, recipe_hash: str, origin: str,
+    def add_candidate(self, study_id: int, recipe_json: str, recipe_hash: str, origin: Origin,
                       generation: int | None = None, genes: tuple[float, ...] | None = None) -> int:
-        now = time.time()
+        now = self.clock.now()
         with self._tx() as s:
             row = CandidateRow(study_id=study_id, origin=origin, generation=generation,
                                genes_json=json.dumps(list(genes)) if genes is not None else None,
-                               recipe_json=recipe_json, recipe_hash=recipe_hash, state="queued",
+                               recipe_json=recipe_json, recipe_hash=recipe_hash, state=State.QUEUED,
                                attempt=0, created_at=now, updated_at=now)
             s.add(row)
             s.flush()
@@ -245,14 +197,14 @@ class Repository:
             row = s.get(CandidateRow, candidate_id)
             if row is None:
                 raise KeyError(f"no candidate {candidate_id}")
-            return _record(row)
+            return candidate_record(row)
 
     @_retried
     def candidates(self, study_id: int) -> list[CandidateRecord]:
         with self._session() as s:
             rows = s.scalars(select(CandidateRow).where(CandidateRow.study_id == study_id)
                              .order_by(CandidateRow.id))
-            return [_record(r) for r in rows]
+            return [candidate_record(r) for r in rows]
 
     @_retried
     def recent_fitnesses(self, study_id: int, count: int) -> list[float]:
@@ -261,7 +213,7 @@ class Repository:
         ``count`` rows, not the whole study)."""
         with self._session() as s:
             values = s.scalars(select(CandidateRow.fitness).where(
-                CandidateRow.study_id == study_id, CandidateRow.state == "complete",
+                CandidateRow.study_id == study_id, CandidateRow.state == State.COMPLETE,
                 CandidateRow.fitness.is_not(None), CandidateRow.duplicate_of.is_(None))
                 .order_by(CandidateRow.id.desc()).limit(count))
             return [float(v) for v in values][::-1]
@@ -271,19 +223,19 @@ class Repository:
         with self._session() as s:
             row = s.scalar(select(CandidateRow).where(
                 CandidateRow.study_id == study_id, CandidateRow.recipe_hash == recipe_hash,
-                CandidateRow.state == "complete", CandidateRow.duplicate_of.is_(None)).limit(1))
-            return _record(row) if row else None
+                CandidateRow.state == State.COMPLETE, CandidateRow.duplicate_of.is_(None)).limit(1))
+            return candidate_record(row) if row else None
 
     @_retried
-    def start_attempt(self, candidate_id: int, trial_number: int | None, split: str) -> int:
+    def start_attempt(self, candidate_id: int, trial_number: int | None, split: Split) -> int:
         """Mark a candidate running and open an attempt row; returns the attempt number."""
-        now = time.time()
+        now = self.clock.now()
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
-            if split == "search":
+            if split == Split.SEARCH:
                 row.attempt += 1
-                row.state = "running"
+                row.state = State.RUNNING
                 row.trial_number = trial_number if trial_number is not None else row.trial_number
             row.updated_at = now
             attempt = row.attempt
@@ -291,22 +243,22 @@ class Repository:
             return attempt
 
     @_retried
-    def end_attempt(self, candidate_id: int, split: str, worker: str | None, outcome: str) -> None:
+    def end_attempt(self, candidate_id: int, split: Split, worker: str | None, outcome: str) -> None:
         with self._tx() as s:
             row = s.scalar(select(AttemptRow).where(
                 AttemptRow.candidate_id == candidate_id, AttemptRow.split == split,
                 AttemptRow.ended_at.is_(None)).order_by(AttemptRow.id.desc()).limit(1))
             if row is not None:
-                row.ended_at, row.worker, row.outcome = time.time(), worker, outcome[:1000]
+                row.ended_at, row.worker, row.outcome = self.clock.now(), worker, outcome[:1000]
 
     @_retried
-    def end_open_attempts(self, study_id: int, split: str, outcome: str) -> int:
+    def end_open_attempts(self, study_id: int, split: Split, outcome: str) -> int:
         """Close every open ``split`` attempt of the study (abandoned by a stop); returns how many."""
         with self._tx() as s:
             ids = select(CandidateRow.id).where(CandidateRow.study_id == study_id)
             closed = s.execute(update(AttemptRow).where(
                 AttemptRow.candidate_id.in_(ids), AttemptRow.split == split, AttemptRow.ended_at.is_(None))
-                .values(ended_at=time.time(), outcome=outcome))
+                .values(ended_at=self.clock.now(), outcome=outcome))
             return int(closed.rowcount)
 
     @_retried
@@ -317,9 +269,9 @@ class Repository:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
-            row.state, row.scores_json, row.fitness = "complete", json.dumps(scores), fitness
+            row.state, row.scores_json, row.fitness = State.COMPLETE, json.dumps(scores), fitness
             row.worker, row.materialize_s, row.evaluate_s = worker, materialize_s, evaluate_s
-            row.duplicate_of, row.error, row.updated_at = duplicate_of, None, time.time()
+            row.duplicate_of, row.error, row.updated_at = duplicate_of, None, self.clock.now()
             row.documents, row.raced_out, row.evaluate_cpu_s = documents, raced_out, evaluate_cpu_s
 
     @_retried
@@ -327,7 +279,7 @@ class Repository:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
-            row.state, row.error, row.worker, row.updated_at = "failed", reason[:2000], worker, time.time()
+            row.state, row.error, row.worker, row.updated_at = State.FAILED, reason[:2000], worker, self.clock.now()
 
     @_retried
     def requeue(self, candidate_id: int, reason: str) -> None:
@@ -335,7 +287,7 @@ class Repository:
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
-            row.state, row.error, row.updated_at = "queued", reason[:2000], time.time()
+            row.state, row.error, row.updated_at = State.QUEUED, reason[:2000], self.clock.now()
 
     @_retried
     def set_heldout(self, candidate_id: int, scores: dict[str, float], fitness: float) -> None:
@@ -350,14 +302,15 @@ class Repository:
         if candidate_ids:
             with self._tx() as s:
                 s.execute(update(CandidateRow).where(CandidateRow.id.in_(candidate_ids))
-                          .values(updated_at=time.time()))
+                          .values(updated_at=self.clock.now()))
 
     @_retried
-    def attempts(self, candidate_id: int) -> list[tuple[int, str, str | None, str | None]]:
+    def attempts(self, candidate_id: int) -> list[Attempt]:
+        """The candidate's attempts, oldest first."""
         with self._session() as s:
             rows = s.scalars(select(AttemptRow).where(AttemptRow.candidate_id == candidate_id)
                              .order_by(AttemptRow.id))
-            return [(r.attempt, r.split, r.worker, r.outcome) for r in rows]
+            return [attempt_record(r) for r in rows]
 
     # --- generations -----------------------------------------------------------------
 
@@ -365,7 +318,7 @@ class Repository:
     def add_generation(self, study_id: int, index: int, candidate_ids: list[int]) -> None:
         with self._tx() as s:
             s.add(GenerationRow(study_id=study_id, index=index, candidate_ids_json=json.dumps(candidate_ids),
-                                created_at=time.time()))
+                                created_at=self.clock.now()))
 
     @_retried
     def generations(self, study_id: int) -> list[list[int]]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
 
+from evomerge.storage.clock import Clock, SystemClock
 from evomerge.storage.engine import patience_s, redacted
 
 __all__ = ["DatabaseUnavailable", "patience_s", "retrying", "transient"]
@@ -62,9 +62,11 @@ def transient(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
-def retrying(work: Callable[[], T], url: str, patience: float) -> T:
-    """``work()``, run again with backoff while it fails transiently, for at most ``patience`` s."""
-    started = time.monotonic()
+def retrying(work: Callable[[], T], url: str, patience: float, clock: Clock | None = None) -> T:
+    """``work()``, run again with backoff while it fails transiently, for at most ``patience``
+    seconds of ``clock`` (default the system's)."""
+    clock = clock or SystemClock()
+    started = clock.now()
     delay = 0.05
     warned = False
     while True:
@@ -75,13 +77,13 @@ def retrying(work: Callable[[], T], url: str, patience: float) -> T:
             if fault is None:
                 raise
             kind, cause = fault
-            waited = time.monotonic() - started
+            waited = clock.now() - started
             if waited >= patience:
                 raise DatabaseUnavailable(_message(kind, cause, url, waited)) from None
             if not warned:  # once per operation: a long outage must not flood the log
                 _log.warning("database %s (%s); retrying for up to %.0f s", kind, cause, patience - waited)
                 warned = True
-            time.sleep(min(delay, max(patience - waited, 0.0)))
+            clock.sleep(min(delay, max(patience - waited, 0.0)))
             delay = min(delay * 2, 2.0)
 
 

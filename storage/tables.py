@@ -1,13 +1,29 @@
-"""Our tables, beside Optuna's in the same database."""
+"""Our tables, beside Optuna's in the same database.
+
+Their schema changes only through a revision in storage/revisions/ (storage/migrations.py).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, false, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from enum import StrEnum
+
+from sqlalchemy import Boolean, Enum, false, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from evomerge.storage.kinds import Origin, Split, State
 
 
 class Base(DeclarativeBase):
-    pass
+    # CHECK constraints get stable names (ck_<table>_<column>), which a migration can address.
+    metadata = MetaData(naming_convention={"ix": "ix_%(column_0_label)s",
+                                           "ck": "ck_%(table_name)s_%(constraint_name)s"})
+
+
+def _kind(enum: type[StrEnum], column: str, length: int) -> Enum:
+    """A VARCHAR of ``length`` holding the enum's values (not its member names), checked by
+    a CHECK constraint named after ``column``; unknown strings are refused on write."""
+    return Enum(enum, name=column, native_enum=False, create_constraint=True, length=length,
+                validate_strings=True, values_callable=lambda members: [m.value for m in members])
 
 
 class StudyRow(Base):
@@ -34,12 +50,12 @@ class CandidateRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
     trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)  # Optuna trial
-    origin: Mapped[str] = mapped_column(String(32))  # source | untuned | cma
+    origin: Mapped[Origin] = mapped_column(_kind(Origin, "origin", 32))
     generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
     genes_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # optimizer genotype
     recipe_json: Mapped[str] = mapped_column(Text)
     recipe_hash: Mapped[str] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|complete|failed
+    state: Mapped[State] = mapped_column(_kind(State, "state", 16), index=True)
     duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
     scores_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     fitness: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -65,7 +81,7 @@ class AttemptRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     candidate_id: Mapped[int] = mapped_column(ForeignKey("evomerge_candidates.id"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
-    split: Mapped[str] = mapped_column(String(16))  # search | heldout
+    split: Mapped[Split] = mapped_column(_kind(Split, "split", 16))
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -86,8 +102,10 @@ class GenerationRow(Base):
 
 
 class SchemaVersionRow(Base):
-    """The version of our tables' schema (storage/migrations.py); one row. Databases written
-    by evomerge 0.1.0 have no such table: they are version 0."""
+    """The schema version of the hand-written migration runner that preceded alembic (one
+    row; databases of evomerge 0.1.0 have none). Alembic keeps the version now, in
+    ``evomerge_alembic_version``; this row stays at 5 so that an evomerge of the old runner
+    (which knew versions up to 4) refuses the database instead of migrating it again."""
 
     __tablename__ = "evomerge_schema_version"
 

@@ -62,7 +62,8 @@ def arch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 # Modules whose tests share one outside resource, run in turn on one pytest-xdist worker
 # (`make test` runs two): test_outage stops and restarts the one PostgreSQL server under the feet
 # of every other test that uses it.
-_SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_lease": "postgres"}
+_SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_lease": "postgres",
+                  "test_schema_upgrade": "postgres"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

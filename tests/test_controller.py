@@ -39,4 +39,4 @@ def test_identical_recipes_are_evaluated_once(tmp_path: Path, tiny_models: dict[
         twin = by_id[dup.duplicate_of]
         assert dup.recipe_hash == twin.recipe_hash and dup.fitness == twin.fitness and dup.scores == twin.scores
         assert dup.worker is None and dup.evaluate_s == 0.0
-        assert [o for _, _, _, o in repo.attempts(dup.id)] == [f"duplicate of candidate {twin.id}"]
+        assert [a.outcome for a in repo.attempts(dup.id)] == [f"duplicate of candidate {twin.id}"]

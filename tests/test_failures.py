@@ -15,6 +15,7 @@ from evomerge.search.config import load_config
 from evomerge.search.controller import Controller
 from evomerge.search.ledger import Ledger
 from evomerge.workers.pool import NOT_RUN, WorkerPool
+from evomerge.storage.kinds import Split
 from evomerge.storage.repository import Repository
 from tests.helpers import write_config
 from evomerge.workers.actor import WorkerSpec
@@ -74,7 +75,7 @@ def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_mode
     retried = [c for c in cands if c.attempt > 1]
     assert retried, "the killed worker's job was not retried"
     for cand in retried:
-        outcomes = [o for _, split, _, o in repo.attempts(cand.id) if split == "search"]
+        outcomes = [a.outcome for a in repo.attempts(cand.id) if a.split == Split.SEARCH]
         # The job that ran is "worker died"; one queued behind it "not run: worker died".
         assert outcomes[-1] == "ok" and any(o and o.removeprefix(NOT_RUN).startswith("worker died")
                                             for o in outcomes[:-1])

@@ -13,18 +13,24 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.storage.kinds import Origin, Split, State
 from evomerge.storage.repository import LeaseError, LeaseLost, Repository
+from tests.clocks import SteppedClock
 from tests.helpers import ROOT
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 
 # Each racer takes part in every round: at the round's instant, it tries to take the lease
-# of that round's study, and prints the rounds it won.
+# of that round's study, and prints the rounds it won. It says "ready" once it has imported
+# and connected, and reads the first round's instant from its stdin.
 RACER = """
 import sys, time
 from evomerge.storage.repository import LeaseError, Repository
-url, me, start, rounds, ids = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+url, me, ids = sys.argv[1], sys.argv[2], sys.argv[3]
 repo = Repository(url)
+repo.study_names()  # connected
+print("ready", flush=True)
+start = float(sys.stdin.readline())
 won = []
 for r, study_id in enumerate(int(i) for i in ids.split(",")):
     time.sleep(max(0.0, start + 0.4 * r - time.time()))
@@ -43,12 +49,18 @@ def race(url: str, racers: int = 6, rounds: int = 15) -> list[int]:
     prefix = uuid.uuid4().hex[:8]
     ids = [repo.create_study(f"race-{prefix}-{r}", "{}").id for r in range(rounds)]
     repo.close()
-    start = time.time() + 8.0  # every racer has imported and connected by then, even on a loaded machine
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, url, f"racer:{i}", str(start), str(rounds),
-                               ",".join(map(str, ids))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(racers)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, url, f"racer:{i}", ",".join(map(str, ids))], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(racers)]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
+    start = time.time() + 0.5  # all are ready: the first round need not wait for imports
     wins = [0] * rounds
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start}\n")
+        proc.stdin.flush()  # communicate() closes it
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
@@ -71,21 +83,23 @@ def test_one_winner_per_lease_race_on_postgres() -> None:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_controller_paused_past_its_lease_is_fenced(tmp_path: Path, backend: str) -> None:
     """A controller whose lease expired while it was paused, and was taken by another, writes
-    nothing more: its next write raises LeaseLost (one line) and leaves the table untouched."""
+    nothing more: its next write raises LeaseLost (one line) and leaves the table untouched.
+    The pause is a clock both controllers read, moved past the lease (no real waiting)."""
     if backend == "postgresql" and not PG_URL:
         pytest.skip("EVOMERGE_TEST_POSTGRES_URL not set (see .ci/postgres.sh)")
     url = PG_URL if backend == "postgresql" else f"sqlite:///{tmp_path / 'f.db'}"
     assert url is not None
-    paused, other = Repository(url), Repository(url)  # two controllers, two connections
+    clock = SteppedClock()
+    paused, other = Repository(url, clock=clock), Repository(url, clock=clock)  # two controllers, two connections
     study = paused.create_study(f"fence-{uuid.uuid4().hex[:8]}", "{}")
-    paused.acquire_lease(study.id, "host:1", 0.5, lambda owner: True)
-    first = paused.add_candidate(study.id, "{}", "h1", "source")  # writes while the lease holds
+    paused.acquire_lease(study.id, "host:1", 120.0, lambda owner: True)
+    first = paused.add_candidate(study.id, "{}", "h1", Origin.SOURCE)  # writes while the lease holds
     with pytest.raises(LeaseError):
         other.acquire_lease(study.id, "host:2", 60.0, lambda owner: True)
-    time.sleep(1.0)  # "paused" past its lease
-    other.acquire_lease(study.id, "host:2", 60.0, lambda owner: True)
+    clock.advance(121.0)  # "paused" past its lease
+    other.acquire_lease(study.id, "host:2", 600.0, lambda owner: True)
     with pytest.raises(LeaseLost, match=r"lost the lease .* \(now held by host:2\)"):
-        paused.add_candidate(study.id, "{}", "h2", "source")
+        paused.add_candidate(study.id, "{}", "h2", Origin.SOURCE)
     with pytest.raises(LeaseLost):
         paused.complete(first, {"t": 1.0}, 1.0, "w", 0.1, 0.1)
     with pytest.raises(LeaseLost):
@@ -93,20 +107,42 @@ def test_controller_paused_past_its_lease_is_fenced(tmp_path: Path, backend: str
     with pytest.raises(LeaseLost):
         paused.check_lease()
     assert [c.recipe_hash for c in other.candidates(study.id)] == ["h1"]
-    assert other.candidate(first).state == "queued"
+    assert other.candidate(first).state == State.QUEUED
     # The new holder keeps writing, and a paused one that nobody displaced simply goes on.
-    other.add_candidate(study.id, "{}", "h3", "source")
+    other.add_candidate(study.id, "{}", "h3", Origin.SOURCE)
     other.release_lease(study.id, "host:2")
-    paused.acquire_lease(study.id, "host:1", 0.5, lambda owner: True)
-    time.sleep(1.0)
-    paused.add_candidate(study.id, "{}", "h4", "source")  # expired, but nobody took it: still ours
+    paused.acquire_lease(study.id, "host:1", 120.0, lambda owner: True)
+    clock.advance(121.0)
+    paused.add_candidate(study.id, "{}", "h4", Origin.SOURCE)  # expired, but nobody took it: still ours
     assert len(other.candidates(study.id)) == 3
     paused.close()
     other.close()
 
 
+def test_a_lease_expires_by_the_clock_and_writes_renew_it(tmp_path: Path) -> None:
+    """The lease's expiry is the injected clock's: a holder that writes keeps it (each write
+    extends it), and one that stops writing loses it to the next controller after its 120 s."""
+    clock = SteppedClock()
+    holder, other = Repository(f"sqlite:///{tmp_path / 'e.db'}", clock=clock), Repository(
+        f"sqlite:///{tmp_path / 'e.db'}", clock=clock)
+    study = holder.create_study("e", "{}")
+    holder.acquire_lease(study.id, "host:1", 120.0, lambda owner: True)
+    for _ in range(5):  # 5 x 100 s, a write each: never 120 s without one
+        clock.advance(100.0)
+        holder.add_candidate(study.id, "{}", "h", Origin.SOURCE)
+        with pytest.raises(LeaseError, match="driven by controller host:1"):
+            other.acquire_lease(study.id, "host:2", 120.0, lambda owner: True)
+    clock.advance(119.0)
+    with pytest.raises(LeaseError):
+        other.acquire_lease(study.id, "host:2", 120.0, lambda owner: True)
+    clock.advance(2.0)
+    other.acquire_lease(study.id, "host:2", 120.0, lambda owner: True)
+    with pytest.raises(LeaseLost):
+        holder.check_lease()
+
+
 def test_dead_holder_is_taken_over_but_a_live_one_is_not(tmp_path: Path) -> None:
-    repo = Repository(f"sqlite:///{tmp_path / 'd.db'}")
+    repo = Repository(f"sqlite:///{tmp_path / 'd.db'}", clock=SteppedClock())
     study = repo.create_study("d", "{}")
     repo.acquire_lease(study.id, "host:dead", 600.0, lambda owner: True)
     repo.drop_fence()
@@ -136,11 +172,11 @@ def test_heldout_rescoring_runs_under_the_lease(tmp_path: Path, tiny_models: dic
         other.acquire_lease(study_id, holder, 600.0, lambda owner: True)
         with pytest.raises(LeaseError):
             controller.rescore_heldout()
-        assert all(split != "heldout" for c in repo.candidates(study_id) for _, split, _, _ in repo.attempts(c.id))
+        assert all(a.split != Split.HELDOUT for c in repo.candidates(study_id) for a in repo.attempts(c.id))
         other.release_lease(study_id, holder)
         assert controller.rescore_heldout() >= 1
-        attempts = [a for c in repo.candidates(study_id) for a in repo.attempts(c.id) if a[1] == "heldout"]
-        assert attempts and all(outcome is not None for _, _, _, outcome in attempts)
+        attempts = [a for c in repo.candidates(study_id) for a in repo.attempts(c.id) if a.split == Split.HELDOUT]
+        assert attempts and all(a.outcome is not None and a.ended_at is not None for a in attempts)
     finally:
         controller.close()
         ray.shutdown()

@@ -21,6 +21,7 @@ import pytest
 from evomerge.search.app.commands import prepare
 from evomerge.search.config import load_config
 from evomerge.workers.pool import NOT_RUN, JobTimeout, WorkerPool, WorkersFailing, _cause
+from evomerge.storage.kinds import Split
 from evomerge.storage.repository import Repository
 from tests.helpers import write_config
 from tests.test_failures import _controller
@@ -86,8 +87,8 @@ def _states(db: Path) -> dict[str, int]:
         return dict(conn.execute("select state, count(*) from trials group by state").fetchall())
 
 
-def _outcomes(repo: Repository, cid: int, split: str = "search") -> list[str]:
-    return [o or "" for _, s, _, o in repo.attempts(cid) if s == split]
+def _outcomes(repo: Repository, cid: int, split: Split = Split.SEARCH) -> list[str]:
+    return [a.outcome or "" for a in repo.attempts(cid) if a.split == split]
 
 
 def test_job_time_limit_derives_from_finished_jobs() -> None:
@@ -256,9 +257,9 @@ def test_heldout_crashes_are_counted_and_never_ran_jobs_retried(
     finally:
         controller.close()
     assert killed
-    chosen = [c for c in repo.candidates(study_id) if _outcomes(repo, c.id, "heldout")]
+    chosen = [c for c in repo.candidates(study_id) if _outcomes(repo, c.id, Split.HELDOUT)]
     assert len(controller.heldout_failed) == 1 and scored == len(chosen) - 1
     (reason,) = controller.heldout_failed.values()
     assert reason.startswith("worker died")
-    retried = [c for c in chosen if any(o.startswith(NOT_RUN) for o in _outcomes(repo, c.id, "heldout"))]
+    retried = [c for c in chosen if any(o.startswith(NOT_RUN) for o in _outcomes(repo, c.id, Split.HELDOUT))]
     assert retried and all(c.heldout is not None for c in retried)
