@@ -25,3 +25,14 @@ def test_lm_eval_keeps_the_members_its_adapter_uses() -> None:
     assert list(inspect.signature(HFLM._encode_pair).parameters) == ["self", "context", "continuation"]
     assert "self.batch_size_per_gpu" in inspect.getsource(HFLM.__init__)  # read per call by HFLM's batching
     assert "self._instances" in inspect.getsource(ConfigurableTask.build_all_requests)
+
+
+def test_ray_keeps_the_switches_that_hold_it_on_loopback() -> None:
+    import inspect
+
+    import ray
+    from ray._private import ray_constants
+
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in inspect.getsource(ray_constants)
+    assert "_node_ip_address" in inspect.getsource(inspect.unwrap(ray.init))  # taken through **kwargs

@@ -18,12 +18,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.workers.actor import WorkerSpec, remote_worker_class
+from evomerge.workers.ray_internals import start_on_loopback
 from evomerge.workers.result import Job, TrialResult
 
 STARTUP_S = 900.0  # time limit of a job before any job of its split has finished
@@ -275,38 +274,12 @@ def _start_ray(count: int, num_cpus: float, num_gpus: float, address: str | None
         if not ray.is_initialized():
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return ray
-    # Ray replaces a loopback node address by the host's own (and its agents, metrics and
-    # gRPC servers then listen on every interface) unless its "cluster" mode is off. It
-    # reads that switch once, when first imported; a host program may have imported it.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    if not ray.is_initialized():
-        # As many CPUs as workers ask for (oversubscribing is the user's call).
-        with _environ_without(_controller_only):
-            # address="local": a private Ray, never a cluster that `ray start` (or RAY_ADDRESS) left
-            ray.init(address="local", num_cpus=max(int(count * num_cpus + 0.999), os.cpu_count() or 1),
-                     num_gpus=None if num_gpus else 0, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
-        node = ray.util.get_node_ip_address()
-        if node not in ("127.0.0.1", "::1"):
-            ray.shutdown()
-            raise RuntimeError(f"Ray started on {node}, not on loopback; refusing to run workers there")
+    ray = start_on_loopback(max(int(count * num_cpus + 0.999), os.cpu_count() or 1), num_gpus, _controller_only)
+    node = ray.util.get_node_ip_address()
+    if node not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise RuntimeError(f"Ray started on {node}, not on loopback; refusing to run workers there")
     return ray
-
-
-@contextmanager
-def _environ_without(drop: Any) -> Iterator[None]:
-    """Ray's processes (and so its workers) inherit the environment they start in: hide these."""
-    saved = {k: v for k, v in os.environ.items() if drop(k)}
-    for name in saved:
-        del os.environ[name]
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 # What Ray's memory monitor says when it kills a worker (its generic death message only
