@@ -36,6 +36,8 @@ from evomerge.search.ranking import best_candidate
 from evomerge.search import signals
 from evomerge.search.dfs_space import RouteSpace
 from evomerge.search.space import SearchSpace
+from evomerge.search.origins import evolved
+from evomerge.storage.kinds import Origin, Split, State
 from evomerge.storage.repository import CandidateRecord, LeaseLost, Repository
 from evomerge.storage.retry import DatabaseUnavailable
 from evomerge.workers.pool import NOT_RUN, Crash, WorkerPool
@@ -76,26 +78,26 @@ def _owner_alive(owner: str) -> bool:
 Space = SearchSpace | RouteSpace
 
 
-def baseline_recipes(cfg: SearchConfig, space: Space) -> list[tuple[str, Recipe]]:
+def baseline_recipes(cfg: SearchConfig, space: Space) -> list[tuple[Origin, Recipe]]:
     """PS: the sources themselves, a uniform soup, and the search's method at its initial genes.
     DFS: the collection's models as they are (merged members as merges) and model A as a route."""
     if isinstance(space, RouteSpace):
         members = dict(space.members)
-        out = [("source", members[m].model_copy(update={"label": f"PS model {m}"}) if m in members
+        out = [(Origin.SOURCE, members[m].model_copy(update={"label": f"PS model {m}"}) if m in members
                 else SourceRecipe(source=m, label=f"source {m}")) for m in space.models]
-        return out + [("untuned", space.identity(label=f"model {space.models[0]} as a route"))]
-    out: list[tuple[str, Recipe]] = [("source", SourceRecipe(source=m.name, label=f"source {m.name}"))
-                                     for m in cfg.models]
+        return out + [(Origin.UNTUNED, space.identity(label=f"model {space.models[0]} as a route"))]
+    out: list[tuple[Origin, Recipe]] = [(Origin.SOURCE, SourceRecipe(source=m.name, label=f"source {m.name}"))
+                                        for m in cfg.models]
     experts = cfg.experts
-    out.append(("untuned", MergeRecipe(method="linear", base=cfg.base_model, models=experts,
-                                  params={"weight": {m: (round(1 / len(experts), 6),) for m in experts}},
-                                  normalize=False, label="untuned soup")))
+    out.append((Origin.UNTUNED, MergeRecipe(method="linear", base=cfg.base_model, models=experts,
+                                           params={"weight": {m: (round(1 / len(experts), 6),) for m in experts}},
+                                           normalize=False, label="untuned soup")))
     initial = [cfg.optimizer.init] * space.dim
-    out.append(("untuned", space.decode(initial, label=f"untuned {space.method}")))
+    out.append((Origin.UNTUNED, space.decode(initial, label=f"untuned {space.method}")))
     if cfg.optimizer.start == "best_baseline" and len(experts) >= 3:
         # Leave-one-out probes: an expert that hurts the merge (Sakana's distraction
         # ablation) shows at once, and the optimizer starts from the merge without it.
-        out += [("untuned", space.decode(x, label=f"untuned {space.method} without {name}"))
+        out += [(Origin.UNTUNED, space.decode(x, label=f"untuned {space.method} without {name}"))
                 for name, x in space.leave_one_out(initial)]
     return out
 
@@ -144,12 +146,12 @@ class Controller:
         """
         by_trial = {c.trial_number: c for c in self.repo.candidates(self.study_id) if c.trial_number is not None}
         self.ledger.settle_running(lambda number: self._verdict(by_trial.get(number)))
-        self.repo.end_open_attempts(self.study_id, "heldout", "abandoned: controller stopped")
+        self.repo.end_open_attempts(self.study_id, Split.HELDOUT, "abandoned: controller stopped")
         for cand in self.repo.candidates(self.study_id):
-            if cand.state != "running":
+            if cand.state != State.RUNNING:
                 continue
-            self.repo.end_attempt(cand.id, "search", cand.worker, "abandoned: controller stopped")
-            spent = self._spent_attempts(cand.id, "search")
+            self.repo.end_attempt(cand.id, Split.SEARCH, cand.worker, "abandoned: controller stopped")
+            spent = self._spent_attempts(cand.id, Split.SEARCH)
             if give_up_after_max and spent >= self.cfg.workers.max_attempts:
                 self.repo.fail(cand.id, f"abandoned after {spent} attempts")
             else:
@@ -160,7 +162,7 @@ class Controller:
         values = self._values(cand) if cand is not None else None
         if values is not None:
             return values
-        if cand is not None and cand.state == "failed":
+        if cand is not None and cand.state == State.FAILED:
             return cand.error or "failed"
         return "controller stopped while this trial ran; its candidate was re-queued"
 
@@ -177,14 +179,14 @@ class Controller:
         settings = OptimizerSettings(
             dim=self.space.dim, objectives=len(self.tasks), seed=o.seed, popsize=self.popsize, sigma0=o.sigma0,
             x0=tuple(self.space.initial(o.init)), diagonal=diagonal, restarts=o.restarts,
-            stream=sum(1 for c in cands if c.evolved))
+            stream=sum(1 for c in cands if evolved(c)))
         self.optimizer = build_optimizer(o.name, settings)
         by_id = {c.id: c for c in cands}
         updates = [[self._evaluated(by_id[i]) for i in ids] for ids in self.repo.generations(self.study_id)]
         told = {r.key for batch in updates for r in batch}
-        finished = [c for c in cands if c.state in ("complete", "failed") and c.id not in told]
+        finished = [c for c in cands if c.state.finished and c.id not in told]
         rest = [self._evaluated(c) for c in finished if self._prior(c)]
-        rest += [self._evaluated(c) for c in finished if c.evolved and c.genes is not None]
+        rest += [self._evaluated(c) for c in finished if evolved(c) and c.genes is not None]
         self.optimizer.restore(updates, rest)
         self._show_optimizer()
 
@@ -195,12 +197,12 @@ class Controller:
 
     def _prior(self, cand: CandidateRecord) -> bool:
         """A baseline whose recipe lies in the search space: told to the optimizer as a prior."""
-        return self.use_priors and not cand.evolved and cand.duplicate_of is None \
+        return self.use_priors and not evolved(cand) and cand.duplicate_of is None \
             and self.space.genome_of(parse_recipe(cand.recipe_json)) is not None
 
     def _values(self, cand: CandidateRecord) -> tuple[float, ...] | None:
         """What the study maximizes: the fitness, or each task's score (multi-objective)."""
-        if cand.state != "complete" or cand.fitness is None:
+        if cand.state != State.COMPLETE or cand.fitness is None:
             return None
         if self.ledger.multi_objective:
             scores = cand.scores or {}
@@ -208,7 +210,7 @@ class Controller:
         return (cand.fitness,)
 
     def _evaluated(self, cand: CandidateRecord) -> Evaluated:
-        if cand.evolved:
+        if evolved(cand):
             return Evaluated(cand.id, tuple(cand.genes or ()), self._values(cand), cand.generation)
         x = self.space.genome_of(parse_recipe(cand.recipe_json))
         assert x is not None, "only baselines of the space are told"
@@ -218,7 +220,7 @@ class Controller:
         """Tell the optimizer a finished candidate (an evolved one, or a prior), and the observers."""
         assert self.optimizer is not None
         self.observers.finished(cand)
-        if not (cand.evolved or self._prior(cand)):
+        if not (evolved(cand) or self._prior(cand)):
             return
         update = self.optimizer.tell(self._evaluated(cand))
         if update is not None:  # stored under the optimizer's index: a late result joins a later one
@@ -227,7 +229,7 @@ class Controller:
     def _priors_pending(self) -> bool:
         """Baselines still being evaluated, which the optimizer should hear of before it proposes."""
         if self.use_priors and not self._priors_told:
-            self._priors_told = not any(not c.evolved and c.state in ("queued", "running")
+            self._priors_told = not any(not evolved(c) and c.state in (State.QUEUED, State.RUNNING)
                                         for c in self.repo.candidates(self.study_id))
         return self.use_priors and not self._priors_told
 
@@ -248,8 +250,8 @@ class Controller:
             self._seed_baselines()
             cands = self.repo.candidates(self.study_id)
             self._rebuild_optimizer(cands)
-            self.queue = deque(c.id for c in cands if c.state == "queued")
-            done = sum(1 for c in cands if c.state in ("complete", "failed"))
+            self.queue = deque(c.id for c in cands if c.state == State.QUEUED)
+            done = sum(1 for c in cands if c.state.finished)
             self.best_fitness = max((c.fitness for c in cands if c.fitness is not None), default=None)
             if done < max_trials:
                 self._start_pool()
@@ -312,10 +314,10 @@ class Controller:
             proposal = self.optimizer.ask()
             recipe = self.space.decode(proposal.x)
             cid = self.repo.add_candidate(self.study_id, recipe.to_json(), recipe.content_hash,
-                                          self.optimizer.name, proposal.generation, proposal.x)
+                                          Origin(self.optimizer.name), proposal.generation, proposal.x)
             cand = self.repo.candidate(cid)
         number = self._open_trial(cand)
-        attempt = self.repo.start_attempt(cand.id, number, "search")
+        attempt = self.repo.start_attempt(cand.id, number, Split.SEARCH)
         # Identical recipes are evaluated once: reuse a finished twin, or wait for a running one.
         twin = self.repo.completed_with_hash(self.study_id, cand.recipe_hash)
         if twin is not None and twin.id != cand.id:
@@ -326,15 +328,15 @@ class Controller:
             return 0
         reason = self.space.reject(parse_recipe(cand.recipe_json))
         if reason is not None:  # e.g. an empty or too long route: recorded, never evaluated
-            self.repo.end_attempt(cand.id, "search", None, f"rejected: {reason}")
+            self.repo.end_attempt(cand.id, Split.SEARCH, None, f"rejected: {reason}")
             return self._fail(cand, number, f"rejected before evaluation: {reason}", None)
         self._unfinished[cand.recipe_hash] = cand.id
         self.pool.submit(Job(cand.id, cand.recipe_json, heldout=False, attempt=attempt, bar=self._bar(cand)))
         return 0
 
     def _finish_duplicate(self, cid: int, number: int, twin: CandidateRecord) -> int:
-        self.repo.end_attempt(cid, "search", None, f"duplicate of candidate {twin.id}")
-        if twin.state != "complete" or twin.fitness is None:
+        self.repo.end_attempt(cid, Split.SEARCH, None, f"duplicate of candidate {twin.id}")
+        if twin.state != State.COMPLETE or twin.fitness is None:
             return self._fail(self.repo.candidate(cid), number, f"duplicate of failed candidate {twin.id}", None)
         self.repo.complete(cid, twin.scores or {}, twin.fitness, None, 0.0, 0.0, twin.id, twin.documents,
                            twin.raced_out, evaluate_cpu_s=0.0)
@@ -347,7 +349,7 @@ class Controller:
         recipe = parse_recipe(cand.recipe_json)
         params: dict[str, float] = {}
         bounds: dict[str, tuple[float, float]] = {}
-        if cand.evolved or self.space.belongs(recipe):
+        if evolved(cand) or self.space.belongs(recipe):
             params = self.space.params_of(recipe)
             bounds = self.space.bounds()
         attrs = {"candidate_id": cand.id, "origin": cand.origin, "recipe": recipe.summary(),
@@ -361,15 +363,15 @@ class Controller:
         number = cand.trial_number
         assert number is not None
         if isinstance(result, Crash):
-            self.repo.end_attempt(cand.id, "search", result.worker, result.reason)
-            spent = self._spent_attempts(cand.id, "search")
+            self.repo.end_attempt(cand.id, Split.SEARCH, result.worker, result.reason)
+            spent = self._spent_attempts(cand.id, Split.SEARCH)
             if not result.ran or spent < self.cfg.workers.max_attempts:  # a job that never ran spends none
                 self.ledger.fail(number, f"{result.reason}; re-queued")
                 self.repo.requeue(cand.id, result.reason)
                 self.queue.appendleft(cand.id)
                 return 0
             return self._fail(cand, number, f"{result.reason} (attempt {spent})", None) + self._release(cand)
-        self.repo.end_attempt(cand.id, "search", result.worker,
+        self.repo.end_attempt(cand.id, Split.SEARCH, result.worker,
                               "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
         if isinstance(result.outcome, Failed):
             return self._fail(cand, number, result.outcome.reason, result.worker) + self._release(cand)
@@ -396,12 +398,12 @@ class Controller:
         in full (evaluators/racing.py), from the last finished candidates, the baselines
         among them (so the first generation is raced against the sources and untuned merges);
         None (score in full) for baselines, for multi-objective searches and while racing is off."""
-        if not self.cfg.evaluation.racing.enabled or not cand.evolved or self.ledger.multi_objective:
+        if not self.cfg.evaluation.racing.enabled or not evolved(cand) or self.ledger.multi_objective:
             return None
         finished = self.repo.recent_fitnesses(self.study_id, self.popsize)
         return generation_bar(finished, self.popsize, self.cfg.evaluation.racing.keep)
 
-    def _spent_attempts(self, cid: int, split: str) -> int:
+    def _spent_attempts(self, cid: int, split: Split) -> int:
         """Attempts on ``split`` whose job ran (or may have): one that never started is free."""
         return sum(1 for a in self.repo.attempts(cid)
                    if a.split == split and not (a.outcome or "").startswith(NOT_RUN))
@@ -419,9 +421,9 @@ class Controller:
         return 1
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._beat < HEARTBEAT_S:
+        if self.repo.clock.now() - self._beat < HEARTBEAT_S:
             return
-        self._beat = time.monotonic()
+        self._beat = self.repo.clock.now()
         self.repo.renew_lease(self.study_id, self.owner, LEASE_S)
         if self.pool is not None:
             self.repo.touch([j.candidate_id for j in self.pool.busy_jobs() if not j.heldout])
@@ -446,9 +448,9 @@ class Controller:
     def _rescore_heldout(self) -> int:
         if self.cfg.evaluation.heldout_split is None:
             return 0
-        cands = [c for c in self.repo.candidates(self.study_id) if c.state == "complete" and c.duplicate_of is None]
-        evolved = sorted((c for c in cands if c.evolved), key=lambda c: -(c.fitness or 0.0))
-        chosen = [c for c in cands if not c.evolved] + evolved[: self.cfg.evaluation.heldout_top_k]
+        cands = [c for c in self.repo.candidates(self.study_id) if c.state == State.COMPLETE and c.duplicate_of is None]
+        leaders = sorted((c for c in cands if evolved(c)), key=lambda c: -(c.fitness or 0.0))
+        chosen = [c for c in cands if not evolved(c)] + leaders[: self.cfg.evaluation.heldout_top_k]
         todo = deque(c for c in chosen if c.heldout is None)
         if not todo:
             return 0
@@ -460,7 +462,7 @@ class Controller:
                 signals.check()
                 while todo and self.pool.idle():
                     cand = todo.popleft()
-                    self.repo.start_attempt(cand.id, None, "heldout")
+                    self.repo.start_attempt(cand.id, None, Split.HELDOUT)
                     self.pool.submit(Job(cand.id, cand.recipe_json, heldout=True))
                 for result in self.pool.wait(HEARTBEAT_S):
                     scored += self._handle_heldout(result)
@@ -474,9 +476,9 @@ class Controller:
         cid = result.job.candidate_id
         outcome = result.reason if isinstance(result, Crash) else (
             "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
-        self.repo.end_attempt(cid, "heldout", result.worker, outcome)
+        self.repo.end_attempt(cid, Split.HELDOUT, result.worker, outcome)
         if isinstance(result, Crash):
-            if not result.ran or self._spent_attempts(cid, "heldout") < self.cfg.workers.max_attempts:
+            if not result.ran or self._spent_attempts(cid, Split.HELDOUT) < self.cfg.workers.max_attempts:
                 self._heldout_retry.append(cid)
                 return 0
             self.heldout_failed[cid] = result.reason

@@ -26,6 +26,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from evomerge.storage.clock import Clock
 from evomerge.storage.engine import engine_kwargs
 from evomerge.storage.retry import patience_s, retrying
 
@@ -35,12 +36,14 @@ T = TypeVar("T")
 class Ledger:
     """One Optuna study in an RDB storage."""
 
-    def __init__(self, url: str, study_name: str, objectives: Sequence[str] = ("fitness",)) -> None:
+    def __init__(self, url: str, study_name: str, objectives: Sequence[str] = ("fitness",),
+                 patience: float | None = None, clock: Clock | None = None) -> None:
         """``objectives`` name what each trial's values are (one per task for a multi-objective
-        search): the dashboard shows these names and, for several, the Pareto front."""
+        search): the dashboard shows these names and, for several, the Pareto front.
+        ``patience`` and ``clock`` bound the retries as the repository's do (storage/retry.py)."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.url, self.patience_s = url, patience_s()
-        self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+        self.url, self.patience_s, self.clock = url, patience_s() if patience is None else patience, clock
+        self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, self.patience_s))
         self.study = self.retried(lambda: optuna.create_study(
             storage=self.storage, study_name=study_name, directions=["maximize"] * len(objectives),
             load_if_exists=True))
@@ -64,7 +67,7 @@ class Ledger:
 
     def retried(self, work: Callable[[], T]) -> T:
         """``work`` on this ledger's storage, retried through transient database faults."""
-        return retrying(work, self.url, self.patience_s)
+        return retrying(work, self.url, self.patience_s, self.clock)
 
     @property
     def multi_objective(self) -> bool:

@@ -42,14 +42,6 @@ class CandidateRecord:
     raced_out: bool = False  # racing stopped it after the first stage
     evaluate_cpu_s: float | None = None  # the worker's CPU seconds while scoring (None: not recorded)
 
-    @property
-    def evolved(self) -> bool:
-        """Proposed by the optimizer (its origin is the optimizer's name), not a baseline."""
-        return self.origin not in BASELINE_ORIGINS
-
-
-BASELINE_ORIGINS = (Origin.SOURCE, Origin.UNTUNED)
-
 
 @dataclass(frozen=True)
 class Attempt:

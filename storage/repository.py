@@ -27,13 +27,12 @@ from evomerge.storage.clock import Clock, SystemClock
 from evomerge.storage.engine import make_engine
 from evomerge.storage.kinds import Origin, Split, State
 from evomerge.storage.migrations import upgrade
-from evomerge.storage.records import (BASELINE_ORIGINS, Attempt, CandidateRecord, StudyRecord, attempt_record,
-                                      candidate_record, study_record)
+from evomerge.storage.records import (Attempt, CandidateRecord, StudyRecord, attempt_record, candidate_record,
+                                      study_record)
 from evomerge.storage.retry import patience_s, retrying
 from evomerge.storage.tables import AttemptRow, CandidateRow, GenerationRow, StudyRow
 
-__all__ = ["BASELINE_ORIGINS", "Attempt", "CandidateRecord", "LeaseError", "LeaseLost", "Repository",
-           "StudyRecord"]
+__all__ = ["Attempt", "CandidateRecord", "LeaseError", "LeaseLost", "Repository", "StudyRecord"]
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -10,6 +10,7 @@ import pytest
 
 from evomerge.search.app.leaderboard import pareto_front
 from evomerge.search.config import SearchConfig
+from evomerge.search.origins import evolved
 from evomerge.storage.repository import Repository
 from tests.test_search_e2e import TASKS, demo_config, evomerge, query, served_dashboard
 
@@ -54,7 +55,7 @@ def test_replay_of_a_front_member_scores_as_stored(front_study: tuple[Path, Path
     repo = Repository(f"sqlite:///{db}")
     record = repo.get_study("t")
     assert record is not None
-    members = [c for c in pareto_front(repo.candidates(record.id), TASKS) if c.evolved]
+    members = [c for c in pareto_front(repo.candidates(record.id), TASKS) if evolved(c)]
     assert members, "the front holds no evolved recipe"
     member = members[-1]  # not the best by fitness: any member replays
     out = tmp / "member"

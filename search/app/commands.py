@@ -26,6 +26,7 @@ from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.ranking import best_candidate
 from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from evomerge.storage.engine import redacted
+from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
 from evomerge.evaluators.tasks import check_suite
 from evomerge.workers import arithmetic
@@ -129,9 +130,9 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
         # Recreating it would number trials anew beside candidates that point at the old ones.
         raise StudyMismatch(f"study {study!r} in {redacted(url)} has candidates but its Optuna trials are gone "
                             "(deleted from the dashboard?); resume is impossible: start another --study")
-    ledger = Ledger(url, study, objectives(cfg))
+    ledger = Ledger(url, study, objectives(cfg), repo.patience_s, repo.clock)
     study_id = record.id
-    done_before = sum(1 for c in repo.candidates(study_id) if c.state in ("complete", "failed"))
+    done_before = sum(1 for c in repo.candidates(study_id) if c.state.finished)
     progress = Progress(max_trials, done_before)
     # What the search reports reaches the terminal, optuna-dashboard and the tracker through these.
     observers: list[SearchObserver] = [
@@ -166,8 +167,8 @@ def _check_outcomes(repo: Repository, study_id: int, study: str, heldout: int, h
     """SearchFailed when every finished trial failed, or every held-out re-score of this run
     (``heldout`` scored, ``heldout_failed`` candidate -> reason) did; a warning line when
     only some re-scores failed. The reasons are counted."""
-    done = [c for c in repo.candidates(study_id) if c.state in ("complete", "failed")]
-    if done and all(c.state == "failed" for c in done):
+    done = [c for c in repo.candidates(study_id) if c.state.finished]
+    if done and all(c.state == State.FAILED for c in done):
         raise SearchFailed(f"study {study!r}: all {len(done)} trials failed: {_counted(c.error for c in done)}")
     if not heldout_failed:
         return
@@ -206,7 +207,7 @@ def _pick(cands: list[CandidateRecord], trial: int | None) -> CandidateRecord:
         match = [c for c in cands if c.trial_number == trial]
         if not match:
             raise UsageError(f"no trial {trial} in this study")
-        if match[0].state != "complete":
+        if match[0].state != State.COMPLETE:
             raise UsageError(f"trial {trial} did not complete ({match[0].state}: {match[0].error})")
         return match[0]
     best = best_candidate(cands)

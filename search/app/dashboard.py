@@ -26,6 +26,7 @@ import optuna
 
 from evomerge.search.app.plots import study_figures
 from evomerge.search.observers import QuietObserver
+from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class DashboardObserver(QuietObserver):
     def finished(self, cand: CandidateRecord) -> None:
         """A scored trial (not a duplicate: its twin's trial has the note) gets its first note."""
         number = cand.trial_number
-        if cand.state != "complete" or cand.fitness is None or cand.duplicate_of is not None or number is None:
+        if cand.state != State.COMPLETE or cand.fitness is None or cand.duplicate_of is not None or number is None:
             return
         note = trial_note(cand.scores or {}, self._fitness(cand))
         self.ledger.retried(lambda: first_trial_note(self.ledger.study, number, note))

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from evomerge.search.origins import evolved
+from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.recipe_text import summary
 
@@ -66,7 +68,7 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def pareto_front(cands: list[CandidateRecord], objectives: Sequence[str]) -> list[CandidateRecord]:
     """The completed candidates that no other beats on every objective (task score) at once,
     best fitness first."""
-    done = [c for c in cands if c.state == "complete" and c.duplicate_of is None and c.scores]
+    done = [c for c in cands if c.state == State.COMPLETE and c.duplicate_of is None and c.scores]
     points = [(c, tuple((c.scores or {}).get(t, float("-inf")) for t in objectives)) for c in done]
     front = [c for c, v in points if not any(_dominates(w, v) for _, w in points)]
     return sorted(front, key=lambda c: (-(c.fitness or 0.0), c.id))
@@ -83,15 +85,16 @@ def build(study: str, cands: list[CandidateRecord], top: int, optimizer: str = "
           objectives: Sequence[str] = ()) -> Board:
     """The top ``top`` evolved candidates and every baseline, by search fitness; with several
     ``objectives``, also the Pareto front over them."""
-    complete = [c for c in cands if c.state == "complete" and c.fitness is not None and c.duplicate_of is None]
-    ranked = sorted((c for c in complete if c.evolved), key=lambda c: (-(c.fitness or 0.0), c.id))
+    complete = [c for c in cands if c.state == State.COMPLETE and c.fitness is not None and c.duplicate_of is None]
+    ranked = sorted((c for c in complete if evolved(c)), key=lambda c: (-(c.fitness or 0.0), c.id))
     ranks = {c.id: rank for rank, c in enumerate(ranked, 1)}
-    baselines = sorted((c for c in complete if not c.evolved), key=lambda c: (-(c.fitness or 0.0), c.id))
-    count = {s: sum(1 for c in cands if c.state == s) for s in ("complete", "failed", "running", "queued")}
+    baselines = sorted((c for c in complete if not evolved(c)), key=lambda c: (-(c.fitness or 0.0), c.id))
+    count = Counter(c.state for c in cands)
     front = [_row(ranks.get(c.id), c) for c in pareto_front(cands, objectives)] if len(objectives) > 1 else []
-    return Board(study, count["complete"] + count["failed"], count["failed"], count["running"], count["queued"],
+    return Board(study, count[State.COMPLETE] + count[State.FAILED], count[State.FAILED], count[State.RUNNING],
+                 count[State.QUEUED],
                  [_row(ranks[c.id], c) for c in ranked[:top]], [_row(None, c) for c in baselines],
-                 count_reasons(c.error for c in cands if c.state == "failed"), optimizer, front)
+                 count_reasons(c.error for c in cands if c.state == State.FAILED), optimizer, front)
 
 
 def combine(study: str, stages: list[tuple[str, Board]]) -> Board:

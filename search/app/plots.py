@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.search.ranking import best_candidate
+from evomerge.search.origins import evolved
+from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.layout import MODULES
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, parse_recipe
@@ -44,7 +46,7 @@ def study_figures(cands: Sequence[CandidateRecord]) -> list[Figure]:
     history = fitness_history(cands)
     if history is not None:
         out.append(history)
-    best = best_candidate([c for c in cands if c.evolved])
+    best = best_candidate([c for c in cands if evolved(c)])
     if best is not None:
         recipe = parse_recipe(best.recipe_json)
         title = f"Best evolved recipe, trial {best.trial_number} (fitness {best.fitness:.4f})"
@@ -57,30 +59,30 @@ def study_figures(cands: Sequence[CandidateRecord]) -> list[Figure]:
 def fitness_history(cands: Sequence[CandidateRecord]) -> Figure | None:
     """Each evolved trial's fitness by trial number, the best so far, held-out re-scores,
     and one horizontal line per baseline (source models and untuned merges)."""
-    done = sorted((c for c in cands if c.state == "complete" and c.fitness is not None
+    done = sorted((c for c in cands if c.state == State.COMPLETE and c.fitness is not None
                    and c.trial_number is not None), key=lambda c: c.trial_number or 0)
     if not done:
         return None
-    evolved = [c for c in done if c.evolved]
+    proposed = [c for c in done if evolved(c)]
     xs = [c.trial_number for c in done]
     span = [min(xs), max(xs)] if len(set(xs)) > 1 else [xs[0] - 0.5, xs[0] + 0.5]
     data: list[dict[str, Any]] = []
     for c in done:
-        if not c.evolved and c.duplicate_of is None:
+        if not evolved(c) and c.duplicate_of is None:
             label = parse_recipe(c.recipe_json).label or c.origin
             data.append({"type": "scatter", "mode": "lines", "x": span, "y": [c.fitness, c.fitness],
                          "name": f"{label} (trial {c.trial_number})", "line": {"dash": "dash", "width": 1}})
-    if evolved:
+    if proposed:
         best, running = [], float("-inf")
-        for c in evolved:
+        for c in proposed:
             running = max(running, c.fitness or float("-inf"))
             best.append(running)
         data.append({"type": "scatter", "mode": "markers", "name": "evolved trial",
-                     "x": [c.trial_number for c in evolved], "y": [c.fitness for c in evolved],
-                     "text": [parse_recipe(c.recipe_json).summary()[:120] for c in evolved],
+                     "x": [c.trial_number for c in proposed], "y": [c.fitness for c in proposed],
+                     "text": [parse_recipe(c.recipe_json).summary()[:120] for c in proposed],
                      "marker": {"size": 6, "opacity": 0.6}})
         data.append({"type": "scatter", "mode": "lines", "name": "best so far", "line": {"shape": "hv", "width": 3},
-                     "x": [c.trial_number for c in evolved], "y": best})
+                     "x": [c.trial_number for c in proposed], "y": best})
     heldout = [c for c in done if c.heldout_fitness is not None]
     if heldout:
         data.append({"type": "scatter", "mode": "markers", "name": "held-out re-score",

@@ -22,6 +22,8 @@ from typing import Protocol
 
 from evomerge.search.config import TrackingConfig
 from evomerge.search.observers import QuietObserver, SearchObserver
+from evomerge.search.origins import evolved
+from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord
 from evomerge.workers.recipe import Recipe, parse_recipe
 
@@ -66,14 +68,14 @@ class MlflowTracker(QuietObserver):
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                               metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run.info.run_id, "FINISHED" if cand.state == "complete" else "FAILED")
+        self.client.set_terminated(run.info.run_id, "FINISHED" if cand.state == State.COMPLETE else "FAILED")
 
 
 def run_tags(cand: CandidateRecord, study: str, optimizer: str) -> dict[str, str]:
     """What a candidate's run is filed under."""
     tags = {"origin": cand.origin, "optimizer": optimizer, "study": study, "candidate_id": str(cand.id),
             "trial_number": str(cand.trial_number), "recipe_hash": cand.recipe_hash, "state": cand.state,
-            "evolved": str(cand.evolved).lower()}
+            "evolved": str(evolved(cand)).lower()}
     if cand.generation is not None:
         tags["generation"] = str(cand.generation)
     if cand.duplicate_of is not None:
