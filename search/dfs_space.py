@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.search.space import box_violation
-from evomerge.workers.recipe import Recipe, RouteRecipe
+from evomerge.storage.kinds import Origin
+from evomerge.workers.recipe import Recipe, RouteRecipe, SourceRecipe
 
 DECIMALS = 4  # scales are rounded so equal genomes hash equally
 INIT_MARGIN = 0.25  # initial inclusion genes at 0.5 ± this: on for A's first repetition, else off
@@ -61,6 +62,7 @@ class RouteSpace:
     limits: RouteLimits
     members: tuple[tuple[str, Recipe], ...] = ()  # collection models that are merges (PS+DFS)
     scale_genes: bool = True  # False: every hop at scale 1, inclusion genes only
+    diagonal = True  # up to thousands of genes: separable CMA-ES by default
 
     @property
     def slots(self) -> tuple[Slot, ...]:
@@ -129,6 +131,14 @@ class RouteSpace:
         layers = tuple((head, i) for i in range(self.num_layers[0]))
         return RouteRecipe(base=head, models=self.models, route=layers, scales=(1.0,) * len(layers),
                       members=dict(self.members), label=label)
+
+    def baselines(self, sources: Sequence[str], init: float, leave_one_out: bool) -> list[tuple[Origin, Recipe]]:
+        """The collection's models as they are (merged members as merges) and model A as a route."""
+        members = dict(self.members)
+        out: list[tuple[Origin, Recipe]] = [
+            (Origin.SOURCE, members[m].model_copy(update={"label": f"PS model {m}"}) if m in members
+             else SourceRecipe(source=m, label=f"source {m}")) for m in self.models]
+        return out + [(Origin.UNTUNED, self.identity(label=f"model {self.models[0]} as a route"))]
 
     def belongs(self, recipe: Recipe) -> bool:
         return isinstance(recipe, RouteRecipe) and recipe.models == self.models

@@ -17,7 +17,8 @@ import numpy as np
 
 from evomerge.workers.layout import LayoutKind, num_values
 from evomerge.workers.methods import method_spec, transform_spec
-from evomerge.workers.recipe import MergeRecipe, Recipe
+from evomerge.storage.kinds import Origin
+from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
 from evomerge.workers.methods import ParamSpec
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
@@ -51,6 +52,7 @@ class SearchSpace:
     seed: int
     genes: tuple[Gene, ...]
     fixed: tuple[tuple[str, float], ...]  # parameters held constant, in declaration order
+    diagonal = False  # a few genes: full-covariance CMA-ES
 
     @classmethod
     def build(cls, method: str, base: str, experts: Sequence[str], num_layers: int, *,
@@ -151,6 +153,23 @@ class SearchSpace:
     def genome_of(self, recipe: Recipe) -> tuple[float, ...] | None:
         """The genome of a baseline that lies in this space (the untuned merge), else None."""
         return tuple(float(v) for v in self.encode(recipe)) if self.belongs(recipe) else None
+
+    def baselines(self, sources: Sequence[str], init: float, leave_one_out: bool) -> list[tuple[Origin, Recipe]]:
+        """The sources themselves, a uniform soup, and the search's method at its initial genes
+        (with ``leave_one_out`` and three experts or more, also without each expert in turn)."""
+        out: list[tuple[Origin, Recipe]] = [(Origin.SOURCE, SourceRecipe(source=m, label=f"source {m}"))
+                                            for m in sources]
+        out.append((Origin.UNTUNED, MergeRecipe(
+            method="linear", base=self.base, models=self.experts, normalize=False, label="untuned soup",
+            params={"weight": {m: (round(1 / len(self.experts), 6),) for m in self.experts}})))
+        initial = self.initial(init)
+        out.append((Origin.UNTUNED, self.decode(initial, label=f"untuned {self.method}")))
+        if leave_one_out and len(self.experts) >= 3:
+            # An expert that hurts the merge (Sakana's distraction ablation) shows at once,
+            # and the optimizer starts from the merge without it.
+            out += [(Origin.UNTUNED, self.decode(x, label=f"untuned {self.method} without {name}"))
+                    for name, x in self.leave_one_out(initial)]
+        return out
 
     def initial(self, init: float) -> list[float]:
         """The optimizer's starting point: every gene at ``init`` (Sakana: 0.5)."""

@@ -54,6 +54,7 @@ class Attempt:
     outcome: str | None
     started_at: float
     ended_at: float | None
+    ran: bool = True  # False: its job never started (it spends none of the candidate's attempts)
 
 
 def study_record(row: StudyRow) -> StudyRecord:
@@ -74,4 +75,4 @@ def candidate_record(row: CandidateRow) -> CandidateRecord:
 
 
 def attempt_record(row: AttemptRow) -> Attempt:
-    return Attempt(row.attempt, row.split, row.worker, row.outcome, row.started_at, row.ended_at)
+    return Attempt(row.attempt, row.split, row.worker, row.outcome, row.started_at, row.ended_at, row.ran)

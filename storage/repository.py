@@ -242,13 +242,16 @@ class Repository:
             return attempt
 
     @_retried
-    def end_attempt(self, candidate_id: int, split: Split, worker: str | None, outcome: str) -> None:
+    def end_attempt(self, candidate_id: int, split: Split, worker: str | None, outcome: str, *,
+                    ran: bool = True) -> None:
+        """Close the candidate's open ``split`` attempt: where, how (``"ok"`` or the reason) and
+        whether its job ran (False: it never started)."""
         with self._tx() as s:
             row = s.scalar(select(AttemptRow).where(
                 AttemptRow.candidate_id == candidate_id, AttemptRow.split == split,
                 AttemptRow.ended_at.is_(None)).order_by(AttemptRow.id.desc()).limit(1))
             if row is not None:
-                row.ended_at, row.worker, row.outcome = self.clock.now(), worker, outcome[:1000]
+                row.ended_at, row.worker, row.outcome, row.ran = self.clock.now(), worker, outcome[:1000], ran
 
     @_retried
     def end_open_attempts(self, study_id: int, split: Split, outcome: str) -> int:
@@ -261,10 +264,11 @@ class Repository:
             return int(closed.rowcount)
 
     @_retried
-    def complete(self, candidate_id: int, scores: dict[str, float], fitness: float, worker: str | None,
+    def complete(self, candidate_id: int, *, scores: dict[str, float], fitness: float, worker: str | None,
                  materialize_s: float | None, evaluate_s: float | None, duplicate_of: int | None = None,
                  documents: int | None = None, raced_out: bool = False,
                  evaluate_cpu_s: float | None = None) -> None:
+        """Record a scored candidate (keyword arguments only: ten values of one shape)."""
         with self._tx() as s:
             row = s.get(CandidateRow, candidate_id)
             assert row is not None
@@ -302,6 +306,10 @@ class Repository:
             with self._tx() as s:
                 s.execute(update(CandidateRow).where(CandidateRow.id.in_(candidate_ids))
                           .values(updated_at=self.clock.now()))
+
+    def spent_attempts(self, candidate_id: int, split: Split) -> int:
+        """The candidate's ``split`` attempts whose job ran (or may have): one that never started is free."""
+        return sum(1 for a in self.attempts(candidate_id) if a.split == split and a.ran)
 
     @_retried
     def attempts(self, candidate_id: int) -> list[Attempt]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import Boolean, Enum, false, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Enum, false, true, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from evomerge.storage.kinds import Origin, Split, State
@@ -86,6 +86,7 @@ class AttemptRow(Base):
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # ok | error text
+    ran: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # False: never started (v6)
 
 
 class GenerationRow(Base):

@@ -101,7 +101,7 @@ def test_controller_paused_past_its_lease_is_fenced(tmp_path: Path, backend: str
     with pytest.raises(LeaseLost, match=r"lost the lease .* \(now held by host:2\)"):
         paused.add_candidate(study.id, "{}", "h2", Origin.SOURCE)
     with pytest.raises(LeaseLost):
-        paused.complete(first, {"t": 1.0}, 1.0, "w", 0.1, 0.1)
+        paused.complete(first, scores={"t": 1.0}, fitness=1.0, worker="w", materialize_s=0.1, evaluate_s=0.1)
     with pytest.raises(LeaseLost):
         paused.renew_lease(study.id, "host:1", 60.0)
     with pytest.raises(LeaseLost):

@@ -36,20 +36,21 @@ def test_resume_settles_trials_as_the_candidate_table_says(tmp_path: Path, tiny_
     before, resume failed the trial of a candidate that had completed."""
     from optuna.trial import TrialState
 
-    from evomerge.search.controller import baseline_recipes
     from tests.test_failures import _controller
 
     cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a", "b")}, tiny_tasks)
     controller, repo, study_id = _controller(cfg, tmp_path / "r.db")
     ledger = controller.ledger
-    recipes = baseline_recipes(controller.cfg, controller.space)[:3]
+    models = [m.name for m in controller.cfg.models]
+    recipes = controller.space.baselines(models, controller.cfg.optimizer.init, leave_one_out=False)[:3]
     ids = [repo.add_candidate(study_id, r.to_json(), r.content_hash, origin) for origin, r in recipes]
     numbers = [ledger.open_trial({}, {}, {"candidate_id": cid}) for cid in ids]
     for cid, number in zip(ids, numbers):
         repo.start_attempt(cid, number, "search")
     # The state a kill between the two writes leaves: our rows settled, Optuna's trials RUNNING.
     repo.end_attempt(ids[0], "search", "w0", "ok")
-    repo.complete(ids[0], {"tiny_add": 0.5, "tiny_sub": 0.25}, 0.375, "w0", 0.1, 0.2)
+    repo.complete(ids[0], scores={"tiny_add": 0.5, "tiny_sub": 0.25}, fitness=0.375, worker="w0", materialize_s=0.1,
+                  evaluate_s=0.2)
     repo.end_attempt(ids[1], "search", "w1", "materialize: boom")
     repo.fail(ids[1], "materialize: boom", "w1")
     # ids[2] was still being evaluated.

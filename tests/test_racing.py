@@ -99,10 +99,11 @@ def test_the_bar_reads_the_last_finished_candidates_in_proposal_order(tmp_path: 
         study = repo.create_study("s", "{}").id
         ids = [repo.add_candidate(study, "{}", f"h{i}", "cma") for i in range(7)]
         for cid, fitness in zip(ids[:4], (0.4, 0.1, 0.3, 0.2)):
-            repo.complete(cid, {"t": fitness}, fitness, "w", 0.0, 0.0)
-        repo.complete(ids[4], {"t": 0.9}, 0.9, "w", 0.0, 0.0, duplicate_of=ids[0])  # a copy: not counted
+            repo.complete(cid, scores={"t": fitness}, fitness=fitness, worker="w", materialize_s=0.0, evaluate_s=0.0)
+        repo.complete(ids[4], scores={"t": 0.9}, fitness=0.9, worker="w", materialize_s=0.0, evaluate_s=0.0,
+                      duplicate_of=ids[0])  # a copy: not counted
         repo.fail(ids[5], "boom")
-        repo.complete(ids[6], {"t": 0.5}, 0.5, "w", 0.0, 0.0)
+        repo.complete(ids[6], scores={"t": 0.5}, fitness=0.5, worker="w", materialize_s=0.0, evaluate_s=0.0)
         assert repo.recent_fitnesses(study, 3) == [0.3, 0.2, 0.5]
         assert repo.recent_fitnesses(study, 10) == [0.4, 0.1, 0.3, 0.2, 0.5]
         assert generation_bar(repo.recent_fitnesses(study, 4), popsize=4) == 0.3

@@ -240,9 +240,9 @@ def rebuilt_proposal(cfg_path: Path, db: Path) -> tuple[float, ...]:
 
     controller = Controller(cfg, repo, Ledger(url, cfg.study, objectives(cfg)), prepare(cfg).space,
                             no_workers, record.id)  # type: ignore[arg-type]
-    controller._rebuild_optimizer(repo.candidates(record.id))
-    assert controller.optimizer is not None and controller.optimizer.name == cfg.optimizer.name
-    return controller.optimizer.ask().x
+    controller.teller.rebuild(repo.candidates(record.id))
+    assert controller.teller.name == cfg.optimizer.name
+    return controller.teller.ask().x
 
 
 def test_kill_9_mid_search_then_resume(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def test_kinds_store_the_strings_of_before_and_refuse_others(tmp_path: Path) -> 
     cid = repo.add_candidate(study.id, "{}", "h", Origin.CMA, 0, (0.5,))
     repo.start_attempt(cid, 0, Split.SEARCH)
     repo.end_attempt(cid, Split.SEARCH, "w0", "ok")
-    repo.complete(cid, {"t": 1.0}, 1.0, "w0", 0.1, 0.2)
+    repo.complete(cid, scores={"t": 1.0}, fitness=1.0, worker="w0", materialize_s=0.1, evaluate_s=0.2)
     with sqlite3.connect(db) as conn:  # the stored values are the strings evomerge always wrote
         assert conn.execute("SELECT origin, state FROM evomerge_candidates").fetchall() == [("cma", "complete")]
         assert conn.execute("SELECT split FROM evomerge_attempts").fetchall() == [("search",)]

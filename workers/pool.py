@@ -30,7 +30,6 @@ FLOOR_S = 60.0  # the derived limit never drops below this
 SLOWEST_FACTOR = 5.0  # derived limit: this many times the slowest finished job of the split
 BACKOFF_S = (1.0, 60.0)  # restart delay after the first death in a row, and its cap (doubling)
 DEATHS_PER_WORKER = 2  # deaths in a row (per worker, at least 5) with no job finished: give up
-NOT_RUN = "not run: "  # how the reason of a job that never started begins
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,7 @@ class WorkerPool:
         base, cap = BACKOFF_S
         slot.restart_at = time.monotonic() + min(cap, base * 2 ** (self.deaths_in_row - 1))
         # Only the first job had started; the ones queued behind it never ran.
-        return [Crash(job, reason if i == 0 else NOT_RUN + reason, ran=i == 0, worker=name)
+        return [Crash(job, reason, ran=i == 0, worker=name)
                 for i, job in enumerate(jobs)]
 
     def cancel(self) -> list[Job]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.search.config import ConfigError, SearchConfig, check_study_name, load_config, stored_config
-from evomerge.search.controller import Controller, Space, StudyMismatch
+from evomerge.search.controller import Controller, StudyMismatch
+from evomerge.search.spaces import Space
 from evomerge.search.app.dashboard import DashboardObserver
 from evomerge.search.app.leaderboard import build, combine, count_reasons, render
 from evomerge.search.app.merge_file import load_merge_file
