@@ -51,7 +51,7 @@ class Ledger:
             with warnings.catch_warnings():  # experimental in Optuna, stable in use since 3.2
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.retried(lambda: self.study.set_metric_names(list(objectives)))
-        self.study_id = self.study._study_id
+        self.study_id = self.retried(lambda: self.storage.get_study_id_from_name(study_name))
 
     @staticmethod
     def exists(url: str, study_name: str) -> bool:

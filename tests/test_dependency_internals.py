@@ -36,3 +36,12 @@ def test_ray_keeps_the_switches_that_hold_it_on_loopback() -> None:
     assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in inspect.getsource(ray_constants)
     assert "_node_ip_address" in inspect.getsource(inspect.unwrap(ray.init))  # taken through **kwargs
+
+
+def test_optuna_dashboard_keeps_its_note_format() -> None:
+    from optuna_dashboard import _note
+
+    from evomerge.search.app.dashboard_notes import NOTE_CHUNK, note_keys
+
+    assert note_keys(7) == (_note.note_ver_key(7), _note.note_str_key_prefix(7))
+    assert NOTE_CHUNK == _note.SYSTEM_ATTR_MAX_LENGTH

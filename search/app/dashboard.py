@@ -24,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
+from evomerge.search.app.dashboard_notes import first_trial_note, save_trial_note
 from evomerge.search.app.plots import study_figures
 from evomerge.search.observers import QuietObserver
 from evomerge.storage.kinds import State
@@ -50,36 +51,6 @@ def trial_note(scores: Mapping[str, float], fitness: float | None,
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
-
-
-def save_trial_note(study: optuna.Study, number: int, body: str) -> None:
-    """Write ``body`` as trial ``number``'s note (replacing the previous one), finished or not."""
-    from optuna_dashboard import save_note
-
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    # save_note takes a live Trial; building one only reads the trial (the ledger's study
-    # has no sampler of its own at work: parameters come from our optimizer).
-    save_note(optuna.trial.Trial(study, trial_id), body)
-
-
-_NOTE_CHUNK = 2045  # optuna-dashboard's longest system attribute string
-
-
-def first_trial_note(study: optuna.Study, number: int, body: str) -> None:
-    """Write the first note of a new trial, as version 1.
-
-    ``save_note`` reads every system attribute of the study twice (to number the version and
-    clear older chunks): with a note per trial that grows with the study, ~50 ms a trial at
-    300 trials. A new trial has neither a version nor chunks, so this writes optuna-dashboard's
-    keys directly: the version, then the body in chunks. The browser test
-    (tests/test_dashboard_browser.py) reads such a note off the rendered page, so a change of
-    the format in an optuna-dashboard upgrade fails there."""
-    storage, study_id = study._storage, study._study_id
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-    storage.set_study_system_attr(study_id, f"dashboard:{trial_id}:note_ver", 1)
-    for i in range(0, max(len(body), 1), _NOTE_CHUNK):
-        storage.set_study_system_attr(study_id, f"dashboard:{trial_id}:note_str:{i // _NOTE_CHUNK}",
-                                      body[i:i + _NOTE_CHUNK])
 
 
 def save_figures(study: optuna.Study, cands: Sequence[CandidateRecord]) -> int:
@@ -138,7 +109,7 @@ class DashboardObserver(QuietObserver):
         if cand.state != State.COMPLETE or cand.fitness is None or cand.duplicate_of is not None or number is None:
             return
         note = trial_note(cand.scores or {}, self._fitness(cand))
-        self.ledger.retried(lambda: first_trial_note(self.ledger.study, number, note))
+        self.ledger.retried(lambda: first_trial_note(self.ledger.storage, self.ledger.study_id, number, note))
         self.pictures.result(cand.fitness, self._cands)
 
     def heldout_scored(self, cand: CandidateRecord) -> None:
@@ -147,7 +118,7 @@ class DashboardObserver(QuietObserver):
         if number is None or cand.heldout is None:
             return
         note = trial_note(cand.scores or {}, self._fitness(cand), cand.heldout, cand.heldout_fitness)
-        self.ledger.retried(lambda: save_trial_note(self.ledger.study, number, note))
+        self.ledger.retried(lambda: save_trial_note(self.ledger.study, self.ledger.storage, self.ledger.study_id, number, note))
 
     def phase_ended(self, cands: Sequence[CandidateRecord]) -> None:
         self.pictures.flush(cands)
