@@ -115,7 +115,6 @@ def from_mergekit(raw: Mapping[str, Any], folder: Path) -> MergeJob:
     method = raw.get("merge_method")
     if method not in SHARED_METHODS:
         raise _fail("merge_method", f"{method!r} is not supported (supported: {', '.join(SHARED_METHODS)})")
-    op = method_spec(method)
     entries = raw.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise _fail("models", "need a list of {model: path, parameters: {...}}")
@@ -128,66 +127,10 @@ def from_mergekit(raw: Mapping[str, Any], folder: Path) -> MergeJob:
         raise _fail("base_model", f"{method} needs a base_model")
     if method == "linear" and base_path is not None and base_path not in paths:
         raise _fail("base_model", "linear weights every input: list the base model under models with a weight")
-    warnings: list[str] = []
-    layouts: set[str] = set()
-    per_expert = {p.name for p in op.params if p.per_expert}
-    shared_names = {p.name for p in op.params if not p.per_expert}
-    params: dict[str, dict[str, tuple[float, ...]]] = {}
-    experts: list[str] = []
-    for i, (entry, path) in enumerate(zip(entries, paths)):
-        name = names[path]
-        given = dict(entry.get("parameters") or {})
-        if method != "linear" and path == base_path:
-            if given:
-                warnings.append(f"models[{i}].parameters: ignored for the base model (as mergekit does)")
-            continue
-        if name in experts:
-            raise _fail(f"models[{i}]", f"model {path} listed twice")
-        experts.append(name)
-        for key, value in given.items():
-            if key not in per_expert:
-                raise _fail(f"models[{i}].parameters.{key}", f"not a per-model parameter of {method} "
-                            f"(those are: {', '.join(sorted(per_expert)) or 'none'})")
-            layout, values = _setting(value, f"models[{i}].parameters.{key}")
-            layouts.add(layout)
-            params.setdefault(key, {})[name] = values
-    normalize = SHARED_METHODS[method]
-    shared: dict[str, tuple[float, ...]] = {}
-    for key, value in (raw.get("parameters") or {}).items():
-        where = f"parameters.{key}"
-        if key == "normalize" and isinstance(value, bool):
-            normalize = value
-        elif key == "rescale" and value is True and op.random:
-            continue  # mergekit's default for DARE/DELLA; ours is the paper's 1/p rescale
-        elif key == "filter_wise" and value is False and method == "model_stock":
-            continue
-        elif key in _IGNORED:
-            continue
-        elif _ALIASES.get(key, key) in shared_names:
-            layout, values = _setting(value, where)
-            layouts.add(layout)
-            shared[_ALIASES.get(key, key)] = values
-        elif key in per_expert:
-            layout, values = _setting(value, where)  # a default for every model without its own
-            layouts.add(layout)
-            for name in experts:
-                params.setdefault(key, {}).setdefault(name, values)
-        else:
-            raise _fail(where, f"not supported for {method}")
-    layouts.discard("model")
-    if len(layouts) > 1:
-        raise _fail("parameters", f"mixes {' and '.join(sorted(layouts))} settings; use one kind per config")
-    for spec in op.params:
-        if spec.per_expert:
-            missing = [m for m in experts if m not in params.get(spec.name, {})]
-            if missing and spec.name == "weight":
-                raise _fail(f"models ({missing[0]})", f"parameters.weight is required by mergekit's {method}")
-            for m in missing:
-                params.setdefault(spec.name, {})[m] = (_mergekit_default(spec.name, spec.default),)
-        elif spec.name not in shared:
-            if spec.name == "t":
-                raise _fail("parameters.t", "required by slerp")
-            shared[spec.name] = (_mergekit_default(spec.name, spec.default),)
+    read = _Settings(method)
+    experts = read.models(entries, paths, names, base_path)
+    normalize = read.shared(raw.get("parameters") or {}, experts, SHARED_METHODS[method])
+    read.fill_defaults(experts)
     dtype = str(raw.get("dtype") or "float32")
     if dtype not in DTYPES:
         raise _fail("dtype", f"{dtype!r} is not supported ({', '.join(DTYPES)})")
@@ -197,14 +140,95 @@ def from_mergekit(raw: Mapping[str, Any], folder: Path) -> MergeJob:
     tokenizer = _tokenizer_source(raw.get("tokenizer_source"), names, base)
     models = tuple(experts) if method != "linear" else tuple(names[p] for p in paths)
     try:
-        recipe = MergeRecipe(method=method, base=base, models=models, params=params, shared=shared,
-                             layout=next(iter(layouts), "model"), normalize=normalize,  # type: ignore[arg-type]
-                             label="mergekit import")
+        recipe = MergeRecipe(method=method, base=base, models=models, params=read.params, shared=read.shared_values,
+                             layout=read.layout(), normalize=normalize, label="mergekit import")
     except ValidationError as exc:
         raise _fail("models", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     except ValueError as exc:
         raise _fail("models", str(exc)) from None
-    return MergeJob(sources, recipe, dtype, tokenizer, tuple(warnings))
+    return MergeJob(sources, recipe, dtype, tokenizer, tuple(read.warnings))
+
+
+class _Settings:
+    """The parameters of one mergekit config as evomerge's, read section by section."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.op = method, method_spec(method)
+        self.per_expert = {p.name for p in self.op.params if p.per_expert}
+        self.shared_names = {p.name for p in self.op.params if not p.per_expert}
+        self.params: dict[str, dict[str, tuple[float, ...]]] = {}
+        self.shared_values: dict[str, tuple[float, ...]] = {}
+        self.layouts: set[str] = set()
+        self.warnings: list[str] = []
+
+    def _value(self, value: Any, where: str) -> tuple[float, ...]:
+        layout, values = _setting(value, where)
+        self.layouts.add(layout)
+        return values
+
+    def models(self, entries: list[Any], paths: list[str], names: dict[str, str], base_path: str | None) -> list[str]:
+        """Each model entry's per-model parameters; returns the experts in order."""
+        experts: list[str] = []
+        for i, (entry, path) in enumerate(zip(entries, paths)):
+            name = names[path]
+            given = dict(entry.get("parameters") or {})
+            if self.method != "linear" and path == base_path:
+                if given:
+                    self.warnings.append(f"models[{i}].parameters: ignored for the base model (as mergekit does)")
+                continue
+            if name in experts:
+                raise _fail(f"models[{i}]", f"model {path} listed twice")
+            experts.append(name)
+            for key, value in given.items():
+                if key not in self.per_expert:
+                    raise _fail(f"models[{i}].parameters.{key}", f"not a per-model parameter of {self.method} "
+                                f"(those are: {', '.join(sorted(self.per_expert)) or 'none'})")
+                self.params.setdefault(key, {})[name] = self._value(value, f"models[{i}].parameters.{key}")
+        return experts
+
+    def shared(self, given: Mapping[str, Any], experts: list[str], normalize: bool) -> bool:
+        """The top-level ``parameters``: shared ones, and defaults of per-model ones; returns
+        ``normalize`` as the config sets it."""
+        for key, value in given.items():
+            where = f"parameters.{key}"
+            if key == "normalize" and isinstance(value, bool):
+                normalize = value
+            elif key == "rescale" and value is True and self.op.random:
+                continue  # mergekit's default for DARE/DELLA; ours is the paper's 1/p rescale
+            elif key == "filter_wise" and value is False and self.method == "model_stock":
+                continue
+            elif key in _IGNORED:
+                continue
+            elif _ALIASES.get(key, key) in self.shared_names:
+                self.shared_values[_ALIASES.get(key, key)] = self._value(value, where)
+            elif key in self.per_expert:
+                values = self._value(value, where)  # a default for every model without its own
+                for name in experts:
+                    self.params.setdefault(key, {}).setdefault(name, values)
+            else:
+                raise _fail(where, f"not supported for {self.method}")
+        return normalize
+
+    def fill_defaults(self, experts: list[str]) -> None:
+        """mergekit's defaults where the config gives none; its required parameters refused missing."""
+        for spec in self.op.params:
+            if spec.per_expert:
+                missing = [m for m in experts if m not in self.params.get(spec.name, {})]
+                if missing and spec.name == "weight":
+                    raise _fail(f"models ({missing[0]})", f"parameters.weight is required by mergekit's {self.method}")
+                for m in missing:
+                    self.params.setdefault(spec.name, {})[m] = (_mergekit_default(spec.name, spec.default),)
+            elif spec.name not in self.shared_values:
+                if spec.name == "t":
+                    raise _fail("parameters.t", "required by slerp")
+                self.shared_values[spec.name] = (_mergekit_default(spec.name, spec.default),)
+
+    def layout(self) -> Any:
+        """The one layout kind the settings use ("model" when all are constants)."""
+        kinds = self.layouts - {"model"}
+        if len(kinds) > 1:
+            raise _fail("parameters", f"mixes {' and '.join(sorted(kinds))} settings; use one kind per config")
+        return next(iter(kinds), "model")
 
 
 def _local(path: str, folder: Path) -> str:

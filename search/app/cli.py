@@ -7,6 +7,7 @@ Exit status: 0 on success, 2 on bad usage or config (one line saying what and wh
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import logging
 import os
 import signal
@@ -48,7 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search over model-merge recipes.")
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
+    _demo_command(sub)
+    _search_command(sub)
+    _plan_command(sub)
+    _status_command(sub)
+    _replay_command(sub)
+    _merge_command(sub)
+    _methods_command(sub)
+    _dashboard_command(sub)
+    return parser
 
+
+def _demo_command(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the built-in demo end to end: search, leaderboard, replay")
     p.add_argument("--out", default="evomerge-demo", help="folder for the demo's database and model (default: %(default)s)")
     p.add_argument("--workers", type=int, help="Ray workers (default: the demo config's)")
@@ -58,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the layer-routing demos (DFS, and PS+DFS on the PS demo's best model) "
                         "and show all three in one leaderboard")
 
+
+def _search_command(sub: Any) -> None:
     p = sub.add_parser("search", help="start a search, or resume it if the study exists")
     p.add_argument("config", help="search config (YAML)")
     _add_storage(p)
@@ -68,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop dispatching after this many seconds")
     _add_pickle(p)
 
+
+def _plan_command(sub: Any) -> None:
     p = sub.add_parser("plan", help="the memory plan of a search: where sources live, what fits per worker, "
                                     "GPU and node; exit 2 when it cannot fit")
     p.add_argument("config", help="search config (YAML)")
@@ -81,12 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     _add_pickle(p)
 
+
+def _status_command(sub: Any) -> None:
     p = sub.add_parser("status", help="print a study's leaderboard")
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the only study in the storage)")
     p.add_argument("--top", type=int, default=10, help="evolved candidates shown (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+
+def _replay_command(sub: Any) -> None:
     p = sub.add_parser("replay", help="write the best (or a named) candidate as a model folder")
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the only study in the storage)")
@@ -100,14 +120,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay a study searched under an older merge arithmetic anyway (its 16-bit merges differ)")
     _add_pickle(p)
 
+
+def _merge_command(sub: Any) -> None:
     p = sub.add_parser("merge", help="merge once, without a search, from an evomerge merge file or a mergekit YAML")
     p.add_argument("config", help="merge file (models + recipe) or mergekit config (merge_method, models, ...)")
     p.add_argument("--out", required=True, help="model folder to create (must not exist)")
     _add_pickle(p)
 
+
+def _methods_command(sub: Any) -> None:
     p = sub.add_parser("methods", help="list the merge methods and transforms with their parameters")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+
+def _dashboard_command(sub: Any) -> None:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
@@ -115,7 +141,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host: the dashboard has no authentication and can delete "
                         "studies; prefer an SSH tunnel to the default 127.0.0.1")
-    return parser
 
 
 # Commands that need no model: served by search/app/reading.py, which imports nothing heavy
