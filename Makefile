@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evomerge demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/candidate_time.py
