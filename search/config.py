@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
+from evomerge.search.names import DFS_SUFFIX
 from evomerge.search.presets import apply_defaults
 from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, method_spec, transform_spec
 from evomerge.workers.source_spec import SourceModel
@@ -336,8 +337,8 @@ class SearchConfig(_Strict):
 
 # A study has companions in the same storage: <study>:dfs (search/stages.py, a PS+DFS search's
 # second stage) and <study>:heldout (search/ledger.py, held-out re-scores in Optuna).
-COMPANION_SUFFIXES = (":dfs", ":heldout")
-MAX_STUDY_NAME = 255 - len(":dfs")  # evomerge_studies.name is VARCHAR(255) and holds <study>:dfs too
+COMPANION_SUFFIXES = (DFS_SUFFIX, ":heldout")
+MAX_STUDY_NAME = 255 - len(DFS_SUFFIX)  # evomerge_studies.name is VARCHAR(255) and holds <study>:dfs too
 
 
 def check_study_name(name: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evomerge.evaluators.batching import planned_batch
 from evomerge.search.config import ConfigError, SearchConfig
+from evomerge.search.names import DFS_SUFFIX
 from evomerge.search.dfs_space import RouteLimits, RouteSpace
 from evomerge.search.space import SearchSpace
 from evomerge.workers.recipe import Recipe
@@ -21,7 +22,7 @@ PS_MEMBER = "ps"  # the name of the evolved PS model in a PS+DFS collection
 
 
 def dfs_study(study: str) -> str:
-    return f"{study}:dfs"
+    return study + DFS_SUFFIX
 
 
 def ps_space(cfg: SearchConfig, folders: Mapping[str, Path]) -> SearchSpace:

@@ -81,7 +81,7 @@ def test_methods_json_lists_every_method_with_its_parameters(tmp_path: Path) -> 
 
 def test_the_quick_list_of_multi_objective_optimizers_is_the_registry_s() -> None:
     from evomerge.search.optimizers import OPTIMIZERS
-    from evomerge.search.app.reading import MULTI_OBJECTIVE
+    from evomerge.search.names import MULTI_OBJECTIVE
 
     assert MULTI_OBJECTIVE == {name for name, cls in OPTIMIZERS.items() if cls.multi_objective}
 

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.search.app.leaderboard import Board, build, combine, render
+from evomerge.search.names import DFS_SUFFIX, MULTI_OBJECTIVE
 from evomerge.storage.engine import redacted
 from evomerge.storage.repository import Repository, StudyRecord
 
-DFS_SUFFIX = ":dfs"  # a PS+DFS search's second stage is the study <study>:dfs (search/stages.py)
-# Optimizers with one objective per task (search/optimizers, class attribute multi_objective);
-# named here so that status need not import Optuna; a test keeps the two in step.
-MULTI_OBJECTIVE = frozenset({"nsga2"})
 TEXT_WIDTH = 100  # methods' text lines are wrapped to this
 
 
