@@ -47,7 +47,7 @@ class _EncodingCache:
     def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
         return self._batched(super().generate_until, requests, "generate", self._generation_tokens)
 
-    def _batched(self, parent: Callable[..., Any], requests: list[Any], kind: str,
+    def _batched(self, parent: Callable[..., Any], requests: list[Any], mode: str,
                  tokens_of: Callable[[Any], int]) -> Any:
         """``parent(requests)`` at the batch of the longest request of each task among them
         (the smallest of those batches), halved and run again on an out-of-memory error."""
@@ -59,9 +59,9 @@ class _EncodingCache:
         config = self.model.config  # a route's own config: its layer count is the route's
         shape = (str(self.model.dtype), *(getattr(config, f, None) for f in
                                            ("num_hidden_layers", "hidden_size", "vocab_size")))
-        keys = [(task, kind, str(self.device), shape) for task in sorted(longest)]
+        keys = [(task, mode, str(self.device), shape) for task in sorted(longest)]
         batch = min(self.sizes.batch(key, longest[key[0]],
-                                     model_probe(self.model, self.device, longest[key[0]], kind == "generate"))
+                                     model_probe(self.model, self.device, longest[key[0]], mode == "generate"))
                     for key in keys)
 
         def call(size: int) -> Any:

@@ -87,10 +87,10 @@ def retrying(work: Callable[[], T], url: str, patience: float, clock: Clock | No
             delay = min(delay * 2, 2.0)
 
 
-def _message(kind: str, cause: str, url: str, waited: float) -> str:
+def _message(fault: str, cause: str, url: str, waited: float) -> str:
     where = redacted(url)
-    if kind == "locked":
+    if fault == "locked":
         return f"database locked for {waited:.0f} s at {where}: another connection holds its write lock ({cause})"
-    if kind == "conflict":
+    if fault == "conflict":
         return f"database at {where} kept aborting transactions for {waited:.0f} s: {cause}"
     return f"database unreachable at {where} for {waited:.0f} s: {cause}"

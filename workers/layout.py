@@ -55,35 +55,35 @@ def depth_fraction(tensor_name: str, num_layers: int) -> float:
     return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def num_values(kind: LayoutKind, num_layers: int, group_size: int | None = None, points: int = 1) -> int:
+def num_values(layout: LayoutKind, num_layers: int, group_size: int | None = None, points: int = 1) -> int:
     """How many values per parameter and expert a layout holds (before collapsing to one)."""
-    if kind == "model":
+    if layout == "model":
         return 1
-    if kind == "layer_group":
+    if layout == "layer_group":
         if group_size is None or group_size < 1:
             raise ValueError("a layer_group layout needs group_size >= 1")
         return -(-num_layers // group_size) + 1
-    if kind == "module":
+    if layout == "module":
         return len(MODULES)
     return points
 
 
-def value_for(values: Sequence[float], tensor_name: str, num_layers: int, kind: LayoutKind,
+def value_for(values: Sequence[float], tensor_name: str, num_layers: int, layout: LayoutKind,
               group_size: int | None = None) -> float:
     """The value of a parameter for one tensor under a layout."""
     if len(values) == 1:
         return float(values[0])
-    if kind == "layer_group":
+    if layout == "layer_group":
         layer = layer_index(tensor_name)
         return float(values[-1] if layer is None else values[layer // (group_size or 1)])
-    if kind == "module":
+    if layout == "module":
         return float(values[MODULES.index(module_kind(tensor_name))])
-    if kind == "depth":
+    if layout == "depth":
         import numpy as np  # here, not at the top: the CLI's reading commands load recipes
 
         anchors = np.linspace(0.0, 1.0, len(values))
         return float(np.interp(depth_fraction(tensor_name, num_layers), anchors, np.asarray(values, dtype=float)))
-    raise ValueError(f"layout {kind!r} takes a single value per parameter, got {len(values)}")
+    raise ValueError(f"layout {layout!r} takes a single value per parameter, got {len(values)}")
 
 
 def tensor_seed(recipe_seed: int, tensor_name: str) -> int:
