@@ -36,7 +36,7 @@ from evomerge.storage.repository import CandidateRecord, LeaseLost, Repository
 from evomerge.storage.retry import DatabaseUnavailable
 from evomerge.workers.pool import Crash, WorkerPool
 from evomerge.workers.recipe import Recipe, parse_recipe
-from evomerge.workers.result import Failed, Job, Scored, TrialResult
+from evomerge.workers.result import Failed, Job, TrialResult
 
 
 class StudyMismatch(ValueError):
@@ -211,8 +211,7 @@ class Controller:
                 return 0
             return self.record.fail(cand, number, f"{result.reason} (attempt {spent})", None) + self._release(cand)
         outcome = result.outcome
-        self.repo.end_attempt(cand.id, Split.SEARCH, result.worker,
-                              "ok" if isinstance(outcome, Scored) else outcome.reason)
+        self.repo.end_attempt(cand.id, Split.SEARCH, result.worker, result.ended)
         if isinstance(outcome, Failed):
             return self.record.fail(cand, number, outcome.reason, result.worker) + self._release(cand)
         try:

@@ -53,8 +53,7 @@ class HeldoutRescoring:
         """Record one re-score (counted in ``scored``). A job that never ran, or a crash with
         attempts left, goes back in the queue."""
         cid = result.job.candidate_id
-        outcome = result.reason if isinstance(result, Crash) else (
-            "ok" if isinstance(result.outcome, Scored) else result.outcome.reason)
+        outcome = result.reason if isinstance(result, Crash) else result.ended
         self.repo.end_attempt(cid, Split.HELDOUT, result.worker, outcome,
                               ran=not isinstance(result, Crash) or result.ran)
         if isinstance(result, Crash):

@@ -38,3 +38,8 @@ class TrialResult:
     documents: int | None = None  # documents scored (search split)
     complete: bool = True  # False: racing stopped it after the first stage
     evaluate_cpu_s: float = 0.0  # CPU seconds of the worker process while scoring (all its threads)
+
+    @property
+    def ended(self) -> str:
+        """How its attempt ended, as stored: "ok", or the failure's reason."""
+        return "ok" if isinstance(self.outcome, Scored) else self.outcome.reason
