@@ -111,28 +111,55 @@ def noise(land: Landscape) -> Noise:
     return Noise(std("search"), std("heldout"))
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What an ``--optimizers`` entry changes in the default config:
+    ``NAME[/METHOD][@GRANULARITY][~SPACE][+racing[=F:C[:K[:S]]]]``."""
+
+    optimizer: str
+    method: str | None
+    granularity: str | None
+    space: str | None
+    racing: bool
+    racing_spec: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        rest, racing, racing_spec = text.partition("+racing")
+        rest, _, space = rest.partition("~")
+        rest, _, granularity = rest.partition("@")
+        optimizer, _, method = rest.partition("/")
+        return cls(optimizer, method or None, granularity or None, space or None, bool(racing), racing_spec)
+
+
 def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder: Path) -> Path:
     """The default configuration, given only models, tasks, budget and the optimizer's name and
-    seed; ``preset=NAME`` names a preset instead of an optimizer, and ``NAME@GRANULARITY``
-    (``cma@layer_group``) also sets ``merge.granularity``: genes per layer group, say; a
+    seed; ``preset=NAME`` names a preset instead of an optimizer. ``/METHOD`` fixes
+    ``merge.method`` (``cma/ties``; the default is auto), ``@GRANULARITY`` sets
+    ``merge.granularity`` (``cma/ties@layer_group``: genes per layer group; ``@model``: one per
+    expert; the default is auto), ``~SPACE`` the search space (``cma~dfs``, ``cma~ps+dfs``); a
     ``+racing`` suffix (``cma+racing``) turns on multi-fidelity racing (evaluation.racing),
     ``+racing=F:C[:K[:S]]`` with first-stage fraction F, confidence C, the kept share K of a
     generation and S stages (``cma+racing=0.2:0.9``, ``cma+racing=0.2:0.5:0.25:2``)."""
-    optimizer, racing, racing_spec = optimizer.partition("+racing")
-    optimizer, _, granularity = optimizer.partition("@")
-    preset = optimizer.removeprefix("preset=") if optimizer.startswith("preset=") else None
+    v = Variant.parse(optimizer)
+    preset = v.optimizer.removeprefix("preset=") if v.optimizer.startswith("preset=") else None
+    merge = {**({"method": v.method} if v.method else {}), **({"granularity": v.granularity} if v.granularity else {})}
     cfg = {
         "study": "bench",
         **({"preset": preset} if preset else {}),
-        **({"merge": {"granularity": granularity}} if granularity else {}),
+        **({"space": v.space} if v.space else {}),
+        **({"merge": merge} if merge else {}),
         "models": [{"name": m, "path": str(p)} for m, p in land.paths().items()],
         "base_model": land.base_model,
-        "optimizer": {"seed": seed} if preset else {"name": optimizer, "seed": seed},
+        "optimizer": {"seed": seed} if preset else {"name": v.optimizer, "seed": seed},
         "evaluation": {"task_paths": [str(land.task_path)], "tasks": [{"name": t} for t in TASKS],
                        "search_split": "search", "heldout_split": "heldout",
-                       **({"racing": racing_settings(racing_spec)} if racing else {})},
+                       **({"racing": racing_settings(v.racing_spec)} if v.racing else {})},
         "budget": {"max_trials": budget},
     }
+    if v.space == "ps+dfs":  # the same budget in all: half for each stage
+        cfg["budget"] = {"max_trials": budget // 2}
+        cfg["dfs"] = {"max_trials": budget - budget // 2}
     file = folder / "config.yaml"
     file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return file
@@ -163,9 +190,11 @@ def accepted(optimizer: str, land: Landscape) -> str | None:
 
 
 def summarise(land: Landscape, optimizer: str, seed: int, cands: list[CandidateRecord], margin: Noise,
-              seconds: float) -> RunResult:
+              seconds: float, first_stage: int | None = None) -> RunResult:
+    """``cands`` in evaluation order; with two stages (PS+DFS), the sources are the first
+    ``first_stage`` candidates' (the DFS stage's sources include the PS model)."""
     by_id = {c.id: c for c in cands}
-    sources = [c for c in cands if c.origin == "source" and c.state == "complete"]
+    sources = [c for c in cands[:first_stage] if c.origin == "source" and c.state == "complete"]
     best_src = max(sources, key=lambda c: c.fitness or 0.0)
     best_src_heldout = max(c.heldout_fitness or 0.0 for c in sources)
     best = best_candidate(cands)
@@ -201,7 +230,13 @@ def run_one(land: Landscape, optimizer: str, seed: int, budget: int, workers: in
                                         cfg.budget.max_trials, None)
         seconds = time.monotonic() - start
         cands = repo.candidates(study_id)
-    return summarise(land, optimizer, seed, cands, margin, seconds)
+        first = None
+        if cfg.space == "ps+dfs":  # both stages, the PS study's first
+            record = repo.get_study(cfg.study)
+            assert record is not None
+            ps = repo.candidates(record.id)
+            cands, first = ps + cands, len(ps)
+    return summarise(land, optimizer, seed, cands, margin, seconds, first)
 
 
 def _median_evals(runs: list[RunResult], evolved: bool = False) -> float:
@@ -223,9 +258,9 @@ def ratio(median: float, random_median: float, budget: int) -> str:
 
 def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> str:
     lines = ["| landscape | optimizer | success | evals to success (median) | best held-out (mean ± std) "
-             "| best source held-out | evals vs random | first success by a baseline "
+             "| best held-out (median) | best source held-out | evals vs random | first success by a baseline "
              "| evolved to success (median) | evolved vs random | proposals past the margin |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.landscape, r.optimizer), []).append(r)
@@ -242,7 +277,8 @@ def table(results: list[RunResult], noises: dict[str, Noise], budget: int) -> st
         evo_ratio = ratio(evo, _median_evals(rnd, evolved=True), budget) if rnd else "-"
         hits, proposed = sum(r.evolved_hits for r in runs), sum(r.evolved_count for r in runs)
         lines.append(f"| {name} | {opt} | {wins}/{len(runs)} | {'-' if math.isinf(med) else f'{med:g}'} | "
-                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {runs[0].best_source_heldout:.3f} | {evals_ratio} | "
+                     f"{statistics.mean(held):.3f} ± {spread:.3f} | {statistics.median(held):.3f} | "
+                     f"{runs[0].best_source_heldout:.3f} | {evals_ratio} | "
                      f"{by_baseline}/{len(runs)} | {'-' if math.isinf(evo) else f'{evo:g}'} | {evo_ratio} | "
                      f"{hits}/{proposed} |")
     return "\n".join(lines)

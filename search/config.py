@@ -18,8 +18,10 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
+from evomerge.search.families import AUTO, known_params
 from evomerge.search.names import DFS_SUFFIX
 from evomerge.search.presets import apply_defaults
+from evomerge.workers.layout import LayoutKind
 from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, method_spec, transform_spec
 from evomerge.workers.source_spec import SourceModel
 
@@ -38,9 +40,11 @@ class ModelEntry(_Strict):
 
 
 class MergeConfig(_Strict):
-    method: str = "dare_ties"
-    # genes per expert model, per group of layers, per module type, or anchors across depth
-    granularity: Literal["model", "layer_group", "module", "depth"] = "model"
+    # auto: the search chooses the family (search/families.py); else one declared method
+    method: str = AUTO
+    # genes per expert model, per group of layers, per module type, or anchors across depth;
+    # auto: per model first, then per layer group once that stagnates (search/families.py)
+    granularity: Literal["auto", "model", "layer_group", "module", "depth"] = "auto"
     group_size: int = Field(2, ge=1)  # layers per gene group when granularity is layer_group
     points: int = Field(3, ge=2)  # anchors across depth when granularity is depth
     transforms: list[str] = []  # task-vector transforms applied after the method, e.g. [lines]
@@ -52,8 +56,8 @@ class MergeConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method not in METHODS:
-            raise ValueError(f"unknown merge method {method!r} (known: {', '.join(sorted(METHODS))})")
+        if method != AUTO and method not in METHODS:
+            raise ValueError(f"unknown merge method {method!r} (known: auto, {', '.join(sorted(METHODS))})")
         return method
 
     @field_validator("transforms")
@@ -68,11 +72,10 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
-        op = method_spec(self.method)
-        if self.transforms and not op.task_vector:
+        if self.transforms and self.method != AUTO and not method_spec(self.method).task_vector:
             raise ValueError(f"transforms {self.transforms} act on task vectors; {self.method} is not a "
                              "task-vector method")
-        known = list(op.param_names) + [p.name for t in self.transforms for p in transform_spec(t).params]
+        known = sorted(known_params(self.method)) + [p.name for t in self.transforms for p in transform_spec(t).params]
         for name, (low, high) in self.ranges.items():
             if name not in known:
                 raise ValueError(f"ranges: {self.method} has no parameter {name!r} (it has {known})")
@@ -90,6 +93,11 @@ class MergeConfig(_Strict):
     @property
     def layout_group_size(self) -> int | None:
         return self.group_size if self.granularity == "layer_group" else None
+
+    @property
+    def coarse_granularity(self) -> LayoutKind:
+        """The layout searched first: the configured one, or (auto) one gene per expert."""
+        return "model" if self.granularity == "auto" else self.granularity
 
 
 class DfsConfig(_Strict):
@@ -131,6 +139,12 @@ class OptimizerConfig(_Strict):
     # separable CMA-ES (diagonal covariance): O(n) per update instead of O(n^2) and learns
     # n times faster per generation; the default for DFS's hundreds of genes (None = auto)
     diagonal: bool | None = None
+
+    @model_validator(mode="after")
+    def _cma_population(self) -> "OptimizerConfig":
+        if self.name == "cma" and self.popsize is not None and self.popsize < 3:
+            raise ValueError(f"popsize {self.popsize}: CMA-ES needs a population of at least 3")
+        return self
 
 
 # Numbers are strict (StrictInt, StrictFloat): YAML's `true` is not 1, nor 2.0 a count of workers.

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from evomerge.search.space import box_violation
 from evomerge.storage.kinds import Origin
 from evomerge.workers.recipe import Recipe, RouteRecipe, SourceRecipe
+
+if TYPE_CHECKING:  # the optimizers import search.space, which this module imports
+    from evomerge.search.optimizers.base import Arm
 
 DECIMALS = 4  # scales are rounded so equal genomes hash equally
 INIT_MARGIN = 0.25  # initial inclusion genes at 0.5 ± this: on for A's first repetition, else off
@@ -162,6 +166,10 @@ class RouteSpace:
 
     def box_violation(self, unit: Sequence[float]) -> float:
         return box_violation(unit)
+
+    def arms(self, popsize: int | None, init: float) -> tuple[Arm, ...]:
+        """One search, not a portfolio."""
+        return ()
 
     def reject(self, recipe: Recipe) -> str | None:
         """Why a route must not be evaluated, or None. Other recipes of a DFS study (its

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from evomerge.search.families import AUTO, FAMILIES
 from evomerge.workers.methods import METHODS
 
 AMPLIFY = (0.0, 2.0)  # default search range of per-expert weights
@@ -41,9 +42,10 @@ def apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
                 out[section].setdefault(key, copy.deepcopy(value))
     merge = out.setdefault("merge", {})
     if isinstance(merge, dict) and "ranges" not in merge:
-        op = METHODS.get(merge.get("method", "dare_ties"))
+        method = merge.get("method", AUTO)
+        ops = [METHODS[m] for m in (FAMILIES if method == AUTO else (method,)) if m in METHODS]
         fixed = merge.get("fixed") if isinstance(merge.get("fixed"), dict) else {}
-        if op is not None and any(p.name == "weight" and p.per_expert and p.searched and p.high <= 1.0
-                                  for p in op.params) and "weight" not in fixed:
+        if any(p.name == "weight" and p.per_expert and p.searched and p.high <= 1.0
+               for op in ops for p in op.params) and "weight" not in fixed:
             merge["ranges"] = {"weight": list(AMPLIFY)}
     return out

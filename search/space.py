@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from evomerge.workers.methods import method_spec, transform_spec
 from evomerge.storage.kinds import Origin
 from evomerge.workers.recipe import MergeRecipe, Recipe, SourceRecipe
 from evomerge.workers.methods import ParamSpec
+
+if TYPE_CHECKING:  # the optimizers import this module
+    from evomerge.search.optimizers.base import Arm
 
 DECIMALS = 6  # recipe values are rounded so equal genomes hash equally
 
@@ -133,7 +137,12 @@ class SearchSpace:
 
     def belongs(self, recipe: Recipe) -> bool:
         return (isinstance(recipe, MergeRecipe) and recipe.method == self.method and recipe.models == self.experts
-                and recipe.transforms == self.transforms)
+                and recipe.transforms == self.transforms and recipe.layout == self.layout
+                and recipe.group_size == self.group_size)
+
+    def arms(self, popsize: int | None, init: float) -> tuple[Arm, ...]:
+        """One search, not a portfolio."""
+        return ()
 
     def leave_one_out(self, genome: Sequence[float]) -> list[tuple[str, list[float]]]:
         """Per expert, ``genome`` with that expert's weight genes at weight 0 (left out of the

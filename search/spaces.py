@@ -1,9 +1,11 @@
 """What the controller needs of a search space, whichever space it is.
 
 A space maps genomes in the unit box to recipes and back, and says which baselines a study
-starts with. The parameter space (:class:`~evomerge.search.space.SearchSpace`) and the
-data-flow space (:class:`~evomerge.search.dfs_space.RouteSpace`) implement it; the
-controller, the stages and the observers name neither.
+starts with. The parameter space (:class:`~evomerge.search.space.SearchSpace`), a portfolio
+of them (:class:`~evomerge.search.portfolio.PortfolioSpace`, what ``merge.method`` and
+``granularity: auto`` search) and the data-flow space
+(:class:`~evomerge.search.dfs_space.RouteSpace`) implement it; the controller, the stages
+and the observers name none of them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from evomerge.search.optimizers.base import Arm
 from evomerge.storage.kinds import Origin
 from evomerge.workers.recipe import Recipe
 
@@ -52,3 +55,7 @@ class Space(Protocol):
 
     def reject(self, recipe: Recipe) -> str | None:
         """Why ``recipe`` must not be evaluated (recorded as failed), or None."""
+
+    def arms(self, popsize: int | None, init: float) -> tuple[Arm, ...]:
+        """The sub-searches of a portfolio space (search/portfolio.py), each with the config's
+        ``popsize`` (None: its default) and genes starting at ``init``; empty for one search."""

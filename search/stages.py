@@ -14,6 +14,8 @@ from evomerge.evaluators.batching import planned_batch
 from evomerge.search.config import ConfigError, SearchConfig
 from evomerge.search.names import DFS_SUFFIX
 from evomerge.search.dfs_space import RouteLimits, RouteSpace
+from evomerge.search.families import families
+from evomerge.search.portfolio import PortfolioSpace
 from evomerge.search.space import SearchSpace
 from evomerge.workers.recipe import Recipe
 from evomerge.workers.sources import read_config
@@ -25,12 +27,24 @@ def dfs_study(study: str) -> str:
     return study + DFS_SUFFIX
 
 
-def ps_space(cfg: SearchConfig, folders: Mapping[str, Path]) -> SearchSpace:
+def ps_space(cfg: SearchConfig, folders: Mapping[str, Path]) -> SearchSpace | PortfolioSpace:
+    """One method at one granularity: its space; ``auto`` for either: a portfolio of spaces."""
     num_layers = int(read_config(cfg.base_model, folders[cfg.base_model]).num_hidden_layers)
     m = cfg.merge
-    space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers, layout=m.granularity,
-                              group_size=m.layout_group_size, points=m.points, transforms=m.transforms,
-                              normalize=m.normalize, seed=m.seed, ranges=m.ranges, fixed=m.fixed)
+    options = dict(points=m.points, transforms=m.transforms, normalize=m.normalize, seed=m.seed, ranges=m.ranges,
+                   fixed=m.fixed)
+    methods = families(m.method, len(cfg.experts), m.transforms)
+    fine = m.granularity == "auto"
+    if len(methods) == 1 and not fine:
+        space = SearchSpace.build(m.method, cfg.base_model, cfg.experts, num_layers, layout=m.coarse_granularity,
+                                  group_size=m.layout_group_size, **options)  # type: ignore[arg-type]
+    else:
+        try:
+            space = PortfolioSpace.build(methods, cfg.base_model, cfg.experts, num_layers,
+                                         layout=m.coarse_granularity, group_size=m.layout_group_size, fine=fine,
+                                         fine_size=m.group_size, **options)
+        except ValueError as exc:  # no family searchable: report it as below
+            raise ConfigError(f"merge.method {m.method}: {exc}") from None
     if space.dim == 0:
         raise ConfigError(f"merge.method {m.method}: nothing to search (every parameter is fixed); give a "
                           "parameter a range, or add a transform such as lines")

@@ -36,7 +36,7 @@ class Teller:
     @property
     def name(self) -> str:
         assert self.optimizer is not None
-        return self.optimizer.name
+        return self.optimizer.origin
 
     def rebuild(self, cands: list[CandidateRecord]) -> None:
         """The configured optimizer from scratch, then restored from the stored outcomes."""
@@ -44,7 +44,8 @@ class Teller:
         settings = OptimizerSettings(
             dim=self.space.dim, objectives=len(self.tasks), seed=o.seed, popsize=self.popsize, sigma0=o.sigma0,
             x0=tuple(self.space.initial(o.init)), diagonal=self.space.diagonal if o.diagonal is None else o.diagonal,
-            restarts=o.restarts, stream=sum(1 for c in cands if evolved(c)))
+            restarts=o.restarts, stream=sum(1 for c in cands if evolved(c)),
+            arms=self.space.arms(o.popsize, o.init))
         self.optimizer = build_optimizer(o.name, settings)
         by_id = {c.id: c for c in cands}
         updates = [[self._evaluated(by_id[i]) for i in ids] for ids in self.repo.generations(self.study_id)]
@@ -60,7 +61,8 @@ class Teller:
     def show(self) -> None:
         """The optimizer's state in one line, as a study attribute that optuna-dashboard shows."""
         assert self.optimizer is not None
-        self.ledger.study.set_user_attr("optimizer", self.optimizer.describe())
+        line = self.optimizer.describe()
+        self.ledger.retried(lambda: self.ledger.study.set_user_attr("optimizer", line))
 
     def ask(self) -> Proposal:
         assert self.optimizer is not None
@@ -88,6 +90,7 @@ class Teller:
         update = self.optimizer.tell(self._evaluated(cand))
         if update is not None:  # stored under the optimizer's index: a late result joins a later one
             self.repo.add_generation(self.study_id, update.index, list(update.keys))
+            self.show()  # the dashboard's line follows the generations (method auto: the budget per family)
 
     def bar(self, cand: CandidateRecord) -> float | None:
         """Racing: the fitness an evolved candidate must be able to reach to be worth scoring

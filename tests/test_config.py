@@ -8,7 +8,7 @@ from evomerge.search.config import load_config
 
 def test_shipped_configs_validate() -> None:
     ref = load_config(ROOT / "examples" / "reference.yaml")
-    assert ref.merge.method == "dare_ties" and ref.experts == ("math", "code")
+    assert ref.merge.method == "auto" and ref.experts == ("math", "code")
     assert ref.models[0].path == "meta-llama/Llama-3.1-8B"  # a hub id stays a hub id
     assert ref.models[1].path == str((ROOT / "examples" / "models" / "llama-math").resolve())
     demo = load_config(ROOT / "examples" / "demo.yaml")  # a link to demo/demo.yaml

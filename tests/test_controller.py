@@ -23,7 +23,7 @@ def test_identical_recipes_are_evaluated_once(tmp_path: Path, tiny_models: dict[
     # One gene and a huge step size: most proposals clip to a corner of the box, so the
     # same recipe is proposed again and again.
     cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks,
-                       merge={"method": "task_arithmetic"}, optimizer={"popsize": 4, "sigma0": 1.0},
+                       merge={"method": "task_arithmetic", "granularity": "model"}, optimizer={"popsize": 4, "sigma0": 1.0},
                        budget={"max_trials": 24})
     controller, repo, study_id = _controller(cfg, tmp_path / "d.db")
     summary = controller.run(24, None)

@@ -131,7 +131,7 @@ def _cfg(tmp_path: Path, models: dict[str, Path], task_dir: Path, tasks: list[di
          **evaluation: object) -> Path:
     ev = {"task_paths": [str(task_dir)], "tasks": tasks, "search_split": "search", "heldout_split": "heldout",
           "heldout_top_k": 1, **evaluation}
-    return write_config(tmp_path / "c.yaml", models, task_dir, evaluation=ev, optimizer={"popsize": 2},
+    return write_config(tmp_path / "c.yaml", models, task_dir, evaluation=ev, optimizer={"popsize": 3},
                         budget={"max_trials": 4}, workers={"count": 1})
 
 

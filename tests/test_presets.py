@@ -21,7 +21,8 @@ def _write(path: Path, **overrides: object) -> Path:
 
 def test_default_searches_amplifying_weights(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path / "c.yaml"))
-    assert cfg.preset is None and cfg.merge.method == "dare_ties" and cfg.merge.ranges == {"weight": AMPLIFY}
+    assert cfg.preset is None and cfg.merge.ranges == {"weight": AMPLIFY}
+    assert (cfg.merge.method, cfg.merge.granularity) == ("auto", "auto")  # the search chooses both
     assert cfg.optimizer.name == "cma" and cfg.optimizer.start == "best_baseline" and cfg.optimizer.restarts > 0
 
 

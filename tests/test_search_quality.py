@@ -40,3 +40,18 @@ def test_ratio_is_a_bound_when_only_random_search_never_succeeded(sq: ModuleType
     assert sq.ratio(30, math.inf, 120) == "< 0.25"  # random needed more than 120
     assert sq.ratio(math.inf, 90, 120) == "-"
     assert sq.ratio(math.inf, math.inf, 120) == "-"
+
+
+def test_variants_fix_what_they_name_and_leave_the_rest_default(sq: ModuleType, tmp_path: Path) -> None:
+    import yaml
+
+    v = sq.Variant.parse("cma/ties@layer_group~ps+dfs+racing=0.2:0.9")
+    assert (v.optimizer, v.method, v.granularity, v.space, v.racing, v.racing_spec) == \
+        ("cma", "ties", "layer_group", "ps+dfs", True, "=0.2:0.9")
+    land = sq.Landscape("l", tmp_path, ("base", "a", "b"))
+    auto = yaml.safe_load(sq.write_config(land, "random", 1, 200, tmp_path).read_text())
+    assert "merge" not in auto and "space" not in auto and auto["optimizer"] == {"name": "random", "seed": 1}
+    both = yaml.safe_load(sq.write_config(land, "cma~ps+dfs", 0, 201, tmp_path).read_text())
+    assert both["space"] == "ps+dfs" and both["budget"]["max_trials"] + both["dfs"]["max_trials"] == 201
+    fixed = yaml.safe_load(sq.write_config(land, "cma/dare_ties@model", 0, 200, tmp_path).read_text())
+    assert fixed["merge"] == {"method": "dare_ties", "granularity": "model"}

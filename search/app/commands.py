@@ -147,8 +147,11 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
                             lambda: WorkerPool(spec, workers, wcfg.num_cpus, wcfg.num_gpus, ray_address,
                                                job_timeout_s=wcfg.job_timeout_s),
                             study_id, observers)
+    arms = space.arms(cfg.optimizer.popsize, cfg.optimizer.init)
+    genes = (f"auto over {len(arms)} arms ({', '.join(f'{a.label}: {a.dim} genes' for a in arms)})" if arms
+             else f"{space.dim} genes, popsize {controller.popsize}")
     print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
-          f"{workers} worker(s), {space.dim} genes, popsize {controller.popsize}", file=sys.stderr)
+          f"{workers} worker(s), {genes}", file=sys.stderr)
     final = None
     try:
         progress.phase("start-up: Ray and workers")

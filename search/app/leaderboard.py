@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from evomerge.search.families import family_label
 from evomerge.search.origins import evolved
 from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord
@@ -48,10 +49,13 @@ class Board:
     failures: list[tuple[str, int]] = field(default_factory=list)  # (reason, count), most frequent first
     optimizer: str = ""  # what proposed the evolved candidates
     front: list[Row] = field(default_factory=list)  # multi-objective: the Pareto front over the tasks
+    # the evolved candidates per merge family (method auto): (family, evaluations, best search fitness)
+    families: list[tuple[str, int, float | None]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["failures"] = [{"reason": r, "count": n} for r, n in self.failures]
+        data["families"] = [{"family": f, "evaluations": n, "best_fitness": b} for f, n, b in self.families]
         return data
 
 
@@ -74,6 +78,23 @@ def pareto_front(cands: list[CandidateRecord], objectives: Sequence[str]) -> lis
     return sorted(front, key=lambda c: (-(c.fitness or 0.0), c.id))
 
 
+def _family(recipe: dict[str, Any]) -> str:
+    if "method" not in recipe:  # a route (DFS) or a source
+        return "route" if "route" in recipe else "source"
+    return family_label(str(recipe["method"]), str(recipe.get("layout", "model")))
+
+
+def budget_by_family(cands: Iterable[CandidateRecord]) -> list[tuple[str, int, float | None]]:
+    """The evolved candidates that ran, per merge family: how many, and the best search
+    fitness; most evaluations first."""
+    spent: dict[str, list[float | None]] = {}
+    for c in cands:
+        if evolved(c) and c.state in (State.COMPLETE, State.FAILED) and c.duplicate_of is None:
+            spent.setdefault(_family(json.loads(c.recipe_json)), []).append(c.fitness)
+    rows = [(f, len(v), max((x for x in v if x is not None), default=None)) for f, v in spent.items()]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+
 def _row(rank: int | None, cand: CandidateRecord) -> Row:
     recipe = json.loads(cand.recipe_json)  # as stored: no pydantic model for a quick status
     return Row(rank, cand.trial_number, cand.origin, float(cand.fitness or 0.0), cand.scores or {},
@@ -94,7 +115,8 @@ def build(study: str, cands: list[CandidateRecord], top: int, optimizer: str = "
     return Board(study, count[State.COMPLETE] + count[State.FAILED], count[State.FAILED], count[State.RUNNING],
                  count[State.QUEUED],
                  [_row(ranks[c.id], c) for c in ranked[:top]], [_row(None, c) for c in baselines],
-                 count_reasons(c.error for c in cands if c.state == State.FAILED), optimizer, front)
+                 count_reasons(c.error for c in cands if c.state == State.FAILED), optimizer, front,
+                 budget_by_family(cands))
 
 
 def combine(study: str, stages: list[tuple[str, Board]]) -> Board:
@@ -115,8 +137,9 @@ def combine(study: str, stages: list[tuple[str, Board]]) -> Board:
     for _, b in stages:
         failures.update(dict(b.failures))
     optimizer = ", ".join(f"{stage}: {b.optimizer}" for stage, b in stages if b.optimizer)
+    families = [(f"{stage}:{f}", n, best) for stage, b in stages for f, n, best in b.families]
     return Board(study, total["done"], total["failed"], total["running"], total["queued"], rows, baselines,
-                 failures.most_common(), optimizer)
+                 failures.most_common(), optimizer, families=families)
 
 
 def render(board: Board, width: int = WIDTH) -> str:
@@ -126,6 +149,9 @@ def render(board: Board, width: int = WIDTH) -> str:
                    f"{board.running} running, {board.queued} queued", width)]
     if board.optimizer:
         lines.append(_clip(f"optimizer: {board.optimizer}", width))
+    if len(board.families) > 1:
+        lines.append(_clip("evaluations per merge family: " + ", ".join(
+            f"{f} {n} (best {_num(b)})" for f, n, b in board.families), width))
     tasks = sorted({t for r in (*board.rows, *board.baselines) for t in r.scores})
     lines.append("task cells: search / held-out score; replay a candidate with --trial N (its trial number)")
     lines += ["", f"evolved candidates (top {len(board.rows)}, by search fitness):"]

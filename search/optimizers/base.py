@@ -61,6 +61,24 @@ class Update:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One sub-search of a portfolio (``merge.method``/``granularity: auto``): a merge family
+    at a granularity, with its own genes in the unit box.
+
+    ``refines``: the index of the arm this one refines (None: it competes from the start);
+    it opens when that arm is the last one left and stagnates, starting at its best genome,
+    gene ``j`` copied from gene ``expand[j]`` of it.
+    """
+
+    label: str
+    dim: int
+    popsize: int
+    x0: tuple[float, ...]
+    refines: int | None = None
+    expand: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class OptimizerSettings:
     """What every optimizer may read: the box dimension, objectives and config values."""
 
@@ -73,6 +91,8 @@ class OptimizerSettings:
     diagonal: bool
     restarts: int
     stream: int  # how many proposals earlier runs drew: a resumed run draws fresh numbers
+    # a portfolio's arms (genome: an arm code, then that arm's genes); empty: one plain search
+    arms: tuple[Arm, ...] = ()
 
 
 class Optimizer(ABC):
@@ -110,6 +130,21 @@ class Optimizer(ABC):
         for result in rest:
             self.tell(result)
 
+    @property
+    def origin(self) -> str:
+        """What the candidates it proposes are stored as (their ``origin``)."""
+        return self.name
+
     def describe(self) -> str:
         """One line for ``evomerge status`` and the dashboard."""
         return self.name
+
+
+def arm_code(arm: int, arms: int) -> float:
+    """The first gene of a portfolio genome: the middle of the arm's share of [0, 1]."""
+    return (arm + 0.5) / arms
+
+
+def arm_index(code: float, arms: int) -> int:
+    """The arm a portfolio genome's first gene names."""
+    return min(max(int(code * arms), 0), arms - 1)

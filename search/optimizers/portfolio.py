@@ -1,0 +1,183 @@
+"""A portfolio of searches, one per arm (a merge family at a granularity), and the rule that
+moves the budget between them.
+
+Successive halving (Karnin, Koren & Somekh, ICML 2013; Jamieson & Talwalkar, AISTATS 2016;
+the inner loop of Hyperband, Li et al., JMLR 2018): every competing arm runs its own
+optimizer (the config's: CMA-ES by default) until it has ``2^r`` generations of results
+(rung ``r``), then the best third of the arms, ranked by the best value among exactly those
+first results (equal evidence for every arm: a best-of-n grows with n), go on to the next
+rung. The arm left last takes the whole budget. Coarse to fine: when that arm stagnates (no
+better value in its last ``STALL_GENERATIONS`` generations) and has a finer arm, the finer arm
+opens at its best genome (every layer group starting at the per-model value) and replaces it.
+
+Each arm's optimizer only ever sees its own genes; the portfolio genome puts an arm code
+first (:func:`~evomerge.search.optimizers.base.arm_code`). The allocation is a function of
+what was told, so a resume rebuilds it from the stored outcomes, replayed in the order the
+candidates were proposed (a resumed search is consistent, not bit-identical).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from evomerge.search.optimizers.base import (
+    Arm, Evaluated, Optimizer, OptimizerSettings, Proposal, Update, arm_code, arm_index,
+)
+
+ETA = 3  # successive halving keeps the best 1/ETA of the arms at each rung
+STALL_GENERATIONS = 2  # the last arm's generations without a better value before its finer arm opens
+
+
+@dataclass
+class _Record:
+    """What one arm has been told: its priors' best and its own results in order."""
+
+    values: list[float] = field(default_factory=list)
+    genomes: list[tuple[float, ...]] = field(default_factory=list)
+    prior: tuple[float, tuple[float, ...]] | None = None
+    asked: int = 0
+
+    def best(self, first: int | None = None) -> float:
+        """The best value among the prior and the first ``first`` results (all: None)."""
+        told = self.values if first is None else self.values[:first]
+        return max([*told, self.prior[0] if self.prior else -math.inf], default=-math.inf)
+
+    def best_genome(self) -> tuple[float, ...] | None:
+        candidates = list(zip(self.values, self.genomes)) + ([self.prior] if self.prior else [])
+        finite = [c for c in candidates if math.isfinite(c[0])]
+        return max(finite, key=lambda c: c[0])[1] if finite else None
+
+    def since_best(self) -> int:
+        """Results told since the best value was first reached (all of them when the prior is
+        still the best): a plateau that keeps returning the same value is a stall."""
+        best = self.best()
+        first = next((i for i, v in enumerate(self.values) if v == best), -1)
+        return len(self.values) - 1 - first
+
+
+def _scalar(values: tuple[float, ...] | None) -> float:
+    """One number to rank arms by: the value, or the mean of several objectives; -inf on failure."""
+    return sum(values) / len(values) if values else -math.inf
+
+
+class Portfolio(Optimizer):
+    """Successive halving over arms, each searched by an optimizer of one registered kind."""
+
+    name = "portfolio"
+
+    def __init__(self, settings: OptimizerSettings, inner: type[Optimizer]) -> None:
+        super().__init__(settings)
+        self.inner = inner
+        self.arms = settings.arms
+        self._subs: dict[int, Optimizer] = {}
+        self._records = [_Record() for _ in self.arms]
+        self.competing = [i for i, a in enumerate(self.arms) if a.refines is None]
+        self.rung = 0
+        self._updates = 0
+        for i in self.competing:
+            self._open(i, self.arms[i].x0)
+
+    @property
+    def origin(self) -> str:
+        return self.inner.name
+
+    def _open(self, i: int, x0: Sequence[float]) -> None:
+        arm, s = self.arms[i], self.settings
+        self._subs[i] = self.inner(replace(s, dim=arm.dim, popsize=arm.popsize, x0=tuple(x0), arms=(),
+                                           seed=s.seed + 101 * i, diagonal=False))
+
+    def _target(self, i: int) -> int:
+        """Results an arm needs to have been told to finish the current rung."""
+        return 2**self.rung * self.arms[i].popsize
+
+    # -- allocation ------------------------------------------------------------------------
+
+    def _choose(self) -> int:
+        """The arm to ask: the competing arm furthest behind its rung's target, else (every
+        target asked, results still coming in) the leader, which keeps the workers busy."""
+        if len(self.competing) == 1:
+            return self.competing[0]
+        behind = [i for i in self.competing if self._records[i].asked < self._target(i)]
+        if behind:
+            return min(behind, key=lambda i: (self._records[i].asked / self.arms[i].popsize, i))
+        return max(self.competing, key=lambda i: (self._records[i].best(), -i))
+
+    def _advance(self) -> None:
+        """Close every rung whose results are all in; open the last arm's finer arm once it stalls."""
+        while len(self.competing) > 1 and all(len(self._records[i].values) >= self._target(i)
+                                              for i in self.competing):
+            score = {i: self._records[i].best(self._target(i)) for i in self.competing}
+            keep = math.ceil(len(self.competing) / ETA)
+            self.competing = sorted(self.competing, key=lambda i: (-score[i], i))[:keep]
+            self.rung += 1
+        if len(self.competing) != 1:
+            return
+        last = self.competing[0]
+        finer = next((j for j, a in enumerate(self.arms) if a.refines == last and j not in self._subs), None)
+        record = self._records[last]
+        start = record.best_genome()
+        if finer is None or start is None or record.since_best() < STALL_GENERATIONS * self.arms[last].popsize:
+            return
+        self._open(finer, [start[k] for k in self.arms[finer].expand])
+        self.competing = [finer]
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def _split(self, result: Evaluated) -> tuple[int, Evaluated]:
+        i = arm_index(result.x[0], len(self.arms))
+        return i, replace(result, x=tuple(result.x[1:1 + self.arms[i].dim]))
+
+    def ask(self) -> Proposal:
+        i = self._choose()
+        self._records[i].asked += 1
+        p = self._subs[i].ask()
+        return Proposal((arm_code(i, len(self.arms)), *p.x), p.generation)
+
+    def _note(self, i: int, result: Evaluated) -> None:
+        record, value = self._records[i], _scalar(result.values)
+        if result.prior:
+            if math.isfinite(value) and (record.prior is None or value > record.prior[0]):
+                record.prior = (value, result.x)
+        else:
+            record.values.append(value)
+            record.genomes.append(result.x)
+            self._advance()
+
+    def tell(self, result: Evaluated) -> Update | None:
+        i, mine = self._split(result)
+        self._note(i, mine)
+        sub = self._subs.get(i)
+        update = sub.tell(mine) if sub is not None else None
+        if update is None:
+            return None
+        self._updates += 1
+        return Update(self._updates - 1, update.keys)
+
+    def restore(self, updates: Sequence[Sequence[Evaluated]], rest: Sequence[Evaluated]) -> None:
+        """The allocation replayed over every outcome in proposal order (candidate ids), then
+        each open arm's optimizer restored from its own batches and outcomes."""
+        batches: dict[int, list[list[Evaluated]]] = {}
+        others: dict[int, list[Evaluated]] = {}
+        every: list[tuple[int, Evaluated]] = []
+        for batch in updates:
+            split = [self._split(r) for r in batch]
+            batches.setdefault(split[0][0], []).append([r for _, r in split])
+            every += split
+        for result in rest:
+            i, mine = self._split(result)
+            others.setdefault(i, []).append(mine)
+            every.append((i, mine))
+        for i, mine in sorted(every, key=lambda e: (not e[1].prior, e[1].key)):
+            self._records[i].asked += not mine.prior
+            self._note(i, mine)
+        for i, sub in self._subs.items():
+            sub.restore(batches.get(i, []), others.get(i, []))
+        self._updates = len(updates)
+
+    def describe(self) -> str:
+        spent = ", ".join(f"{a.label} {len(r.values)}" for a, r in zip(self.arms, self._records) if r.values)
+        going = ", ".join(self.arms[i].label for i in self.competing)
+        return (f"auto ({self.inner.name} per arm): rung {self.rung}, searching {going}; "
+                f"evaluations {spent or 'none yet'}")
