@@ -329,13 +329,14 @@ def main() -> int:
                              "NAME@GRANULARITY also sets merge.granularity (cma@layer_group); "
                              "NAME+racing turns on multi-fidelity racing (cma+racing)")
     parser.add_argument("--landscapes", default="demo,unseen,distractor,narrow",
-                        help="comma-separated, of demo, unseen, distractor, narrow, layered")
+                        help="comma-separated, of demo, unseen, distractor, narrow, layered, rescaled, opposed")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=120, help="evaluations per search (baselines included)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, budget 24")
     parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--raw", type=Path, help="also write every run's result here (JSON lines)")
+    parser.add_argument("--raw", type=Path, help="also write every run's result here (JSON lines); runs "
+                        "already in the file are not run again (an interrupted run resumes)")
     parser.add_argument("--verbose", action="store_true", help="show each search's progress")
     parser.add_argument("--table-from", type=Path, help="print the table of a --raw file instead of searching")
     args = parser.parse_args()
@@ -368,9 +369,15 @@ def main() -> int:
         report(results, noises, args)
         return 0
     results: list[RunResult] = []
+    if args.raw and args.raw.exists():  # a rerun of an interrupted run: what it already has counts
+        results = [RunResult(**{**r, "gaps": tuple(r["gaps"])}) for r in map(json.loads, args.raw.open())
+                   if r["landscape"] in noises and r["optimizer"] in optimizers]
+    done = {(r.landscape, r.optimizer, r.seed) for r in results}
     for seed in range(args.seeds):  # seeds outermost: an interrupted run still covers every cell
         for land in chosen:
             for opt in optimizers:
+                if (land.name, opt, seed) in done:
+                    continue
                 r = run_one(land, opt, seed, args.budget, args.workers, noises[land.name], args.verbose)
                 results.append(r)
                 print(f"{land.name} {opt} seed {seed}: best held-out {r.best_heldout:.3f} ({r.best_origin}) vs "

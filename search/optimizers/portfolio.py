@@ -7,8 +7,10 @@ optimizer (the config's: CMA-ES by default) until it has ``2^r`` generations of 
 (rung ``r``), then the best third of the arms, ranked by the best value among exactly those
 first results (equal evidence for every arm: a best-of-n grows with n), go on to the next
 rung. The arm left last takes the whole budget. Coarse to fine: when that arm stagnates (no
-better value in its last ``STALL_GENERATIONS`` generations) and has a finer arm, the finer arm
-opens at its best genome (every layer group starting at the per-model value) and replaces it.
+better value in the ``STALL_GENERATIONS`` generations since its best was first reached) and has
+a finer arm, the finer arm opens at its best genome (every layer group starting at the
+per-model value) and the two compete for ``2^REFINE_RUNG`` generations each, judged on those
+new results only (ties to the coarser); the better one takes the rest of the budget.
 
 Each arm's optimizer only ever sees its own genes; the portfolio genome puts an arm code
 first (:func:`~evomerge.search.optimizers.base.arm_code`). The allocation is a function of
@@ -28,6 +30,7 @@ from evomerge.search.optimizers.base import (
 
 ETA = 3  # successive halving keeps the best 1/ETA of the arms at each rung
 STALL_GENERATIONS = 2  # the last arm's generations without a better value before its finer arm opens
+REFINE_RUNG = 1  # the stalled arm and its finer arm then compete for 2^REFINE_RUNG generations each
 
 
 @dataclass
@@ -39,10 +42,12 @@ class _Record:
     prior: tuple[float, tuple[float, ...]] | None = None
     asked: int = 0
 
-    def best(self, first: int | None = None) -> float:
-        """The best value among the prior and the first ``first`` results (all: None)."""
-        told = self.values if first is None else self.values[:first]
-        return max([*told, self.prior[0] if self.prior else -math.inf], default=-math.inf)
+    def best(self, first: int | None = None, start: int = 0) -> float:
+        """The best value among results ``start`` to ``first`` (all: None), and the prior when
+        ``start`` is 0 (an arm's untuned merge is evidence for its first round only)."""
+        told = self.values[start:first]
+        prior = self.prior[0] if self.prior and start == 0 else -math.inf
+        return max([*told, prior], default=-math.inf)
 
     def best_genome(self) -> tuple[float, ...] | None:
         candidates = list(zip(self.values, self.genomes)) + ([self.prior] if self.prior else [])
@@ -75,6 +80,7 @@ class Portfolio(Optimizer):
         self._records = [_Record() for _ in self.arms]
         self.competing = [i for i, a in enumerate(self.arms) if a.refines is None]
         self.rung = 0
+        self._start = {i: 0 for i in self.competing}  # results each arm had when the current round began
         self._updates = 0
         for i in self.competing:
             self._open(i, self.arms[i].x0)
@@ -89,8 +95,8 @@ class Portfolio(Optimizer):
                                            seed=s.seed + 101 * i, diagonal=False))
 
     def _target(self, i: int) -> int:
-        """Results an arm needs to have been told to finish the current rung."""
-        return 2**self.rung * self.arms[i].popsize
+        """Results an arm needs to have been told (in all) to finish the current rung."""
+        return self._start[i] + 2**self.rung * self.arms[i].popsize
 
     # -- allocation ------------------------------------------------------------------------
 
@@ -101,15 +107,16 @@ class Portfolio(Optimizer):
             return self.competing[0]
         behind = [i for i in self.competing if self._records[i].asked < self._target(i)]
         if behind:
-            return min(behind, key=lambda i: (self._records[i].asked / self.arms[i].popsize, i))
+            return min(behind, key=lambda i: ((self._records[i].asked - self._start[i]) / self.arms[i].popsize, i))
         return max(self.competing, key=lambda i: (self._records[i].best(), -i))
 
     def _advance(self) -> None:
         """Close every rung whose results are all in; open the last arm's finer arm once it stalls."""
         while len(self.competing) > 1 and all(len(self._records[i].values) >= self._target(i)
                                               for i in self.competing):
-            score = {i: self._records[i].best(self._target(i)) for i in self.competing}
+            score = {i: self._records[i].best(self._target(i), self._start[i]) for i in self.competing}
             keep = math.ceil(len(self.competing) / ETA)
+            # ties go to the lower index: the coarser arm, the one with fewer genes
             self.competing = sorted(self.competing, key=lambda i: (-score[i], i))[:keep]
             self.rung += 1
         if len(self.competing) != 1:
@@ -120,8 +127,11 @@ class Portfolio(Optimizer):
         start = record.best_genome()
         if finer is None or start is None or record.since_best() < STALL_GENERATIONS * self.arms[last].popsize:
             return
+        # A round of two: the stalled arm goes on beside its finer arm for REFINE_RUNG's
+        # generations each, judged on those new results only; the better one continues.
         self._open(finer, [start[k] for k in self.arms[finer].expand])
-        self.competing = [finer]
+        self.competing, self.rung = [last, finer], REFINE_RUNG
+        self._start = {last: len(record.values), finer: 0}
 
     # -- the interface -------------------------------------------------------------------------
 
