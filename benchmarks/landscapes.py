@@ -1,6 +1,9 @@
 """Merge landscapes for the search-quality benchmark, built reproducibly from the demo's parts.
 
-    python benchmarks/landscapes.py [--grid]     # build what is missing; --grid prints each one's shape
+    python benchmarks/landscapes.py [--grid] [--families] [--only NAME,...]
+
+builds what is missing; ``--grid`` prints a task-arithmetic grid per landscape, ``--families``
+each merge family's best held-out over a grid of its own parameters (benchmarks/family_grid.py).
 
 - ``demo``: the built-in demo as shipped (demo/demo.yaml's models and tasks).
 - ``unseen``: two experts the defaults were never tuned on: other alphabets (even / odd
@@ -17,16 +20,34 @@
   lower half of the layers only and cipher_b's into the upper half only, and each expert's
   other half learns a *wrong* cipher for the other alphabet, so one weight per model cannot
   take one expert's good half without its harmful one.
+- ``rescaled``: where DARE-TIES (the default family) loses to task arithmetic because dropping,
+  trimming and sign election break the experts apart. The demo's experts in other weights:
+  every MLP channel (up row x c, down column / c), value channel (v row x c, o column / c) and
+  rotary query/key pair (q rows x c, k rows / c) of cipher_a rescaled by c, log-uniform in
+  [1/2, 2], and cipher_b's by 1/c. Each expert computes exactly what it did, but its task
+  vector is now dense and large (every entry of those matrices moves by (c - 1) x its value),
+  and it means nothing unless whole: DARE's drop and TIES's trim unpair a channel's two sides
+  within an expert, the sign election takes one expert's input side with the other's output
+  side (gain c^2), while a weighted sum with equal weights cancels the rescalings to second
+  order.
+- ``opposed``: where sign election hurts. The demo's experts, cipher_a plus and cipher_b minus
+  the same drift D of every matrix: a random drift (0.4 x each matrix's std) that the base
+  absorbs (the base retrained on its echo from base + s and from base - s, half the difference
+  kept, so base +- D both still echo). D is dense, ~1.5x the experts' own changes (mean
+  magnitude), and of opposite sign in the two experts, so the election keeps one expert's side
+  of it per entry (a random-signed drift) and DARE's drop breaks it, while a weighted sum with
+  equal weights cancels it exactly (task arithmetic's diagonal is the demo's).
 
-Each build is seeded (1 torch thread while training) and takes ~1-2 minutes on one core. A
-landscape lives in ``benchmarks/.landscapes/<name>`` and is rebuilt only when its folder lacks
-the stamp written last by a complete build.
+Each build is seeded (1 torch thread while training) and takes ~1-2 minutes on one core
+(``rescaled`` trains nothing: seconds). A landscape lives in ``benchmarks/.landscapes/<name>``
+and is rebuilt only when its folder lacks the stamp written last by a complete build.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -35,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.demo.build_demo import (
     BATCH, SEPARATOR, TrainingRecipe, accuracy, build, build_tokenizer, ciphers, echo, encipher, make_words,
@@ -55,6 +76,8 @@ UNSEEN = TrainingRecipe(seed=11, expert_steps=120, alphabets=("acegikmo", "bdfhj
 DISTRACTOR_STEPS, DISTRACTOR_LR, DISTRACTOR_SEED = 300, 1e-3, 23
 NARROW_SCALE = {"cipher_a": 0.5, "cipher_b": 1.6}  # each expert is base + scale * its task vector
 LAYERED_STEPS, LAYERED_LR, LAYERED_SEED, WRONG_CIPHER_SEED = 300, 2e-3, 31, 97
+RESCALE_RANGE, RESCALE_SEED = 2.0, 7  # channel scales log-uniform in [1/2, 2]
+OPPOSED_SIGMA, OPPOSED_STEPS, OPPOSED_SEED = 0.4, 300, 101  # drift size (x each matrix's std), repair steps
 
 
 @dataclass(frozen=True)
@@ -105,11 +128,16 @@ def _stamped(folder: Path, make: Callable[[Path], None]) -> None:
     tmp.rename(folder)
 
 
+def _trim_search(tasks: Path) -> None:
+    """A smaller search split keeps a candidate's evaluation short (held-out is kept whole)."""
+    for task in TASKS:
+        file = tasks / "data" / f"{task}_search.jsonl"
+        file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
+
+
 def _make_unseen(out: Path) -> None:
     build(out, UNSEEN)
-    for task in TASKS:  # a smaller search split keeps a candidate's evaluation short
-        file = out / "tasks" / "data" / f"{task}_search.jsonl"
-        file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
+    _trim_search(out / "tasks")
 
 
 def _make_distractor(out: Path, base: Path = DEMO / "models" / "base") -> None:
@@ -129,6 +157,23 @@ def _make_distractor(out: Path, base: Path = DEMO / "models" / "base") -> None:
 def _save(model: LlamaForCausalLM, folder: Path) -> None:
     model.save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
+
+
+def _demo_tasks_and_base(out: Path) -> None:
+    """The demo's tasks (search split trimmed) and its base, as a landscape built on them starts."""
+    shutil.copytree(DEMO / "tasks", out / "tasks")
+    _trim_search(out / "tasks")
+    _save(LlamaForCausalLM.from_pretrained(DEMO / "models" / "base"), out / "models" / "base")
+
+
+def _demo_experts_as(out: Path, change: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """A landscape on the demo's tasks and base whose experts are the demo's, each state
+    rewritten by ``change(name, state)``."""
+    _demo_tasks_and_base(out)
+    for name in ("cipher_a", "cipher_b"):
+        model = LlamaForCausalLM.from_pretrained(DEMO / "models" / name)
+        model.load_state_dict(change(name, model.state_dict()))
+        _save(model, out / "models" / name)
 
 
 def _make_narrow(unseen: Path) -> Callable[[Path], None]:
@@ -157,16 +202,12 @@ def _make_layered(out: Path) -> None:
     """Per expert: its own cipher into its half of the layers (replaying the base's echo of the
     other alphabet), then a wrong cipher for the other alphabet into the other half (replaying
     its own cipher, so the expert itself keeps its skill)."""
-    shutil.copytree(DEMO / "tasks", out / "tasks")
-    for task in TASKS:
-        file = out / "tasks" / "data" / f"{task}_search.jsonl"
-        file.write_text("".join(file.read_text().splitlines(keepends=True)[:SEARCH_ITEMS]))
+    _demo_tasks_and_base(out)
     recipe = TrainingRecipe()
     words = make_words(recipe.seed)
     right, wrong = encipher(ciphers(recipe.seed)), encipher(ciphers(WRONG_CIPHER_SEED))
     n_layers = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base").config.num_hidden_layers
     low, high = range(n_layers // 2), range(n_layers // 2, n_layers)
-    _save(LlamaForCausalLM.from_pretrained(DEMO / "models" / "base"), out / "models" / "base")
     for i, (name, own, other, mine, theirs) in enumerate((("cipher_a", "cipher_a", "cipher_b", low, high),
                                                           ("cipher_b", "cipher_b", "cipher_a", high, low))):
         own_w, other_w = words[own].train, words[other].train
@@ -180,12 +221,76 @@ def _make_layered(out: Path) -> None:
         _save(model, out / "models" / name)
 
 
+def _channel_scales(config: LlamaConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer, scales log-uniform in [1/RESCALE_RANGE, RESCALE_RANGE]: one per MLP channel, per
+    value channel, and per rotary pair of query/key channels (RoPE turns the pair together)."""
+    assert config.num_key_value_heads == config.num_attention_heads, "value channels are o_proj's inputs"
+    g = torch.Generator().manual_seed(RESCALE_SEED)
+    span = math.log(RESCALE_RANGE)
+    draw = lambda *shape: torch.exp((torch.rand(*shape, generator=g) * 2 - 1) * span)  # noqa: E731
+    head = config.hidden_size // config.num_attention_heads
+    return {i: {"mlp": draw(config.intermediate_size), "v": draw(config.hidden_size),
+                "qk": draw(config.num_attention_heads, head // 2).repeat(1, 2).flatten()}
+            for i in range(config.num_hidden_layers)}
+
+
+def _rescale(state: dict[str, torch.Tensor], scales: dict[int, dict[str, torch.Tensor]],
+             power: float) -> dict[str, torch.Tensor]:
+    """The same function in other weights: each channel's input side times c**power and its
+    output side divided by it (MLP up rows / down columns, v rows / o columns, q rows / k rows)."""
+    out = dict(state)
+    pairs = {"mlp": ("mlp.up_proj", "mlp.down_proj", False), "v": ("self_attn.v_proj", "self_attn.o_proj", False),
+             "qk": ("self_attn.q_proj", "self_attn.k_proj", True)}
+    for i, per in scales.items():
+        for kind, (scaled, divided, rows) in pairs.items():
+            c = per[kind] ** power
+            times, over = f"model.layers.{i}.{scaled}.weight", f"model.layers.{i}.{divided}.weight"
+            out[times] = state[times] * c[:, None]
+            out[over] = state[over] / (c[:, None] if rows else c[None, :])
+    return out
+
+
+def _make_rescaled(out: Path) -> None:
+    """The demo's experts, cipher_a's channels rescaled by c and cipher_b's by 1/c."""
+    scales = _channel_scales(LlamaConfig.from_pretrained(DEMO / "models" / "base"))
+    _demo_experts_as(out, lambda name, state: _rescale(state, scales, 1.0 if name == "cipher_a" else -1.0))
+
+
+def _absorbed_drift() -> dict[str, torch.Tensor]:
+    """D, a random drift of every matrix (OPPOSED_SIGMA times its std) that the demo's base
+    absorbs: the base is retrained on its echo from θ_b + s and from θ_b − s, and half the
+    difference of the two is kept (the repair's even part cancels), so θ_b ± D both still echo."""
+    words = make_words(TrainingRecipe().seed)
+    pools = tuple(words[t].train for t in TASKS)
+    model = LlamaForCausalLM.from_pretrained(DEMO / "models" / "base")
+    theta = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(OPPOSED_SEED)
+    s = {k: OPPOSED_SIGMA * v.std() * torch.randn(v.shape, generator=g) if v.dim() > 1 else torch.zeros_like(v)
+         for k, v in theta.items()}
+    ends = []
+    for i, sign in enumerate((1.0, -1.0)):
+        model.load_state_dict({k: theta[k] + sign * s[k] for k in theta})
+        model = train(model, lambda r: [echo(r.choice(r.choice(pools))) for _ in range(BATCH)], OPPOSED_STEPS,
+                      TrainingRecipe().expert_lr, OPPOSED_SEED + 1 + i, build_tokenizer())
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    return {k: (ends[0][k] - ends[1][k]) / 2 for k in theta}
+
+
+def _make_opposed(out: Path) -> None:
+    """The demo's experts, cipher_a plus the absorbed drift D and cipher_b minus it."""
+    drift = _absorbed_drift()
+    _demo_experts_as(out, lambda name, state: {k: v + (drift[k] if name == "cipher_a" else -drift[k])
+                                               for k, v in state.items()})
+
+
 def landscapes(cache: Path = CACHE) -> dict[str, Landscape]:
     """Every landscape, built into ``cache`` first where missing."""
     _stamped(cache / "unseen", _make_unseen)
     _stamped(cache / "distractor", _make_distractor)
     _stamped(cache / "narrow", _make_narrow(cache / "unseen"))
     _stamped(cache / "layered", _make_layered)
+    _stamped(cache / "rescaled", _make_rescaled)
+    _stamped(cache / "opposed", _make_opposed)
     demo_models = ("base", "cipher_a", "cipher_b")
     return {
         "demo": Landscape("demo", DEMO, demo_models),
@@ -195,10 +300,12 @@ def landscapes(cache: Path = CACHE) -> dict[str, Landscape]:
                                 + (cache / "distractor" / "models" / "reverse",)),
         "narrow": Landscape("narrow", cache / "narrow", demo_models + ("reverse",)),
         "layered": Landscape("layered", cache / "layered", demo_models),
+        "rescaled": Landscape("rescaled", cache / "rescaled", demo_models),
+        "opposed": Landscape("opposed", cache / "opposed", demo_models),
     }
 
 
-def _heldout(land: Landscape) -> dict[str, list[tuple[str, str]]]:
+def heldout(land: Landscape) -> dict[str, list[tuple[str, str]]]:
     import json
 
     out = {}
@@ -221,7 +328,7 @@ def task_arithmetic_scores(land: Landscape, points: list[tuple[float, ...]],
     states = {m: LlamaForCausalLM.from_pretrained(p).state_dict() for m, p in paths.items()}
     model = LlamaForCausalLM.from_pretrained(paths[land.base_model]).eval()
     tok = build_tokenizer()
-    data = _heldout(land)
+    data = heldout(land)
     n, half = len(land.experts), model.config.num_hidden_layers // 2
     lower = lambda key: any(key.startswith(f"model.layers.{i}.") for i in range(half))  # noqa: E731
     out: dict[tuple[float, ...], float] = {}
@@ -265,14 +372,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--grid", action="store_true", help="print a task-arithmetic grid per landscape")
-    parser.add_argument("--only", help="grid of this landscape only")
+    parser.add_argument("--families", action="store_true",
+                        help="print each merge family's best held-out over its grid (benchmarks/family_grid.py)")
+    parser.add_argument("--only", help="comma-separated landscapes for --grid / --families (default: all)")
     args = parser.parse_args()
     lands = landscapes(args.cache)
     print("built: " + ", ".join(f"{n} ({lands[n].folder})" for n in lands))
+    chosen = [lands[n] for n in args.only.split(",")] if args.only else list(lands.values())
     if args.grid:
-        for land in lands.values():
-            if args.only in (None, land.name):
-                print_grid(land)
+        for land in chosen:
+            print_grid(land)
+    if args.families:
+        from family_grid import print_families  # imports this module: only when asked
+
+        with _one_thread():
+            for land in chosen:
+                print_families(land)
 
 
 if __name__ == "__main__":
