@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -118,12 +119,16 @@ def _stamped(folder: Path, make: Callable[[Path], None]) -> None:
     """Build into a temporary sibling and rename it into place, so a half build is never used."""
     if (folder / STAMP).exists():
         return
-    tmp = folder.with_name(folder.name + ".tmp")
+    # A folder of this process's own: two benchmarks building at once must not share one.
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with _one_thread():
         make(tmp)
     (tmp / STAMP).write_text("built\n")
+    if (folder / STAMP).exists():  # another process finished first: keep its build
+        shutil.rmtree(tmp)
+        return
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
