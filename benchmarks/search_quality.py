@@ -158,8 +158,8 @@ def write_config(land: Landscape, optimizer: str, seed: int, budget: int, folder
         "budget": {"max_trials": budget},
     }
     if v.space == "ps+dfs":  # the same budget in all: half for each stage
-        cfg["budget"] = {"max_trials": budget // 2}
-        cfg["dfs"] = {"max_trials": budget - budget // 2}
+        cfg["budget"] = {"max_trials": max(1, budget // 2)}
+        cfg["dfs"] = {"max_trials": max(1, budget - budget // 2)}
     file = folder / "config.yaml"
     file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return file
