@@ -31,27 +31,35 @@ class PortfolioSpace:
     spaces: tuple[SearchSpace, ...]
     refines: tuple[int | None, ...]  # per arm: the arm it refines (None: it competes from the start)
     fixed_merges: tuple[SearchSpace, ...] = ()  # families without genes (Model Stock)
+    # per arm that refines another: True, it starts at that arm's best genome; False, at its
+    # own untuned merge (empty: every one seeded)
+    seeded: tuple[bool, ...] = ()
     diagonal = False
 
     @classmethod
     def build(cls, methods: Sequence[str], base: str, experts: Sequence[str], num_layers: int, *,
               layout: LayoutKind, group_size: int | None, fine: bool, fine_size: int = 2,
               **options: object) -> "PortfolioSpace":
-        """One arm per method at ``layout``; with ``fine``, a finer arm (layer groups of
-        :func:`~evomerge.search.families.fine_group_size` from ``fine_size``) refining each.
-        ``options`` go to :meth:`SearchSpace.build`."""
+        """One arm per method at ``layout``; with ``fine``, two finer arms (layer groups of
+        :func:`~evomerge.search.families.fine_group_size` from ``fine_size``) refining each:
+        one seeded from its best genome, one from the family's untuned merge (the best coarse
+        genome can sit in a basin that per-layer genes cannot leave in a few generations:
+        benchmarks' ``layered``). ``options`` go to :meth:`SearchSpace.build`."""
         coarse = [SearchSpace.build(m, base, experts, num_layers, layout=layout, group_size=group_size,
                                     **options) for m in methods]  # type: ignore[arg-type]
         arms = [s for s in coarse if s.dim > 0]
         if not arms:
             raise ValueError(f"none of {', '.join(methods)} has a parameter to search")
         refines: list[int | None] = [None] * len(arms)
+        seeded = [True] * len(arms)
         if fine:
             for i, s in enumerate(list(arms)):
-                arms.append(SearchSpace.build(s.method, base, experts, num_layers, layout="layer_group",
-                                              group_size=fine_group_size(num_layers, fine_size), **options))  # type: ignore[arg-type]
-                refines.append(i)
-        return cls(tuple(arms), tuple(refines), tuple(s for s in coarse if s.dim == 0))
+                finer = SearchSpace.build(s.method, base, experts, num_layers, layout="layer_group",
+                                          group_size=fine_group_size(num_layers, fine_size), **options)  # type: ignore[arg-type]
+                arms += [finer, finer]
+                refines += [i, i]
+                seeded += [True, False]
+        return cls(tuple(arms), tuple(refines), tuple(s for s in coarse if s.dim == 0), tuple(seeded))
 
     @property
     def dim(self) -> int:
@@ -106,12 +114,15 @@ class PortfolioSpace:
         """What the portfolio optimizer needs of each arm: ``popsize`` (the config's) overrides
         each arm's default population; every gene starts at ``init``."""
         out = []
-        for space, refines in zip(self.spaces, self.refines):
+        seeded = self.seeded or (True,) * len(self.spaces)
+        for space, refines, from_best in zip(self.spaces, self.refines, seeded):
             expand: tuple[int, ...] = ()
+            label = arm_label(space)
             if refines is not None:
                 coarse = self.spaces[refines]
                 at = {(g.model, g.param): k for k, g in enumerate(coarse.genes)}
                 expand = tuple(at[(g.model, g.param)] for g in space.genes)
-            out.append(Arm(arm_label(space), space.dim, popsize or default_popsize(space.dim),
-                           tuple(space.initial(init)), refines, expand))
+                label += "" if from_best else " (from untuned)"
+            out.append(Arm(label, space.dim, popsize or default_popsize(space.dim),
+                           tuple(space.initial(init)), refines, expand, from_best))
         return tuple(out)

@@ -146,14 +146,16 @@ def test_portfolio_space_genomes_are_ordinary_recipes_of_one_method() -> None:
     arms = space.arms(None, 0.5)
     labels = [a.label for a in arms]
     assert labels[:5] == ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "consensus"]
-    assert labels[5:] == [f"{m}[layer_group]" for m in labels[:5]]
+    assert labels[5:] == [f"{m}[layer_group]{how}" for m in labels[:5] for how in ("", " (from untuned)")]
+    assert [(a.refines, a.seeded) for a in arms[5:7]] == [(0, True), (0, False)]
+    assert arms[6].x0 == tuple(space.spaces[6].initial(0.5))  # the family's untuned merge, per layer group
     untuned = [r for _, r in space.baselines(["base", "a", "b"], 0.5, True) if isinstance(r, MergeRecipe)]
     assert [r.method for r in untuned] == ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties",
                                            "consensus", "model_stock"]
     for recipe in untuned[1:6]:  # each family's untuned merge is a genome of its arm, and back
         x = space.genome_of(recipe)
         assert x is not None and space.decode(x, recipe.label) == recipe
-    fine = space.decode((arm_code(6, len(space.spaces)),) + (0.25,) * 12)
+    fine = space.decode((arm_code(7, len(space.spaces)),) + (0.25,) * 12)
     assert isinstance(fine, MergeRecipe) and fine.method == "ties" and fine.layout == "layer_group"
     assert space.genome_of(fine) is not None and not space.spaces[1].belongs(fine)
     shown = space.params_of(fine)
@@ -200,3 +202,57 @@ def test_a_coarse_arm_that_still_improves_keeps_the_budget_after_the_round() -> 
     assert isinstance(opt, Portfolio)
     _drive(opt, 60, value)
     assert 1 in opt._subs and opt.competing == [0], "the fine arm had its round and lost it"
+
+
+def test_a_coarse_arm_that_stays_stalled_through_its_round_loses_it() -> None:
+    arms = (Arm("coarse", 1, 4, (0.5,)), Arm("fine", 2, 4, (0.5, 0.5), refines=0, expand=(0, 0)))
+    opt = build_optimizer("cma", _settings(arms))
+    assert isinstance(opt, Portfolio)
+    # the fine arm is worse in its round, but the coarse arm only repeats its best
+    _drive(opt, 60, lambda arm, x: 0.5 if arm == 0 else 0.4)
+    assert opt.competing == [1]
+
+
+def test_a_finer_arm_that_lost_its_round_resumes_when_the_coarser_arm_stalls_again() -> None:
+    arms = (Arm("coarse", 1, 4, (0.5,)), Arm("fine", 2, 4, (0.5, 0.5), refines=0, expand=(0, 0)))
+    coarse_told = {0: 0}
+
+    def value(arm: int, x: np.ndarray) -> float:  # the coarse arm improves once, in the first round
+        if arm == 1:
+            return 0.4
+        coarse_told[0] += 1
+        return 0.55 if coarse_told[0] >= 13 else 0.5
+
+    opt = build_optimizer("cma", _settings(arms))
+    assert isinstance(opt, Portfolio)
+    states, subs = [], []
+    for _ in range(40):
+        _drive(opt, 2, value, lag=0)
+        if not states or states[-1] != opt.competing:
+            states.append(list(opt.competing))
+            subs.append(opt._subs.get(1))
+    assert states == [[0], [0, 1], [0], [0, 1], [1]], "coarse won the first round, lost the second"
+    assert subs[1] is subs[3], "the second round resumed the finer arm's own search"
+
+
+def test_the_finer_arm_from_the_untuned_merge_wins_where_the_best_coarse_genome_is_a_trap() -> None:
+    arms = (Arm("coarse", 1, 4, (0.5,)), Arm("fine", 2, 6, (0.5, 0.5), refines=0, expand=(0, 0)),
+            Arm("fine (from untuned)", 2, 6, (0.5, 0.5), refines=0, expand=(0, 0), seeded=False))
+
+    def value(arm: int, x: np.ndarray) -> float:
+        x = np.clip(x, 0, 1)
+        if arm == 0:  # one gene: a narrow local peak at 0.1, nothing near the middle
+            return 0.5 - 5 * float(abs(x[0] - 0.1))
+        # per layer: the same trap at (0.1, 0.1), and a broad hill towards (0.9, 0.9), above the
+        # trap from the middle on
+        trap = 0.5 - 5 * float(abs(x[0] - 0.1) + abs(x[1] - 0.1))
+        hill = 0.8 - 0.5 * float((x[0] - 0.9) ** 2 + (x[1] - 0.9) ** 2)
+        return max(trap, hill)
+
+    opt = build_optimizer("cma", _settings(arms))
+    assert isinstance(opt, Portfolio)
+    _drive(opt, 40, value)
+    _drive(opt, 120, value)
+    assert opt.competing == [2]
+    assert opt._subs[2].settings.x0 == (0.5, 0.5) and abs(opt._subs[1].settings.x0[0] - 0.1) < 0.1
+    assert max(opt._records[2].values) > 0.75

@@ -66,8 +66,8 @@ class Arm:
     at a granularity, with its own genes in the unit box.
 
     ``refines``: the index of the arm this one refines (None: it competes from the start);
-    it opens when that arm is the last one left and stagnates, starting at its best genome,
-    gene ``j`` copied from gene ``expand[j]`` of it.
+    it opens when that arm is the last one left and stagnates. ``seeded``: it starts at that
+    arm's best genome, gene ``j`` copied from gene ``expand[j]`` of it; else at its own ``x0``.
     """
 
     label: str
@@ -76,6 +76,7 @@ class Arm:
     x0: tuple[float, ...]
     refines: int | None = None
     expand: tuple[int, ...] = ()
+    seeded: bool = True
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,15 @@ optimizer (the config's: CMA-ES by default) until it has ``2^r`` generations of 
 (rung ``r``), then the best third of the arms, ranked by the best value among exactly those
 first results (equal evidence for every arm: a best-of-n grows with n), go on to the next
 rung. The arm left last takes the whole budget. Coarse to fine: when that arm stagnates (no
-better value in the ``STALL_GENERATIONS`` generations since its best was first reached) and has
-a finer arm, the finer arm opens at its best genome (every layer group starting at the
-per-model value) and the two compete for ``2^REFINE_RUNG`` generations each, judged on those
-new results only (ties to the coarser); the better one takes the rest of the budget.
+better value in the ``STALL_GENERATIONS`` generations since its best was first reached), its
+finer arms open, one at its best genome (every layer group starting at the per-model value)
+and one at the family's untuned merge (a best coarse genome can lie in a basin that per-layer
+genes do not leave in a few generations: benchmarks' ``layered``). They and the stalled arm
+compete for ``2^REFINE_RUNG`` generations each, judged on those new results only; the coarser
+arm wins only if it also beat its own best from before the round (a round that leaves it
+stalled is lost), ties go to the coarser. A finer winner takes the rest of the budget; a
+coarser winner goes on, and each time it is stalled again the finer arms have another round,
+resuming where they stopped.
 
 Each arm's optimizer only ever sees its own genes; the portfolio genome puts an arm code
 first (:func:`~evomerge.search.optimizers.base.arm_code`). The allocation is a function of
@@ -115,6 +120,10 @@ class Portfolio(Optimizer):
         while len(self.competing) > 1 and all(len(self._records[i].values) >= self._target(i)
                                               for i in self.competing):
             score = {i: self._records[i].best(self._target(i), self._start[i]) for i in self.competing}
+            for fine in self.competing:
+                coarse = self.arms[fine].refines
+                if coarse in score and score[coarse] <= self._records[coarse].best(self._start[coarse]):
+                    score[coarse] = -math.inf  # a round that left the coarser arm stalled is lost
             keep = math.ceil(len(self.competing) / ETA)
             # ties go to the lower index: the coarser arm, the one with fewer genes
             self.competing = sorted(self.competing, key=lambda i: (-score[i], i))[:keep]
@@ -122,16 +131,22 @@ class Portfolio(Optimizer):
         if len(self.competing) != 1:
             return
         last = self.competing[0]
-        finer = next((j for j, a in enumerate(self.arms) if a.refines == last and j not in self._subs), None)
+        finer = [j for j, a in enumerate(self.arms) if a.refines == last]
         record = self._records[last]
         start = record.best_genome()
-        if finer is None or start is None or record.since_best() < STALL_GENERATIONS * self.arms[last].popsize:
+        if not finer or start is None or record.since_best() < STALL_GENERATIONS * self.arms[last].popsize:
             return
-        # A round of two: the stalled arm goes on beside its finer arm for REFINE_RUNG's
-        # generations each, judged on those new results only; the better one continues.
-        self._open(finer, [start[k] for k in self.arms[finer].expand])
-        self.competing, self.rung = [last, finer], REFINE_RUNG
-        self._start = {last: len(record.values), finer: 0}
+        # A round: the stalled arm goes on beside its finer arms for REFINE_RUNG's generations
+        # each, judged on those new results only; the best one continues. Finer arms that lost
+        # a round resume where they stopped each time the coarser arm is stalled again: a move
+        # that needs many genes to change together (one expert's layers for the other's) can
+        # take more than one round to show.
+        for j in finer:
+            if j not in self._subs:
+                arm = self.arms[j]
+                self._open(j, [start[k] for k in arm.expand] if arm.seeded else arm.x0)
+        self.competing, self.rung = [last, *finer], REFINE_RUNG
+        self._start = {i: len(self._records[i].values) for i in self.competing}
 
     # -- the interface -------------------------------------------------------------------------
 
