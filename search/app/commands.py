@@ -6,7 +6,7 @@ import argparse
 import shutil
 import sys
 from importlib import resources
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from evomerge.search.app.reading import (UsageError, cmd_dashboard, cmd_methods,
 from evomerge.search.app.tracking import open_tracker
 from evomerge.search.ledger import Ledger
 from evomerge.search.observers import SearchObserver
-from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.optimizers import OPTIMIZERS, Arm
 from evomerge.search.ranking import best_candidate
 from evomerge.search.stages import PS_MEMBER, collection, dfs_study, ps_space, route_space
 from evomerge.storage.engine import redacted
@@ -77,6 +77,15 @@ def objectives(cfg: SearchConfig) -> list[str]:
     if OPTIMIZERS[cfg.optimizer.name].multi_objective:
         return [t.name for t in cfg.evaluation.tasks]
     return ["fitness"]
+
+
+def describe_arms(arms: Sequence[Arm]) -> str:
+    """One line for the start of a search with ``merge.method``/``granularity: auto``."""
+    coarse = ", ".join(f"{a.label}: {a.dim} genes" for a in arms if a.refines is None)
+    finer = sorted({a.dim for a in arms if a.refines is not None})
+    return (f"auto over {len(arms)} arms ({coarse}" + (f"; each also per layer group ({'/'.join(map(str, finer))} "
+            "genes), from its best per-model genome and from its untuned merge, once it stalls" if finer else "")
+            + ")")
 
 
 def run_search(prep: Prepared, url: str, study: str, workers: int, ray_address: str | None,
@@ -148,8 +157,7 @@ def _run_study(prep: Prepared, space: Space, url: str, study: str, workers: int,
                                                job_timeout_s=wcfg.job_timeout_s),
                             study_id, observers)
     arms = space.arms(cfg.optimizer.popsize, cfg.optimizer.init)
-    genes = (f"auto over {len(arms)} arms ({', '.join(f'{a.label}: {a.dim} genes' for a in arms)})" if arms
-             else f"{space.dim} genes, popsize {controller.popsize}")
+    genes = describe_arms(arms) if arms else f"{space.dim} genes, popsize {controller.popsize}"
     print(f"study {study!r} in {redacted(url)}: {done_before}/{max_trials} trials done before this run, "
           f"{workers} worker(s), {genes}", file=sys.stderr)
     final = None
