@@ -30,10 +30,10 @@ class PortfolioSpace:
 
     spaces: tuple[SearchSpace, ...]
     refines: tuple[int | None, ...]  # per arm: the arm it refines (None: it competes from the start)
-    fixed_merges: tuple[SearchSpace, ...] = ()  # families without genes (Model Stock)
     # per arm that refines another: True, it starts at that arm's best genome; False, at its
-    # own untuned merge (empty: every one seeded)
-    seeded: tuple[bool, ...] = ()
+    # own untuned merge (ignored for the others)
+    seeded: tuple[bool, ...]
+    fixed_merges: tuple[SearchSpace, ...] = ()  # families without genes (Model Stock)
     diagonal = False
 
     @classmethod
@@ -59,7 +59,7 @@ class PortfolioSpace:
                 arms += [finer, finer]
                 refines += [i, i]
                 seeded += [True, False]
-        return cls(tuple(arms), tuple(refines), tuple(s for s in coarse if s.dim == 0), tuple(seeded))
+        return cls(tuple(arms), tuple(refines), tuple(seeded), tuple(s for s in coarse if s.dim == 0))
 
     @property
     def dim(self) -> int:
@@ -114,8 +114,7 @@ class PortfolioSpace:
         """What the portfolio optimizer needs of each arm: ``popsize`` (the config's) overrides
         each arm's default population; every gene starts at ``init``."""
         out = []
-        seeded = self.seeded or (True,) * len(self.spaces)
-        for space, refines, from_best in zip(self.spaces, self.refines, seeded):
+        for space, refines, from_best in zip(self.spaces, self.refines, self.seeded):
             expand: tuple[int, ...] = ()
             label = arm_label(space)
             if refines is not None:

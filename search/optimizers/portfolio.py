@@ -120,9 +120,8 @@ class Portfolio(Optimizer):
         while len(self.competing) > 1 and all(len(self._records[i].values) >= self._target(i)
                                               for i in self.competing):
             score = {i: self._records[i].best(self._target(i), self._start[i]) for i in self.competing}
-            for fine in self.competing:
-                coarse = self.arms[fine].refines
-                if coarse in score and score[coarse] <= self._records[coarse].best(self._start[coarse]):
+            for coarse in {self.arms[i].refines for i in self.competing} & score.keys():
+                if score[coarse] <= self._records[coarse].best(self._start[coarse]):
                     score[coarse] = -math.inf  # a round that left the coarser arm stalled is lost
             keep = math.ceil(len(self.competing) / ETA)
             # ties go to the lower index: the coarser arm, the one with fewer genes
