@@ -109,7 +109,8 @@ class Teller:
 
     def _evaluated(self, cand: CandidateRecord) -> Evaluated:
         if evolved(cand):
-            return Evaluated(cand.id, tuple(cand.genes or ()), self.values(cand), cand.generation)
+            return Evaluated(cand.id, tuple(cand.genes or ()), self.values(cand), cand.generation,
+                             documents=cand.documents)
         x = self.space.genome_of(parse_recipe(cand.recipe_json))
         assert x is not None, "only baselines of the space are told"
-        return Evaluated(cand.id, x, self.values(cand), prior=True)
+        return Evaluated(cand.id, x, self.values(cand), prior=True, documents=cand.documents)

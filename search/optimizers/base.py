@@ -42,7 +42,8 @@ class Evaluated:
     ``values`` are the objective values to maximize (one per objective), or None when the
     candidate failed (a crash, a rejected recipe, a non-finite score). ``prior`` marks a
     point the optimizer did not propose (a baseline that belongs to the space): knowledge
-    to start from, not a result of its own proposals.
+    to start from, not a result of its own proposals. ``documents`` is how many search
+    documents the values rest on (None: not known), so a rule can tell progress from noise.
     """
 
     key: int
@@ -50,6 +51,7 @@ class Evaluated:
     values: tuple[float, ...] | None
     generation: int | None = None
     prior: bool = False
+    documents: int | None = None
 
 
 @dataclass(frozen=True)

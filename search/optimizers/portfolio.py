@@ -7,13 +7,14 @@ optimizer (the config's: CMA-ES by default) until it has ``2^r`` generations of 
 (rung ``r``), then the best third of the arms, ranked by the best value among exactly those
 first results (equal evidence for every arm: a best-of-n grows with n), go on to the next
 rung. The arm left last takes the whole budget. Coarse to fine: when that arm stagnates (no
-better value in the ``STALL_GENERATIONS`` generations since its best was first reached), its
+progress in ``STALL_GENERATIONS`` generations, where progress is a value above the last level by
+more than a standard error of the score: one more document right is noise, not progress), its
 finer arms open, one at its best genome (every layer group starting at the per-model value)
 and one at the family's untuned merge (a best coarse genome can lie in a basin that per-layer
 genes do not leave in a few generations: benchmarks' ``layered``). They and the stalled arm
 compete for ``2^REFINE_RUNG`` generations each, judged on those new results only; the coarser
-arm wins only if it also beat its own best from before the round (a round that leaves it
-stalled is lost), ties go to the coarser. A finer winner takes the rest of the budget; a
+arm wins only if it also made progress over its own best from before the round (a round that
+leaves it stalled is lost), ties go to the coarser. A finer winner takes the rest of the budget; a
 coarser winner goes on, and each time it is stalled again the finer arms have another round,
 resuming where they stopped.
 
@@ -36,14 +37,29 @@ from evomerge.search.optimizers.base import (
 ETA = 3  # successive halving keeps the best 1/ETA of the arms at each rung
 STALL_GENERATIONS = 2  # the last arm's generations without a better value before its finer arm opens
 REFINE_RUNG = 1  # the stalled arm and its finer arm then compete for 2^REFINE_RUNG generations each
+NOISE_Z = 1.0  # progress: a value above the last level by more than this many standard errors
+
+
+def _noise(value: float, documents: int | None) -> float:
+    """How far above ``value`` a result over ``documents`` search documents must be to count as
+    progress: ``NOISE_Z`` standard errors of a mean of scores in [0, 1] (a variable in [0, 1]
+    with mean p has variance at most p(1 - p): Bhatia & Davis, 2000); 0 when the documents are
+    not known. A one-document gain is not progress: on 300 documents at 0.34 a standard error
+    is 0.027, and such gains reset the stall over and over (benchmarks' ``layered``)."""
+    if not documents or not math.isfinite(value):
+        return 0.0
+    p = min(max(value, 0.0), 1.0)
+    return NOISE_Z * math.sqrt(max(p * (1 - p), 1 / documents) / documents)
 
 
 @dataclass
 class _Record:
-    """What one arm has been told: its priors' best and its own results in order."""
+    """What one arm has been told: its priors' best and its own results in order, with the
+    search documents each value rests on."""
 
     values: list[float] = field(default_factory=list)
     genomes: list[tuple[float, ...]] = field(default_factory=list)
+    documents: list[int | None] = field(default_factory=list)
     prior: tuple[float, tuple[float, ...]] | None = None
     asked: int = 0
 
@@ -54,17 +70,25 @@ class _Record:
         prior = self.prior[0] if self.prior and start == 0 else -math.inf
         return max([*told, prior], default=-math.inf)
 
+    def progressed(self, level: float, first: int | None = None, start: int = 0) -> bool:
+        """Whether a result from ``start`` to ``first`` beat ``level`` by more than its noise."""
+        return any(v > level + _noise(level, n)
+                   for v, n in zip(self.values[start:first], self.documents[start:first]))
+
     def best_genome(self) -> tuple[float, ...] | None:
         candidates = list(zip(self.values, self.genomes)) + ([self.prior] if self.prior else [])
         finite = [c for c in candidates if math.isfinite(c[0])]
         return max(finite, key=lambda c: c[0])[1] if finite else None
 
-    def since_best(self) -> int:
-        """Results told since the best value was first reached (all of them when the prior is
-        still the best): a plateau that keeps returning the same value is a stall."""
-        best = self.best()
-        first = next((i for i, v in enumerate(self.values) if v == best), -1)
-        return len(self.values) - 1 - first
+    def since_progress(self) -> int:
+        """Results told since the last one that beat the level before it by more than its noise
+        (all of them when none did since the prior): a plateau, or a creep within the noise,
+        is a stall."""
+        level, last = (self.prior[0] if self.prior else -math.inf), -1
+        for i, (v, n) in enumerate(zip(self.values, self.documents)):
+            if v > level + _noise(level, n):
+                level, last = v, i
+        return len(self.values) - 1 - last
 
 
 def _scalar(values: tuple[float, ...] | None) -> float:
@@ -121,7 +145,8 @@ class Portfolio(Optimizer):
                                               for i in self.competing):
             score = {i: self._records[i].best(self._target(i), self._start[i]) for i in self.competing}
             for coarse in {self.arms[i].refines for i in self.competing} & score.keys():
-                if score[coarse] <= self._records[coarse].best(self._start[coarse]):
+                record = self._records[coarse]
+                if not record.progressed(record.best(self._start[coarse]), self._target(coarse), self._start[coarse]):
                     score[coarse] = -math.inf  # a round that left the coarser arm stalled is lost
             keep = math.ceil(len(self.competing) / ETA)
             # ties go to the lower index: the coarser arm, the one with fewer genes
@@ -133,7 +158,7 @@ class Portfolio(Optimizer):
         finer = [j for j, a in enumerate(self.arms) if a.refines == last]
         record = self._records[last]
         start = record.best_genome()
-        if not finer or start is None or record.since_best() < STALL_GENERATIONS * self.arms[last].popsize:
+        if not finer or start is None or record.since_progress() < STALL_GENERATIONS * self.arms[last].popsize:
             return
         # A round: the stalled arm goes on beside its finer arms for REFINE_RUNG's generations
         # each, judged on those new results only; the best one continues. Finer arms that lost
@@ -167,6 +192,7 @@ class Portfolio(Optimizer):
         else:
             record.values.append(value)
             record.genomes.append(result.x)
+            record.documents.append(result.documents)
             self._advance()
 
     def tell(self, result: Evaluated) -> Update | None:
