@@ -46,6 +46,18 @@ def test_native_cuts_equal_the_radix_cuts(seed: int, n: int, kind: str, dtype: t
     assert selection.largest_cuts(experts, b, wants) == selection.largest_cuts(experts, b, wants, native_path=False)
 
 
+def test_more_cuts_than_one_native_call_takes_are_split_into_calls() -> None:
+    # Breadcrumbs over 17 experts asks for 34 cuts; one native call takes 32
+    base, experts = _tensors(5, 8192, 17, "plain", torch.float32)
+    wants = [(i, k) for i in range(17) for k in (600, 200)]
+    assert len(wants) > selection.MAX_SLOTS
+    native = selection.largest_cuts(experts, base, wants)
+    assert len(native) == len(wants) and native == selection.largest_cuts(experts, base, wants, native_path=False)
+    k = len(experts)
+    merged = OPERATORS["breadcrumbs"].fn(base, experts, density=[0.9] * k, gamma=[0.05] * k, weight=[1 / k] * k)
+    assert merged.shape == base.shape and bool(torch.isfinite(merged).all())  # it raised before
+
+
 def _misleading(n: int = 64 * 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A tensor whose large magnitudes all sit between the sample's blocks: every block sees only
     small ones, so the sampled bracket lies far below the true cut."""

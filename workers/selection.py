@@ -151,6 +151,7 @@ NATIVE_MIN = 64  # entries: a sample's blocks need as many (smaller tensors take
 # band half-widths in binomial standard deviations of the sample rank: the first misses the k-th
 # entry in ~5e-4 of cuts with independent entries, the second (only for those) practically never
 WIDTHS = (3.5, 12.0)
+MAX_SLOTS = 32  # cuts one native call takes (magnitude.h's kMaxSlots)
 
 
 _ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64,
@@ -201,8 +202,10 @@ def largest_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence
             todo = [w for w, c in enumerate(cuts) if c is None]
             if not todo:
                 break
-            for w, cut in zip(todo, _native_cuts(select, experts, base, [wants[w] for w in todo], width)):
-                cuts[w] = cut
+            for at in range(0, len(todo), MAX_SLOTS):  # Breadcrumbs over 16 experts asks for more
+                batch = todo[at:at + MAX_SLOTS]
+                for w, cut in zip(batch, _native_cuts(select, experts, base, [wants[w] for w in batch], width)):
+                    cuts[w] = cut
     radix: dict[int, _Magnitudes] = {}  # one per expert: its top histogram serves all its cuts
     for w, (i, k) in enumerate(wants):
         if cuts[w] is None:
