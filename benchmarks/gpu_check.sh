@@ -2,6 +2,8 @@
 # GPU readiness check (issues 10, 19): on one GPU, in under 8 minutes, offline, it measures
 #   ops       every merge operator on a 7B-shaped bf16 matrix (11008 x 4096, base + 2 experts)
 #             against the device's copy bandwidth, then a whole Llama-7B tensor set (3 x 13.5 GB)
+#   select    the k-th largest |delta| of that matrix by kthvalue (TIES/Breadcrumbs' device cuts
+#             today) against topk (benchmarks/device_select.py): which to keep on a GPU
 #   search2   a bf16 search with 2 Ray workers sharing the GPU (workers.num_gpus 0.5)
 #   search1   the same with 1 worker owning it (fewer trials)
 #             each: seconds per candidate (merge, evaluate), peak GPU memory (nvidia-smi)
@@ -51,9 +53,11 @@ if [ "$MODE" = gpu ]; then
   fi
   DEVICE=cuda TRIALS=${GPU_CHECK_TRIALS:-40} TRIALS1=${GPU_CHECK_TRIALS1:-16} DEADLINE=${GPU_CHECK_DEADLINE:-450}
   OPS_ARGS=(--device cuda --full-7b --budget 120) BUILD_ARGS=(--hidden 1024 --layers 16)
+  SELECT_ARGS=(--device cuda)
 else
   DEVICE=cpu TRIALS=${GPU_CHECK_TRIALS:-6} TRIALS1=${GPU_CHECK_TRIALS1:-6} DEADLINE=${GPU_CHECK_DEADLINE:-3600}
   OPS_ARGS=(--device cpu --rows 344 --cols 4096 --repeats 3 --budget 600) BUILD_ARGS=(--hidden 256 --layers 4)
+  SELECT_ARGS=(--device cpu --rows 344 --cols 4096 --repeats 2)
 fi
 WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
@@ -119,6 +123,7 @@ replay_twice() {
 echo "gpu_check: $MODE mode, work folder $WORK, deadline ${DEADLINE}s"
 step env 0 $PY benchmarks/gpu_check.py env
 step ops 0 $PY benchmarks/gpu_check.py ops "${OPS_ARGS[@]}"
+step select 30 $PY benchmarks/device_select.py "${SELECT_ARGS[@]}"
 if step build 0 $PY benchmarks/gpu_check.py build --out "$WORK/run" --device "$DEVICE" "${BUILD_ARGS[@]}" \
      --trials "$TRIALS" --trials1 "$TRIALS1"; then
   if step search2 0 search search2 "$WORK/run/search2.yaml" 2 200; then
