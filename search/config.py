@@ -11,23 +11,20 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
                       field_validator, model_validator)
 
 from evomerge.evaluators.racing import RacingSettings
 from evomerge.evaluators.settings import prompt_key
 from evomerge.evaluators.spec import TaskSpec, TaskSuite
+# ConfigError, read_mapping, resolve_path and check_study_name are also imported from here
+from evomerge.search.config_file import ConfigError, read_mapping, resolve_path
 from evomerge.search.families import AUTO, known_params
-from evomerge.search.names import DFS_SUFFIX
+from evomerge.search.names import check_study_name
 from evomerge.search.presets import apply_defaults
 from evomerge.workers.layout import LayoutKind
 from evomerge.workers.methods import METHODS, TRANSFORMS_DECLARED, method_spec, transform_spec
 from evomerge.workers.source_spec import SourceModel
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message is one line."""
 
 
 class _Strict(BaseModel):
@@ -349,34 +346,6 @@ class SearchConfig(_Strict):
                            "num_fewshot", "apply_chat_template", "system_instruction", "fewshot_as_multiturn"}})
 
 
-# A study has companions in the same storage: <study>:dfs (search/stages.py, a PS+DFS search's
-# second stage) and <study>:heldout (search/ledger.py, held-out re-scores in Optuna).
-COMPANION_SUFFIXES = (DFS_SUFFIX, ":heldout")
-MAX_STUDY_NAME = 255 - len(DFS_SUFFIX)  # evomerge_studies.name is VARCHAR(255) and holds <study>:dfs too
-
-
-def check_study_name(name: str) -> str:
-    """``name`` if the storage can hold it beside its companion studies; ValueError otherwise."""
-    if len(name) > MAX_STUDY_NAME:
-        raise ValueError(f"study name of {len(name)} characters; at most {MAX_STUDY_NAME}")
-    reserved = [s for s in COMPANION_SUFFIXES if name.endswith(s)]
-    if reserved:
-        raise ValueError(f"study name {name!r} ends with {reserved[0]!r}, reserved for the companion "
-                         f"studies <study>{' and <study>'.join(COMPANION_SUFFIXES)}")
-    return name
-
-
-def resolve_path(path: str, folder: Path, hub_like: bool) -> str:
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        local = folder / candidate
-        if local.exists() or not (hub_like and path.count("/") == 1 and not path.startswith(".")):
-            candidate = local
-        else:
-            return path  # a hub id such as org/model
-    return str(candidate.resolve())
-
-
 def stored_config(config_json: str, study: str) -> SearchConfig:
     """The config a study was started with, as stored in its database row."""
     try:
@@ -399,69 +368,6 @@ def _describe(exc: ValidationError) -> str:
         msg = "unknown field"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where}: {msg}{more}"
-
-
-MAX_YAML_NODES = 100_000  # values in a config once aliases are expanded; real ones hold hundreds
-
-
-def read_mapping(file: Path, kind: str) -> dict[str, Any]:
-    """A YAML file holding a mapping at the top level; a ConfigError (one line) otherwise.
-    ``kind`` names the file in messages ("config", "merge file"). The one reader of the
-    search config and of merge files (evomerge and mergekit)."""
-    try:
-        raw = _load_yaml(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{kind} file not found: {file}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {kind} {file}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{kind} error in {file}:{where}: not valid YAML") from None
-    except (_TooLarge, RecursionError) as exc:
-        why = exc if isinstance(exc, _TooLarge) else "nested too deeply"
-        raise ConfigError(f"{kind} error in {file}: refused: {why}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{kind} error in {file}: expected a mapping of fields at the top level")
-    return raw
-
-
-class _TooLarge(ValueError):
-    """A YAML document that would expand past MAX_YAML_NODES values."""
-
-
-def _load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, except that a document whose aliases expand past MAX_YAML_NODES
-    values (a "billion laughs" file: a few lines that become gigabytes once walked or
-    printed) or refer to themselves is refused before any Python object is built."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, {})
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """Values under ``node`` with every alias expanded, counted once per distinct node."""
-    key = id(node)
-    if key in sizes:
-        if sizes[key] < 0:
-            raise _TooLarge("an alias refers to a value that contains it")
-        return sizes[key]
-    sizes[key] = -1  # in progress: meeting it again below is a cycle
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, sizes) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
-    if size > MAX_YAML_NODES:
-        raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES} values")
-    sizes[key] = size
-    return size
 
 
 def load_config(file: str | Path) -> SearchConfig:

@@ -22,7 +22,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from evomerge.search.config import ConfigError, ModelEntry, format_validation_error, read_mapping, resolve_path
+from evomerge.search.config import ModelEntry, format_validation_error
+from evomerge.search.config_file import ConfigError, read_mapping, resolve_path
 from evomerge.workers.mergekit import DTYPES, MergeJob, MergekitConfigError, from_mergekit
 from evomerge.workers.recipe import Recipe
 
