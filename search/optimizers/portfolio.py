@@ -35,7 +35,7 @@ from evomerge.search.optimizers.base import (
 )
 
 ETA = 3  # successive halving keeps the best 1/ETA of the arms at each rung
-STALL_GENERATIONS = 2  # the last arm's generations without a better value before its finer arm opens
+STALL_GENERATIONS = 2  # the last arm's generations without progress before its finer arms open
 REFINE_RUNG = 1  # the stalled arm and its finer arm then compete for 2^REFINE_RUNG generations each
 NOISE_Z = 1.0  # progress: a value above the last level by more than this many standard errors
 
