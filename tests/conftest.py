@@ -87,6 +87,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """The Ray a test's in-process pool starts (tests/test_failures.py's controllers, run_search) is
+    kept for the session's later tests, in every module: each start costs seconds. Shut down at
+    the end of the session; a test that needs a Ray of its own shuts this one down first."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     """torch's intra-op threads (which the native kernels follow) set to 1, then 2; restored after."""

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import write_config
 from tests.test_failures import _controller
-
-
-@pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    yield
-    ray.shutdown()
 
 
 def test_identical_recipes_are_evaluated_once(tmp_path: Path, tiny_models: dict[str, Path], tiny_tasks: Path,

@@ -34,14 +34,6 @@ def _controller(cfg_path: Path, db: Path) -> tuple[Controller, Repository, int]:
     return controller, repo, study.id
 
 
-@pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 def test_killed_worker_is_replaced_and_its_job_retried(tmp_path: Path, tiny_models: dict[str, Path],
                                                        tiny_tasks: Path, ray_session: None) -> None:
     import ray

@@ -88,14 +88,6 @@ def test_wrong_metric_is_one_line_and_nothing_is_written(tmp_path: Path, tiny_mo
     assert not (tmp_path / "x.db").exists()
 
 
-@pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 def _unchecked(cfg_path: Path) -> Prepared:
     """What ``prepare`` returns, without its task checks: a mistake that slips past them."""
     cfg = load_config(cfg_path)

@@ -13,7 +13,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,6 @@ from tests.test_failures import _controller
 from evomerge.workers.actor import WorkerSpec
 
 HANG_GUARD_S = 240.0  # a run still stuck this long after the stop is hung (old code): let it go
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    yield
-    import ray
-
-    ray.shutdown()
 
 
 def _pid(pool: WorkerPool, slot: int) -> int:
