@@ -81,17 +81,20 @@ class Controller:
         requeue_running(self.repo, self.ledger, self.study_id, self.teller.values, self.cfg.workers.max_attempts,
                         give_up_after_max)
 
-    def run(self, max_trials: int, timeout_s: float | None, grace_s: float | None = None) -> RunSummary:
+    def run(self, max_trials: int, timeout_s: float | None, grace_s: float | None = None,
+            clock: Callable[[], float] = time.monotonic) -> RunSummary:
         """Search until ``max_trials`` candidates are done (counting earlier runs) or time is up.
         Past ``timeout_s``, work in flight gets ``grace_s`` (default: 30 s or a tenth of the
         timeout, whichever is longer) to finish: a hung worker must not hold the run; what still
-        runs then is re-queued for the next run. A SIGINT/SIGTERM stops it at a safe point
-        (search/signals.py), work in flight re-queued."""
+        runs then is re-queued for the next run. Both are measured on ``clock`` (seconds; a test
+        may start it late, past a start-up whose length depends on the machine's load). A
+        SIGINT/SIGTERM stops it at a safe point (search/signals.py), work in flight re-queued."""
+        grace = max(30.0, 0.1 * (timeout_s or 0)) if grace_s is None else grace_s
         with signals.deferred():
-            return self._run(max_trials, timeout_s, max(30.0, 0.1 * (timeout_s or 0)) if grace_s is None else grace_s)
+            return self._run(max_trials, timeout_s, grace, clock)
 
-    def _run(self, max_trials: int, timeout_s: float | None, grace: float) -> RunSummary:
-        started = time.monotonic()
+    def _run(self, max_trials: int, timeout_s: float | None, grace: float, clock: Callable[[], float]) -> RunSummary:
+        started = clock()
         deadline = started + timeout_s if timeout_s else math.inf
         counts = {"done": 0, "now": 0}
         with self._leased():
@@ -105,16 +108,16 @@ class Controller:
 
             def fill(pool: WorkerPool) -> None:  # in flight: the jobs, and the twins waiting on them
                 in_flight = lambda: len(pool.busy_jobs()) + sum(map(len, self._waiting.values()))  # noqa: E731
-                while pool.idle() and counts["done"] + in_flight() < max_trials and time.monotonic() < deadline \
+                while pool.idle() and counts["done"] + in_flight() < max_trials and clock() < deadline \
                         and (self.queue or not self.teller.priors_pending()):
                     counts["done"] += self._dispatch_next()
 
             def stop(pool: WorkerPool) -> bool:
-                if time.monotonic() > deadline + min(pool.job_limit(), grace):
+                if clock() > deadline + min(pool.job_limit(), grace):
                     pool.cancel()
                     return True
                 return not pool.busy_jobs() and not (pool.restarting() and counts["done"] < max_trials
-                                                     and time.monotonic() < deadline)
+                                                     and clock() < deadline)
 
             def handle(result: TrialResult | Crash) -> None:
                 counts["done"] += self._handle(result)
@@ -129,7 +132,7 @@ class Controller:
             self.observers.phase_ended(self.repo.candidates(self.study_id))
         best = self.best()
         return RunSummary(counts["done"], counts["now"], best.id if best else None, best.fitness if best else None,
-                          self.pool.utilisation() if self.pool else 0.0, time.monotonic() - started)
+                          self.pool.utilisation() if self.pool else 0.0, clock() - started)
 
     def _pump(self, fill: Callable[[WorkerPool], None], stop: Callable[[WorkerPool], bool],
               handle: Callable[[TrialResult | Crash], None], tick: Callable[[WorkerPool], None]) -> None:

@@ -1,6 +1,9 @@
-"""A clock for tests: time stands still until the test (or a sleep) moves it forward."""
+"""Clocks for tests: time stands still until the test (or a sleep) moves it forward, or until
+the test starts it."""
 
 from __future__ import annotations
+
+import time
 
 
 class SteppedClock:
@@ -20,3 +23,19 @@ class SteppedClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+class StartedClock:
+    """A monotonic clock (seconds) that stands at 0 until :meth:`start`, then runs in real time:
+    a deadline on it counts from a moment the test chooses (a worker hung), not from a start-up
+    whose length depends on the machine's load."""
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None  # time.monotonic() at the start
+
+    def start(self) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def __call__(self) -> float:
+        return 0.0 if self.started_at is None else time.monotonic() - self.started_at

@@ -23,6 +23,7 @@ from evomerge.search.config import load_config
 from evomerge.workers.pool import JobTimeout, WorkerPool, WorkersFailing, _cause
 from evomerge.storage.kinds import Split
 from evomerge.storage.repository import Repository
+from tests.clocks import StartedClock
 from tests.helpers import write_config
 from tests.test_failures import _controller
 from evomerge.workers.actor import WorkerSpec
@@ -38,11 +39,12 @@ class _Stopper:
     """Stops (SIGSTOP) worker 0's process while it runs a job, once ``ready`` says so; lets it
     go again after ``HANG_GUARD_S`` so that code without a time limit ends (and fails)."""
 
-    def __init__(self, get_pool: Callable[[], WorkerPool | None], ready: Callable[[], bool]) -> None:
+    def __init__(self, get_pool: Callable[[], WorkerPool | None], ready: Callable[[], bool],
+                 stopped: Callable[[], None] = lambda: None) -> None:
         self.pid: int | None = None
         self.stopped_at = 0.0
         self.released = False
-        self._get_pool, self._ready = get_pool, ready
+        self._get_pool, self._ready, self._stopped = get_pool, ready, stopped
         self._end = threading.Event()
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._thread.start()
@@ -55,6 +57,7 @@ class _Stopper:
                 self.pid = _pid(pool, 0)
                 os.kill(self.pid, signal.SIGSTOP)
                 self.stopped_at = time.monotonic()
+                self._stopped()
             time.sleep(0.05)
         if self.pid is not None and not self._end.wait(HANG_GUARD_S):
             self.released = True
@@ -131,17 +134,21 @@ def test_search_deadline_ends_a_run_whose_worker_hangs(
     cfg = write_config(tmp_path / "c.yaml", {k: tiny_models[k] for k in ("base", "a")}, tiny_tasks,
                        budget={"max_trials": 1000}, workers={"count": 1, "job_timeout_s": 3000})
     controller, repo, study_id = _controller(cfg, tmp_path / "d.db")
-    stopper = _Stopper(lambda: controller.pool, lambda: True)  # the first job it runs hangs
+    # The run's clock starts when the worker hangs: the deadline then counts from there, not from a
+    # start-up (Ray, the worker) whose length depends on the machine's load.
+    clock = StartedClock()
+    stopper = _Stopper(lambda: controller.pool, lambda: True, clock.start)  # the first job it runs hangs
     try:
-        # The deadline counts from the run's start, Ray's start-up included (slow on a loaded machine).
-        deadline = time.monotonic() + 60
-        controller.run(1000, 60, grace_s=3)
+        controller.run(1000, 5, grace_s=3, clock=clock)
         ended = time.monotonic()
     finally:
         stopper.close()
         controller.close()
     assert stopper.pid is not None and not stopper.released, "--timeout did not end a run with a hung worker"
-    assert ended - deadline < 3 + 30  # the grace past the deadline (3 s) + slack for a loaded machine
+    assert clock.started_at is not None
+    # It waited out the deadline (5 s) and the grace past it (3 s), then no longer than slack for
+    # a loaded machine.
+    assert 5 + 3 <= ended - clock.started_at < 5 + 3 + 30
     cands = repo.candidates(study_id)
     assert not any(c.state == "running" for c in cands) and any(c.state == "queued" for c in cands)
     assert _states(tmp_path / "d.db").get("RUNNING", 0) == 0
