@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each test's Ray (and each search subprocess's) takes any free port for its dashboard agent:
+# on Ray's one fixed port, every Ray started beside another waited ~3 s (workers/ray_internals.py).
+os.environ.setdefault("EVOMERGE_RAY_AGENT_PORT", "0")
 
 from tests.helpers import ARCHITECTURES, save_tiny_arch, save_tiny_model  # noqa: E402  (after the offline env)
 

@@ -36,6 +36,11 @@ def test_ray_keeps_the_switches_that_hold_it_on_loopback() -> None:
     assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in inspect.getsource(ray_constants)
     assert "_node_ip_address" in inspect.getsource(inspect.unwrap(ray.init))  # taken through **kwargs
+    # the agent's port ($EVOMERGE_RAY_AGENT_PORT): ray.init builds RayParams through the module
+    from ray._private import parameter
+
+    assert "ray._private.parameter.RayParams(" in inspect.getsource(inspect.unwrap(ray.init))
+    assert "dashboard_agent_listen_port" in inspect.signature(parameter.RayParams).parameters
 
 
 def test_optuna_dashboard_keeps_its_note_format() -> None:
