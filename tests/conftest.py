@@ -69,23 +69,10 @@ _SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_
                   "test_schema_upgrade": "postgres"}
 
 
-def _shares_module_setup(item: pytest.Item) -> bool:
-    """Whether ``item`` uses a module-scoped fixture (e.g. a search run once for the module's tests)."""
-    info = getattr(item, "_fixtureinfo", None)  # pytest's own record of the item's fixtures
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    return any(d[-1].scope == "module" for d in defs if d)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = getattr(item, "module", None)
-        name = module.__name__.rsplit(".", 1)[-1] if module is not None else None
-        group = _SERIAL_GROUPS.get(name) if name is not None else None
-        # The tests of a module that share a module-scoped fixture run on one worker, else each
-        # worker builds it (the same search twice); in collection order, so a parametrized one
-        # is built once per parameter.
-        if group is None and name is not None and _shares_module_setup(item):
-            group = f"{name}-shared"
+        group = _SERIAL_GROUPS.get(module.__name__.rsplit(".", 1)[-1]) if module is not None else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
