@@ -1,6 +1,7 @@
-"""Inner products of task vectors (workers/gram.py, gram.cpp): the native pass and the torch path
-both give the float64 Gram of the float32 task vectors to ~1e-16, whatever the count, the dtype,
-the size or the threads, and Model Stock / SLERP built on them keep their defining properties."""
+"""Inner products of task vectors (workers/gram.py, gram.cpp): the native pass and the whole-tensor
+torch ops of the device graph both give the float64 Gram of the float32 task vectors to ~1e-16,
+whatever the count, the dtype, the size or the threads, and Model Stock / SLERP built on them keep
+their defining properties."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def test_both_paths_give_the_exact_gram(seed: int, n: int, count: int, dtype: to
     base = torch.randn(n, generator=g).to(dtype) if with_base else None
     tensors = [(torch.randn(n, generator=g) * spread).to(dtype) for _ in range(count)]
     exact, scale = _exact(base, tensors)
-    for native_path in (True, False):
-        got = gram.gram(base, tensors, native_path=native_path)
+    native = gram.gram(base, tensors)
+    assert native is not None
+    for path, entries in (("native", native), ("torch", gram.whole_gram(base, tensors))):
+        got = [[float(x) for x in row] for row in entries]
         for i in range(count):
             for k in range(count):
                 assert got[i][k] == got[k][i]
-                assert abs(got[i][k] - exact[i][k]) <= 1e-13 * scale[i][k], (native_path, i, k)
+                assert abs(got[i][k] - exact[i][k]) <= 1e-13 * scale[i][k], (path, i, k)
 
 
 def test_the_gram_does_not_depend_on_the_thread_count(threads: int) -> None:
@@ -53,21 +56,23 @@ def test_the_gram_does_not_depend_on_the_thread_count(threads: int) -> None:
     torch.set_num_threads(1)
     one = gram.gram(base, experts)
     torch.set_num_threads(threads + 1)
-    assert gram.gram(base, experts) == one  # bit for bit: fixed blocks summed in order
+    again = gram.gram(base, experts)
+    assert one is not None and again is not None
+    assert [[float(x) for x in row] for row in again] == [[float(x) for x in row] for row in one]  # bit for bit
 
 
 def test_inputs_the_native_pass_does_not_take_go_the_torch_way() -> None:
-    """float16, float64, mixed dtypes and strided views are not the kernel's: the torch path
-    answers them, to the same exact Gram."""
+    """float16, float64 and strided views are not the kernel's (it answers None): the torch ops
+    answer them, to the same exact Gram."""
     g = torch.Generator().manual_seed(2)
     base = torch.randn(5000, generator=g)
     cases = [(base.half(), [torch.randn(5000, generator=g).half()]),
              (base.double(), [torch.randn(5000, generator=g).double()]),
              (base[::2], [torch.randn(5000, generator=g)[::2]])]
     for b, tensors in cases:
-        assert not native.takes([*tensors, b])
+        assert not native.takes([*tensors, b]) and gram.gram(b, tensors) is None
         exact, scale = _exact(b, tensors)
-        assert abs(gram.gram(b, tensors)[0][0] - exact[0][0]) <= 1e-12 * scale[0][0]
+        assert abs(float(gram.whole_gram(b, tensors)[0][0]) - exact[0][0]) <= 1e-12 * scale[0][0]
 
 
 @settings(max_examples=25, deadline=None)

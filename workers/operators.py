@@ -19,9 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused, sparsify, streaming
+from evomerge.workers import fused, geometry, sparsify, streaming
 from evomerge.workers.precision import widened, working_dtype
-from evomerge.workers.gram import gram as inner_products
 
 
 _combine = streaming.combine
@@ -230,18 +229,9 @@ def slerp(base: Tensor, experts: Sequence[Tensor], *, t: float, out: Tensor | No
     """Spherical interpolation (Shoemake 1985) of the flattened base and expert tensors:
     sin((1−t)Ω)/sin Ω·θ_b + sin(tΩ)/sin Ω·θ_1 with cos Ω the cosine of the two; linear
     interpolation when they are nearly parallel (|cos Ω| > 0.9995, mergekit's threshold).
-    The cosine comes from one pass of float64 sums (:mod:`workers.gram`), then one streaming pass
-    writes the result."""
-    gram = inner_products(None, [base, experts[0]])
-    n0, n1 = math.sqrt(gram[0][0]), math.sqrt(gram[1][1])
-    n0, n1 = (n0 if n0 > 1e-8 else 1.0), (n1 if n1 > 1e-8 else 1.0)
-    dot = max(-1.0, min(1.0, gram[0][1] / (n0 * n1)))
-    if abs(dot) > 0.9995:
-        c0, c1 = 1.0 - t, t
-    else:
-        omega = math.acos(dot)
-        c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-    return _combine([(base, c0), (experts[0], c1)], out)
+    The cosine comes from float64 sums over the whole tensor, then one pass writes the result
+    (:mod:`workers.geometry`: native kernels on the CPU, one compiled graph elsewhere)."""
+    return geometry.slerp(base, experts[0], t, out)
 
 
 def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None = None, **_: object) -> Tensor:
@@ -249,18 +239,8 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], *, out: Tensor | None =
     mean pairwise cosine of the task vectors (whole tensor); θ = t·mean(θ_i) + (1−t)·θ_b.
     t is clamped to [0, 1]: when the task vectors point apart (cos θ < 0) mergekit extrapolates
     away from the experts (t < 0, unbounded near cos θ = −1/(N−1)); we keep the base instead.
-    No parameters to search."""
-    gram = inner_products(base, experts)
-    cosines = []
-    for i in range(len(experts)):
-        for j in range(i + 1, len(experts)):
-            norms = math.sqrt(gram[i][i] * gram[j][j])
-            cosines.append(max(-1.0, min(1.0, gram[i][j] / max(norms, 1e-6))))
-    cos = sum(cosines) / len(cosines)
-    n = len(experts)
-    denominator = 1 + (n - 1) * cos
-    t = 0.0 if abs(denominator) < 1e-6 else min(1.0, max(0.0, n * cos / denominator))
-    return _combine([(base, 1.0 - t), *((e, t / n) for e in experts)], out)
+    No parameters to search (:mod:`workers.geometry`)."""
+    return geometry.model_stock(base, experts, out)
 
 
 def swap(base: Tensor, experts: Sequence[Tensor], *, select: Sequence[float], out: Tensor | None = None,
