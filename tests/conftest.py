@@ -67,12 +67,32 @@ def arch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 # of every other test that uses it.
 _SERIAL_GROUPS = {"test_outage": "postgres", "test_postgres": "postgres", "test_lease": "postgres",
                   "test_schema_upgrade": "postgres"}
+# Module-scoped fixtures that run a search or a build (tens of seconds): the tests that use one
+# run on one worker, else each worker builds it again. A parametrized one is a group per value.
+_BUILT_ONCE = ("searched", "ps_dfs", "front_study", "tracked", "services", "native_bits", "big", "adapter_models")
 
 
+def _group(item: pytest.Item) -> str | None:
+    module = getattr(item, "module", None)
+    if module is None:
+        return None
+    name = module.__name__.rsplit(".", 1)[-1]
+    if name in _SERIAL_GROUPS:
+        return _SERIAL_GROUPS[name]
+    used = [f for f in _BUILT_ONCE if f in getattr(item, "fixturenames", ())]
+    if not used:
+        return None
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return f"{name}:" + ",".join(f"{f}={params[f]}" if f in params else f for f in used)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # pytest-xdist's --dist loadgroup keeps each group on one worker (it needs pytest < 9.2:
+    # pytest-dev/pytest-xdist#1386; pinned in pyproject.toml)
     for item in items:
-        module = getattr(item, "module", None)
-        group = _SERIAL_GROUPS.get(module.__name__.rsplit(".", 1)[-1]) if module is not None else None
+        group = _group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
