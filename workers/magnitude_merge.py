@@ -6,7 +6,7 @@ The native kernel brackets each cut by a sample, merges in one pass every entry 
 already certain, and merges again only the few entries inside a bracket once the exact cuts are
 known from them: the same values, bit for bit, as the two-step path (its ops in float32, no FMA;
 bfloat16 sources widened and the result rounded once), which remains the path where the kernel
-cannot run or a bracket misses (rare; tested). Kept because it measured 1.7-3.2x the two-step
+cannot run or a bracket misses (rare; tested). Kept because it measured 1.5-3.2x the two-step
 path on this CPU (issue 19's bar is 1.5x: docs/performance.md, benchmarks/ties_paths.py).
 """
 

@@ -227,7 +227,7 @@ def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[floa
     merge of :func:`task_vector_merge`. Two implementations, the same bits:
 
     - one native pass (:mod:`workers.magnitude_merge`: CPU with AVX-512, float32/bfloat16), which
-      selects the cuts and merges in one read of the sources (1.7-3.2x the other on this CPU:
+      selects the cuts and merges in one read of the sources (1.5-3.2x the other on this CPU, median 1.85x:
       docs/performance.md, benchmarks/ties_paths.py);
     - everywhere else, and where the one pass declines (a sample misled), the cuts (the native
       selection on the CPU, else :func:`fused.device_cuts`; ``native_cuts`` False: the latter,
