@@ -1,5 +1,5 @@
-"""The native magnitude kernels (workers/band_scan.cpp, band_merge.cpp) against the torch paths:
-the same cuts and the same merged bits, whatever the sample, the dtype, the ties or the threads,
+"""The native magnitude kernels (workers/band_scan.cpp, band_merge.cpp) against the torch paths
+(fused.device_cuts, fused.trimmed_merge's uncompiled merge): the same cuts and the same merged bits, whatever the sample, the dtype, the ties or the threads,
 and a fallback that still gives them where a sample misleads. Building and turning off the
 kernels: tests/test_native_build.py."""
 
@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import magnitude_merge, selection, sparsify, streaming
+from evomerge.workers import fused, magnitude_merge, selection, sparsify
 from evomerge.workers.registry import OPERATORS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +38,19 @@ def _tensors(seed: int, n: int, experts: int, kind: str, dtype: torch.dtype) -> 
 @given(seed=st.integers(0, 2**16), n=st.integers(64, 40_000), kind=st.sampled_from(["plain", "ties", "zeros"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_base=st.booleans(),
        fractions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4))
-def test_native_cuts_equal_the_radix_cuts(seed: int, n: int, kind: str, dtype: torch.dtype, with_base: bool,
+def test_native_cuts_equal_the_device_cuts(seed: int, n: int, kind: str, dtype: torch.dtype, with_base: bool,
                                           fractions: list[float]) -> None:
     base, experts = _tensors(seed, n, 2, kind, dtype)
     wants = [(i % 2, min(n - 1, max(1, int(f * n)))) for i, f in enumerate(fractions)]
     b = base if with_base else None
-    assert selection.largest_cuts(experts, b, wants) == selection.largest_cuts(experts, b, wants, native_path=False)
+    assert _rows(experts, b, wants) == fused.device_cuts(experts, b, wants).tolist()
+
+
+def _rows(experts: list[torch.Tensor], base: torch.Tensor | None, wants: list[tuple[int, int]]) -> list[list[int]]:
+    """The native cuts as device_cuts' rows; every one found (a sample that misleads twice: practically never)."""
+    cuts = selection.native_cuts(experts, base, wants)
+    assert cuts is not None and all(c is not None for c in cuts)
+    return [[c.value, selection.NO_SPLIT if c.until is None else c.until] for c in cuts if c is not None]
 
 
 def test_more_cuts_than_one_native_call_takes_are_split_into_calls() -> None:
@@ -51,8 +58,8 @@ def test_more_cuts_than_one_native_call_takes_are_split_into_calls() -> None:
     base, experts = _tensors(5, 8192, 17, "plain", torch.float32)
     wants = [(i, k) for i in range(17) for k in (600, 200)]
     assert len(wants) > selection.MAX_SLOTS
-    native = selection.largest_cuts(experts, base, wants)
-    assert len(native) == len(wants) and native == selection.largest_cuts(experts, base, wants, native_path=False)
+    native = _rows(experts, base, wants)
+    assert len(native) == len(wants) and native == fused.device_cuts(experts, base, wants).tolist()
     k = len(experts)
     merged = OPERATORS["breadcrumbs"].fn(base, experts, density=[0.9] * k, gamma=[0.05] * k, weight=[1 / k] * k)
     assert merged.shape == base.shape and bool(torch.isfinite(merged).all())  # it raised before
@@ -77,8 +84,9 @@ def test_a_misleading_sample_misses_and_the_fallback_is_exact(threads: int) -> N
     lib = selection.kernel()
     assert lib is not None
     assert selection._native_cuts(lib, [delta], base, [(0, k)], selection.WIDTHS[0]) == [None]  # missed
-    assert selection.largest_cuts([delta], base, [(0, k)]) == selection.largest_cuts([delta], base, [(0, k)],
-                                                                                       native_path=False)
+    value, until = fused.trim_cuts([delta], base, [(0, k)]).tolist()[0]  # a miss is selected by device_cuts
+    bits, index = delta.abs().view(torch.int32), torch.arange(delta.numel())
+    assert int(((bits > value) | ((bits == value) & (index < until))).sum()) == k
     out = torch.empty_like(base)
     trims = sparsify.ties_trims([k / delta.numel()], delta.numel())
     assert not magnitude_merge.merge(base, [delta], trims, [1.0], coeff=1.0, scale=1.0, consensus=True,
@@ -89,9 +97,12 @@ def test_a_misleading_sample_misses_and_the_fallback_is_exact(threads: int) -> N
 
 def _two_step(base: torch.Tensor, experts: list[torch.Tensor], weight: list[float], trims: list[sparsify.Trim],
               consensus: bool, normalize: bool) -> torch.Tensor:
-    keep = sparsify.bands(experts, trims, base, native_path=False)
-    return streaming.task_vector_merge(base, experts, weight, scale=0.8, normalize=normalize, consensus=consensus,
-                                       out=None, keep=keep)
+    """The torch path: fused.device_cuts, then fused._merge (uncompiled: these tensors are under FUSE_MIN)."""
+    out = torch.full_like(base, float("nan"))
+    coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
+    fused.trimmed_merge(base, experts, weight, trims, scale=0.8, coeff=coeff, consensus=consensus,
+                        normalize=normalize, out=out, native_path=False)
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -163,7 +174,7 @@ def test_a_forked_child_starts_its_own_workers() -> None:
         "    out = torch.empty_like(base)\n"
         "    assert magnitude_merge.merge(base, experts, sparsify.ties_trims([0.3, 0.6], 200_003), [1.0, 0.5],\n"
         "                                 coeff=1.0, scale=1.0, consensus=True, normalize=False, out=out)\n"
-        "    cuts = selection.largest_cuts(experts, base, [(0, 60_000), (1, 120_000)])\n"
+        "    cuts = selection.native_cuts(experts, base, [(0, 60_000), (1, 120_000)])\n"
         "    return cuts, hashlib.sha256(out.numpy().tobytes()).hexdigest()\n"
         "parent = run()\n"
         "pid = os.fork()\n"

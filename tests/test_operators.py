@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import sparsify
+from evomerge.workers import fused, sparsify
 from evomerge.workers.layout import depth_fraction
 from evomerge.workers.registry import OPERATORS, TRANSFORMS
 
@@ -597,6 +597,29 @@ def test_lines_leaves_base_alone() -> None:
 # --- invariants ---------------------------------------------------------------------------
 
 
+def trim_mask(x: torch.Tensor, trim: sparsify.Trim) -> torch.Tensor:
+    """The entries a trim keeps, from the cuts the merges use (fused.trim_cuts: the native selection
+    from 64 entries, the device selection below): above the keep cut and not above the drop cut, an
+    entry equal to a cut above it iff its index is before the cut's tie split."""
+    if trim.keep < 0:
+        return torch.zeros(x.numel(), dtype=torch.bool)
+    bits, index = x.abs().view(torch.int32), torch.arange(x.numel())
+    rows = iter(fused.trim_cuts([x], None, sparsify.cut_wants([trim])).tolist())
+
+    def above(cut: list[int]) -> torch.Tensor:
+        return (bits > cut[0]) | ((bits == cut[0]) & (index < cut[1]))
+    mask = above(next(rows)) if trim.keep > 0 else torch.ones(x.numel(), dtype=torch.bool)
+    return mask & ~above(next(rows)) if trim.drop > 0 else mask
+
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    return trim_mask(x, sparsify.ties_trims([density], x.numel())[0])
+
+
+def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    return trim_mask(x, sparsify.breadcrumbs_trims([density], [gamma], x.numel())[0])
+
+
 @FAST
 @given(st.lists(st.floats(-4, 4, width=32), min_size=1, max_size=60), st.floats(0.0, 1.0))
 def test_magnitude_mask_keeps_exactly_the_largest(values: list[float], density: float) -> None:
@@ -604,7 +627,7 @@ def test_magnitude_mask_keeps_exactly_the_largest(values: list[float], density: 
     x = torch.tensor(values)
     k = ref_keep_count(density, x.numel())
     assert sparsify.keep_count(density, x.numel()) == k
-    mask = sparsify.magnitude_mask(x, density)
+    mask = magnitude_mask(x, density)
     assert int(mask.sum()) == k
     if 0 < k < x.numel():
         assert float(x.abs()[mask].min()) >= float(x.abs()[~mask].max())
@@ -615,7 +638,7 @@ def test_magnitude_mask_keeps_exactly_the_largest(values: list[float], density: 
 def test_breadcrumbs_mask_keeps_the_band(seed: int, n: int, density: float, gamma: float) -> None:
     """⌊d·n⌋ entries, all below the skipped outliers and above the dropped small ones."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    mask = sparsify.breadcrumbs_mask(x, density, gamma)
+    mask = breadcrumbs_mask(x, density, gamma)
     assert int(mask.sum()) == math.floor(density * n)
     expected = [v != 0 for v in ref_breadcrumbs(flat(x), density, gamma)]
     assert mask.tolist() == expected
@@ -623,7 +646,7 @@ def test_breadcrumbs_mask_keeps_the_band(seed: int, n: int, density: float, gamm
 
 def test_breadcrumbs_mask_count_with_tied_magnitudes() -> None:
     """Tied magnitudes (common in bf16 deltas) must still keep exactly ⌊d·n⌋ entries."""
-    assert int(sparsify.breadcrumbs_mask(torch.ones(100), 0.1, 0.01).sum()) == 10
+    assert int(breadcrumbs_mask(torch.ones(100), 0.1, 0.01).sum()) == 10
 
 
 @FAST

@@ -81,17 +81,19 @@ def test_deterministic_methods_equal_the_whole_tensor_form(one_thread: None, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_magnitude_band_keeps_the_top_k_set(dtype: torch.dtype) -> None:
-    """The radix-selected band keeps exactly the top-k set, ties at the cut (integer-valued δ)
-    to the lowest indices, also when the tie split falls inside a chunk."""
+@pytest.mark.parametrize("path", ["one pass", "device cuts", "uncompiled"])
+def test_magnitude_trim_keeps_the_top_k_set(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, path: str) -> None:
+    """Every path keeps exactly the top-k set, ties at the cut (integer-valued δ) to the lowest
+    indices, also when the tie split falls inside a later chunk of the uncompiled merge."""
+    if path == "uncompiled":  # the native cuts, then fused._merge run uncompiled in chunks
+        monkeypatch.setenv("EVOMERGE_FUSED", "0")
     g = torch.Generator().manual_seed(3)
     for delta in (torch.randn(BIG, generator=g).to(dtype), torch.randint(-20, 20, (BIG,), generator=g).to(dtype)):
         for density in (0.001, 0.1, 0.5, 0.97):
-            keep = sparsify.magnitude_keep(delta, density)
-            merged = streaming.task_vector_merge(torch.zeros_like(delta), [delta], (1.0,), scale=1.0,
-                                                 normalize=False, consensus=False, out=None, keep=[keep])
+            merged = streaming.trimmed_merge(torch.zeros_like(delta), [delta], (1.0,),
+                                             sparsify.ties_trims([density], BIG), scale=1.0, normalize=False,
+                                             consensus=False, out=None, native_cuts=path != "device cuts")
             assert torch.equal(merged != 0, ref_trim(delta, density) & (delta != 0))
-            assert torch.equal(sparsify.magnitude_mask(delta, density), ref_trim(delta, density))
 
 
 def test_results_do_not_depend_on_threads_or_chunks() -> None:
@@ -195,35 +197,48 @@ def test_fused_dare_kernel_equals_the_eager_pass(one_thread: None, consensus: bo
 
 
 @pytest.mark.parametrize("consensus", [True, False])
-def test_fused_band_kernel_equals_the_eager_pass(one_thread: None, consensus: bool) -> None:
-    """TIES/Breadcrumbs bands (integer-valued δ: ties split at the cuts), an empty band and no
-    band, with the TIES election (TIES, Breadcrumbs-TIES) or summed (Breadcrumbs)."""
-    g = torch.Generator().manual_seed(13)
-    n = 100_003
+def test_fused_band_kernel_equals_the_uncompiled_chunks(monkeypatch: pytest.MonkeyPatch, one_thread: None,
+                                                        consensus: bool) -> None:
+    """TIES/Breadcrumbs trims (integer-valued δ: ties split at the cuts, some in the second chunk),
+    a keep-nothing and a keep-all trim, with the TIES election (TIES, Breadcrumbs-TIES) or summed
+    (Breadcrumbs), normalized or not: fused._merge compiled on the whole tensor gives what it gives
+    run uncompiled over chunks (EVOMERGE_FUSED=0: each chunk told its first entry)."""
+    g = torch.Generator().manual_seed(14)
+    n = fused.FUSE_MIN + 37_003  # two chunks at one thread
     base = torch.randn(n, generator=g)
     experts = [base + torch.randint(-20, 20, (n,), generator=g).float() * 0.01 for _ in range(4)]
-    deltas = [e - base for e in experts]
-    keep = [sparsify.magnitude_keep(deltas[0], 0.3), sparsify.breadcrumbs_keep(deltas[1], 0.5, 0.05),
-            sparsify.magnitude_keep(deltas[2], 0.0), None]
-    assert keep[0] is not None and keep[0].low.until is not None and keep[1] is not None and keep[1].high is not None
-    fused_equals_eager(base, experts, (0.9, -0.4, 1.1, 0.5), keep, consensus)
+    trims = [sparsify.ties_trims([0.3], n)[0], sparsify.breadcrumbs_trims([0.5], [0.05], n)[0],
+             sparsify.ties_trims([0.0], n)[0], sparsify.ties_trims([1.0], n)[0]]
+    cuts = fused.trim_cuts(experts, base, sparsify.cut_wants(trims))
+    assert any(streaming.chunk_size() <= until < n for until in cuts[:, 1].tolist())  # a tie split in chunk 2
+    weight = (0.9, -0.4, 1.1, 0.5)
+    for normalize in (False, True):
+        coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
+        results = []
+        for fused_on in ("1", "0"):
+            monkeypatch.setenv("EVOMERGE_FUSED", fused_on)
+            out = torch.full_like(base, float("nan"))
+            fused.trimmed_merge(base, experts, weight, trims, scale=0.8, coeff=coeff, consensus=consensus,
+                                normalize=normalize, out=out)
+            results.append(out)
+        compiled, uncompiled = results
+        if fused._MERGE.broken:
+            skip_unless_no_compiler()
+        assert torch.equal(compiled.view(torch.int32), uncompiled.view(torch.int32))
 
 
 def test_fused_path_is_chosen_by_size_and_dtype_only() -> None:
-    """Contiguous float32, bfloat16 and float16 merges of FUSE_MIN entries or more fuse on the CPU
-    (DARE, or bands summed or with the TIES election); mixed keeps and dtypes, other dtypes and
-    smaller tensors stay eager."""
+    """Contiguous float32, bfloat16 and float16 DARE merges of FUSE_MIN entries or more fuse on the
+    CPU, summed or with the TIES election; mixed keeps and dtypes, other dtypes and smaller tensors
+    stay eager (TIES and Breadcrumbs never take the eager pass: fused.trimmed_merge)."""
     big = torch.empty(fused.FUSE_MIN)
     draw = sparsify.DareDraw.draw(0.5, torch.Generator().manual_seed(0))
-    band = sparsify.MagnitudeBand(sparsify.Cut(0))
     assert fused.fusable(big, [big, big], [draw, draw], True, None)
     assert fused.fusable(big, [big], [draw], False, big)
-    assert fused.fusable(big, [big, big], [band, None], True, None)
-    assert fused.fusable(big, [big, big], [band, None], False, None)
-    assert not fused.fusable(big, [big, big], [band, draw], True, None)
+    assert not fused.fusable(big, [big, big], [draw, None], True, None)
     assert not fused.fusable(big[1:], [big[1:]], [draw], True, None)
     assert fused.fusable(big.bfloat16(), [big.bfloat16()], [draw], True, None)
-    assert fused.fusable(big.half(), [big.half()], [band], False, big.half())
+    assert fused.fusable(big.half(), [big.half()], [draw], False, big.half())
     assert not fused.fusable(big.bfloat16(), [big], [draw], True, None)
     assert not fused.fusable(big.double(), [big.double()], [draw], True, None)
 
@@ -256,29 +271,32 @@ def test_fused_consensus_kernel_equals_the_eager_pass(one_thread: None) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selection_across_chunks_splits_ties_in_a_later_chunk(dtype: torch.dtype) -> None:
-    """The selection (native, and the chunked radix path) counts over every chunk and finds a tie
-    split past the first chunk: all |δ| equal but 50 larger ones at the end, k reaching into the
-    second chunk."""
-    n = selection.SELECT_CHUNK + 4097
+def test_selection_splits_ties_far_into_the_tensor(dtype: torch.dtype) -> None:
+    """The native and the device selection find a tie split past the first 2^20 entries (all |δ|
+    equal but 50 larger ones at the end), and keep exactly the top-k set."""
+    chunk = 1 << 20
+    n = chunk + 4097
     delta = torch.ones(n, dtype=dtype)
     delta[-50:] = -3.0
     delta[7] = 0.0
-    k = 50 + selection.SELECT_CHUNK + 100
-    band = sparsify.magnitude_keep(delta, k / n)
-    assert band is not None and band.low.until == selection.SELECT_CHUNK + 101  # entry 7 is not a tie
-    assert sparsify.bands([delta], sparsify.ties_trims([k / n], n), native_path=False) == [band]  # the radix path
-    assert torch.equal(sparsify.band_mask(delta, band), ref_top(delta, k))
+    k = 50 + chunk + 100
+    want = [[int(torch.tensor(1.0).view(torch.int32)), chunk + 101]]  # entry 7 is not a tie
     base = torch.full((n,), 0.5, dtype=dtype)
-    assert sparsify.magnitude_keep(delta + base, k / n, base) == band  # δ formed chunk by chunk
+    for b, x in ((None, delta), (base, delta + base)):  # δ formed from a base too
+        assert fused.trim_cuts([x], b, [(0, k)]).tolist() == want
+        assert fused.trim_cuts([x], b, [(0, k)], native_path=False).tolist() == want
+    merged = streaming.trimmed_merge(torch.zeros_like(delta), [delta], (1.0,), sparsify.ties_trims([k / n], n),
+                                     scale=1.0, normalize=False, consensus=False, out=None)
+    assert torch.equal(merged != 0, ref_top(delta, k) & (delta != 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["plain", "ties"])
 def test_device_trimmed_merge_equals_the_other_paths(dtype: torch.dtype, kind: str) -> None:
     """The GPU's TIES/Breadcrumbs path (cuts by whole-tensor selection on the device, keys built
-    there, no read back), run here on the CPU: the same bits as the native and two-step paths,
-    with ties at the cuts, a keep-nothing and a keep-all trim, a drop cut, normalized or not."""
+    there, no read back), run here on the CPU, and the native cuts with the same compiled merge:
+    the same bits as the one-pass kernel (or, where its sample misled, the native cuts), with ties at the cuts, a keep-nothing and a keep-all
+    trim, a drop cut, normalized or not."""
     g = torch.Generator().manual_seed(8)
     n = 300_007
     base = torch.randn(n, generator=g) * 0.02
@@ -292,22 +310,25 @@ def test_device_trimmed_merge_equals_the_other_paths(dtype: torch.dtype, kind: s
                              (sparsify.breadcrumbs_trims([0.3, 0.5, 0.9], [0.02, 0.1, 0.0], n), True)):
         for normalize in (False, True):
             expected = streaming.trimmed_merge(base, experts, weight, trims, scale=0.8, normalize=normalize,
-                                               consensus=consensus, out=None)
-            out = torch.full_like(base, float("nan"))
+                                               consensus=consensus, out=None)  # the one pass, where it takes them
             coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)
-            if not fused.trimmed_merge(base, experts, weight, trims, scale=0.8, coeff=coeff, consensus=consensus,
-                                       normalize=normalize, out=out):
+            for native_cuts in (False, True):
+                out = torch.full_like(base, float("nan"))
+                fused.trimmed_merge(base, experts, weight, trims, scale=0.8, coeff=coeff, consensus=consensus,
+                                    normalize=normalize, out=out, native_path=native_cuts)
+                assert torch.equal(out, expected), (consensus, normalize, native_cuts)
+            if fused._MERGE.broken:
                 skip_unless_no_compiler()
-            assert torch.equal(out, expected), (consensus, normalize)
 
 
 def test_device_cuts_equal_the_selected_cuts() -> None:
-    """fused.device_cuts (no read back) gives the cuts largest_cuts gives, ties included."""
+    """fused.device_cuts (no read back) gives the cuts the native selection gives, ties included."""
     g = torch.Generator().manual_seed(9)
     n = 50_021
     base = torch.randn(n, generator=g) * 0.02
     experts = [(base + torch.randint(-4, 5, (n,), generator=g).float() * 1e-3).bfloat16() for _ in range(2)]
     wants = [(0, 1), (0, 20_000), (1, 49_000), (1, 7)]
-    cuts = selection.largest_cuts(experts, base.bfloat16(), wants)
+    cuts = selection.native_cuts(experts, base.bfloat16(), wants)
+    assert cuts is not None and all(c is not None for c in cuts)
     got = fused.device_cuts(experts, base.bfloat16(), wants).tolist()
-    assert got == [[c.value, selection.NO_SPLIT if c.until is None else c.until] for c in cuts]
+    assert got == [[c.value, selection.NO_SPLIT if c.until is None else c.until] for c in cuts if c is not None]

@@ -18,7 +18,8 @@ The path is chosen by size, dtype and device alone (:func:`fusable`, :func:`take
 CPU, tensors of at least :data:`FUSE_MIN` entries, which the test suite's tiny models never
 reach (a few synthetic test tensors do, on purpose); on a GPU every tensor, whole (inductor
 emits one Triton kernel per variant: O(1) launches per tensor instead of a dozen per chunk).
-Where no compiler works the first failure is logged once and every tensor takes the eager pass.
+Where no compiler works the first failure is logged once and every tensor takes the eager pass
+(TIES and Breadcrumbs: :func:`_merge` itself, run uncompiled over chunks).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from evomerge.workers.selection import NO_SPLIT
-from evomerge.workers.sparsify import MIX, Cut, DareDraw, MagnitudeBand, Trim, cut_wants, signed32
+from evomerge.workers.selection import NO_SPLIT, native_cuts
+from evomerge.workers.sparsify import MIX, DareDraw, Trim, cut_wants, signed32
 from evomerge.workers.torch_internals import recompile_limit
 
 FUSE_MIN = 1 << 18  # entries (Llama-100M attention: 590 K): smaller stay eager; compiling costs ~10-20 s per process and kernel variant
@@ -70,15 +71,17 @@ def _band_keep(entry: Tensor, magnitude: Tensor, key: Tensor, cut: Tensor, high:
 
 
 def _merge(base: Tensor, experts: list[Tensor], out: Tensor, keys: Tensor, reals: Tensor, consensus: bool,
-           normalize: bool, highs: tuple[bool, ...] | None) -> None:
+           normalize: bool, highs: tuple[bool, ...] | None, first: int = 0) -> None:
     """θ_b + merge(c_i·keep_i(δ_i)) into ``out`` (flat tensors, computed in float32), keep_i a DARE draw
     (``highs`` None) or a magnitude band (``highs[i]``: whether it has a high cut). ``keys``
     (int32, one row per expert): the draw's or the band's integers; ``reals`` (float32, a row per
     expert, then one): the per-expert factor c_i the eager pass multiplies by, w_i (for the
     normalized TIES divisor), the band's two cuts as floats; last row: λ (TIES only, as eager).
-    One integer and one float tensor: on a GPU two small copies beside the one kernel."""
+    One integer and one float tensor: on a GPU two small copies beside the one kernel. ``first``: the
+    index of the tensors' first entry in the whole tensor (a chunk of it, uncompiled: the DARE draws and
+    the tie splits are functions of the index)."""
     coef, weight, cuts, scale = reals[:, 0], reals[:, 1], reals[:, 2:], reals[-1, 0]
-    entry = torch.arange(base.numel(), dtype=torch.int32, device=base.device)
+    entry = torch.arange(first, first + base.numel(), dtype=torch.int32, device=base.device)
     base, experts = base.float(), [e.float() for e in experts]  # 16-bit: widened in registers (exact)
     pos = neg = acc = None
     if not consensus:
@@ -181,62 +184,42 @@ def takes(tensors: Sequence[Tensor]) -> bool:
 
 
 def fusable(base: Tensor, experts: Sequence[Tensor], keep: Sequence[object], consensus: bool, out: Tensor | None) -> bool:
-    """Whether the fused kernel computes this task-vector merge: tensors it :func:`takes`
-    and a DARE draw for every expert, or a magnitude band (or none) for every expert, summed or
-    with the TIES election (the eager sums of these multiply then add, as the kernel does)."""
-    dare = all(isinstance(k, DareDraw) for k in keep)
-    bands = all(k is None or isinstance(k, MagnitudeBand) for k in keep)
-    return (len(experts) > 0 and (dare or bands)
+    """Whether the fused kernel computes this DARE merge: tensors it :func:`takes` and a DARE draw
+    for every expert, summed or with the TIES election (the eager sums of these multiply then add,
+    as the kernel does). TIES and Breadcrumbs take :func:`trimmed_merge`."""
+    return (len(experts) > 0 and all(isinstance(k, DareDraw) for k in keep)
             and takes([base, *experts, *([out] if out is not None else [])]))
 
 
-_NO_SPLIT = NO_SPLIT  # a tie split no index reaches
-
-
-def _cut_row(cut: Cut | None) -> list[int]:
-    return [0, _NO_SPLIT] if cut is None else [cut.value, _NO_SPLIT if cut.until is None else cut.until]
-
-
-def _keys(keep: Sequence[DareDraw | MagnitudeBand | None]) -> tuple[list[list[int]], list[float], tuple[bool, ...] | None]:
-    """Per expert: the kernel's integer row, the survivors' rescale, and (bands) whether a high cut applies."""
-    rows, rescales, highs = [], [], []
+def _keys(keep: Sequence[DareDraw]) -> tuple[list[list[int]], list[float]]:
+    """Per expert: the kernel's integer row and the survivors' rescale."""
+    rows, rescales = [], []
     for k in keep:
-        if isinstance(k, DareDraw):
-            if k.keep_all:  # eager skips the drop: a threshold above every draw keeps all
-                rows.append([signed32(k.stream.mul), signed32(k.stream.add), _HALF_WORD])
-                rescales.append(1.0)
-            elif k.probability <= 0.0:  # eager zeroes δ: a threshold below every draw
-                rows.append([signed32(k.stream.mul), signed32(k.stream.add), -_HALF_WORD])
-                rescales.append(1.0)
-            else:
-                rows.append([signed32(k.stream.mul), signed32(k.stream.add), k.threshold])
-                rescales.append(1.0 / k.probability)
-            continue
-        if k is not None and k.empty:  # keeps nothing: below a high cut of 0
-            rows.append([0, _NO_SPLIT, 0, _NO_SPLIT])
-            highs.append(True)
+        if k.keep_all:  # eager skips the drop: a threshold above every draw keeps all
+            rows.append([signed32(k.stream.mul), signed32(k.stream.add), _HALF_WORD])
+            rescales.append(1.0)
+        elif k.probability <= 0.0:  # eager zeroes δ: a threshold below every draw
+            rows.append([signed32(k.stream.mul), signed32(k.stream.add), -_HALF_WORD])
+            rescales.append(1.0)
         else:
-            rows.append(_cut_row(None if k is None else k.low) + _cut_row(None if k is None else k.high))
-            highs.append(k is not None and k.high is not None)
-        rescales.append(1.0)
-    return rows, rescales, (tuple(highs) if highs else None)
+            rows.append([signed32(k.stream.mul), signed32(k.stream.add), k.threshold])
+            rescales.append(1.0 / k.probability)
+    return rows, rescales
 
 
-def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep: Sequence[DareDraw | MagnitudeBand | None],
+def merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], keep: Sequence[DareDraw],
           *, scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
     """Run the fused kernel into ``out`` (see :func:`fusable`); False when it could not run (then
     nothing is promised about ``out``). ``coeff``: the eager pass's λ/Σw factor (sums only)."""
     with record_function("evomerge.host"):  # built on the host, then one copy each to the device
-        rows, rescales, highs = _keys(keep)
+        rows, rescales = _keys(keep)
         coefs = [w * r if consensus else coeff * w * r for w, r in zip(weight, rescales)]
         keys = torch.tensor(rows, dtype=torch.int32)
-        reals = torch.zeros(len(rows) + 1, 4)  # each Python scalar rounded to float32 as eager rounds it
+        reals = torch.zeros(len(rows) + 1, 2)  # each Python scalar rounded to float32 as eager rounds it
         reals[:-1, 0], reals[:-1, 1], reals[-1, 0] = torch.tensor(coefs), torch.tensor(weight), scale
-        if highs is not None:
-            reals[:-1, 2:] = keys[:, 0::2].contiguous().view(torch.float32)  # the cuts' bit patterns
     keys, reals = _to_device(base.device, keys, reals)
     return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), keys, reals,
-                  consensus, consensus and normalize, highs)
+                  consensus, consensus and normalize, None)
 
 
 def _to_device(device: torch.device, *tensors: Tensor) -> list[Tensor]:
@@ -262,12 +245,13 @@ _CUT = _Compiled(_cut)
 
 
 def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor:
-    """The cuts of :func:`workers.selection.largest_cuts` as an int32 tensor on the tensors' device,
-    a row (value, until) per (expert, k) (until NO_SPLIT where every tie is above), by whole-tensor
-    ops with no read back: the host never waits for the device. Exact (tested against the native
-    and radix cuts), but a selection (``kthvalue``) per cut and ~13 bytes of scratch per entry:
-    for GPUs, where the radix path would read back per step; on the CPU the native one is ~10x
-    faster. Each cut is one compiled graph (a few kernels beside the selection)."""
+    """For each (expert index, k) with 0 < k < n, a row (value, until) of int32 on the tensors' device:
+    the bits of the k-th largest |δ_expert| (δ = expert − ``base``, the expert itself when None) and
+    the index from which entries equal to it are no longer above the cut (NO_SPLIT where every tie is
+    above; ties go to the lowest indices), by whole-tensor ops with no read back: the host never waits
+    for the device. Exact, the cuts of :func:`workers.selection.native_cuts` (tested), but a selection
+    (``kthvalue``) per cut and ~13 bytes of scratch per entry: for GPUs, and for CPU tensors the native
+    selection does not take. Each cut is one compiled graph (a few kernels beside the selection)."""
     rows = torch.empty(len(wants), 2, dtype=torch.int64, device=experts[0].device)
     flat = base.reshape(-1) if base is not None else None
     for w, (i, k) in enumerate(wants):
@@ -276,15 +260,33 @@ def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[
     return rows.to(torch.int32)
 
 
+def trim_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]],
+              native_path: bool = True) -> Tensor:
+    """The cuts of :func:`device_cuts`: on the CPU from the native selection where it takes the
+    tensors (``native_path`` False: never), the rest (a GPU, float16, small tensors, no compiler, a
+    cut whose sample misled twice) from :func:`device_cuts`. The same rows either way."""
+    found = native_cuts(experts, base, wants) if native_path else None
+    if found is None:
+        return device_cuts(experts, base, wants)
+    rows = [[0, 0] if c is None else [c.value, NO_SPLIT if c.until is None else c.until] for c in found]
+    cuts = torch.tensor(rows, dtype=torch.int32).reshape(len(wants), 2)
+    missed = [w for w, c in enumerate(found) if c is None]
+    if missed:
+        cuts[missed] = device_cuts(experts, base, [wants[w] for w in missed])
+    return cuts
+
+
 def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
-                  scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor) -> bool:
-    """A TIES/Breadcrumbs merge (``trims``, see :func:`workers.streaming.trimmed_merge`) with no read
-    back: the cuts selected on the tensors' device (:func:`device_cuts`), the
-    kernel's keys assembled there from them, then the kernel. For GPUs (on the CPU the native
-    one-pass kernel is faster); the same values as the other paths. False when it could not run."""
-    if not (_MERGE.available and takes([base, *experts, out])):
-        return False
-    cuts = device_cuts(experts, base, cut_wants(trims))
+                  scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor,
+                  native_path: bool = True) -> None:
+    """A TIES/Breadcrumbs merge (``trims``, see :func:`workers.streaming.trimmed_merge`) into ``out``:
+    the cuts (:func:`trim_cuts`), the kernel's keys assembled from them on the tensors' device (no
+    read back), then :func:`_merge`, compiled where :func:`takes` and a compiler allow, else the same
+    function run uncompiled over chunks of the tensor. The same values on every path."""
+    if not experts:
+        out.copy_(base)
+        return
+    cuts = trim_cuts(experts, base, cut_wants(trims), native_path)
     with record_function("evomerge.host"):
         # where each expert's row (low value, low until, high value, high until) comes from: a cut's
         # entry in the flat cuts, or the constants 0 and NO_SPLIT appended after them
@@ -301,16 +303,37 @@ def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[floa
             index.append([*low, *high])
             highs.append(t.keep < 0 or t.drop > 0)
         coefs = [w if consensus else coeff * w for w in weight]
-        host = torch.zeros(len(trims) + 1, 2)
+        host = torch.zeros(len(trims) + 1, 2)  # each Python scalar rounded to float32 as eager rounds it
         host[:-1, 0], host[:-1, 1], host[-1, 0] = torch.tensor(coefs), torch.tensor(weight), scale
         index_host = torch.tensor(index, dtype=torch.int64)
     index_dev, host = _to_device(base.device, index_host, host)
+    if cuts.device != base.device:  # the native cuts, for a tensor on another device (not taken today)
+        (cuts,) = _to_device(base.device, cuts)
     table = torch.nn.functional.pad(torch.nn.functional.pad(cuts.reshape(-1), (0, 1), value=0), (0, 1), value=NO_SPLIT)
     keys = table[index_dev]
     cut_floats = torch.nn.functional.pad(keys[:, 0::2].contiguous().view(torch.float32), (0, 0, 0, 1))
     reals = torch.cat([host, cut_floats], dim=1)
-    return _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), keys, reals,
-                  consensus, consensus and normalize, tuple(highs))
+    args = (keys, reals, consensus, consensus and normalize, tuple(highs))
+    if takes([base, *experts, out]) and _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), *args):
+        return
+    _merge_in_chunks(base, experts, out, *args)
+
+
+def _merge_in_chunks(base: Tensor, experts: Sequence[Tensor], out: Tensor, *args: object) -> None:
+    """:func:`_merge` uncompiled (no compiler, ``EVOMERGE_FUSED=0``, tensors the compiled kernel does
+    not take), over chunks of :func:`workers.streaming.chunk_size` entries (at most 2^24: a GPU's
+    chunk is a whole tensor, and this runs ~15 temporaries of a chunk) so that its memory stays
+    chunk-sized: each chunk is told its first entry's index. Any layout and float dtype."""
+    from evomerge.workers.streaming import chunk_size  # streaming imports this module
+
+    flat_base, flats = base.reshape(-1), [e.reshape(-1) for e in experts]
+    flat_out = out.view(-1) if out.is_contiguous() else torch.empty(out.numel(), dtype=out.dtype, device=out.device)
+    size = min(chunk_size(base.device), 1 << 24)
+    for start in range(0, flat_base.numel(), size):
+        stop = start + size
+        _merge(flat_base[start:stop], [f[start:stop] for f in flats], flat_out[start:stop], *args, first=start)
+    if not out.is_contiguous():
+        out.copy_(flat_out.view(out.shape))
 
 
 def consensus_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], tall: Sequence[float], need: int,

@@ -1,12 +1,13 @@
 """TIES and Breadcrumbs(-TIES) merges of float32 and bfloat16 tensors in one pass (``band_merge.cpp``).
 
 Their trims keep the top k of each expert's |δ|, so a two-step merge reads every source twice:
-once to select the cuts (:mod:`workers.selection`), once to merge. The native kernel brackets
-each cut by a sample, merges in one pass every entry whose keep is already certain, and merges
-again only the few entries inside a bracket once the exact cuts are known from them: the same
-values, bit for bit, as the two-step path (eager's ops in float32, no FMA; bfloat16 sources
-widened and the result rounded once), which remains the path where the kernel cannot run or a
-bracket misses (rare; tested).
+once to select the cuts (:mod:`workers.selection`), once to merge (:func:`workers.fused.trimmed_merge`).
+The native kernel brackets each cut by a sample, merges in one pass every entry whose keep is
+already certain, and merges again only the few entries inside a bracket once the exact cuts are
+known from them: the same values, bit for bit, as the two-step path (its ops in float32, no FMA;
+bfloat16 sources widened and the result rounded once), which remains the path where the kernel
+cannot run or a bracket misses (rare; tested). Kept because it measured 1.5-3.2x the two-step
+path on this CPU (issue 19's bar is 1.5x: docs/performance.md, benchmarks/ties_paths.py).
 """
 
 from __future__ import annotations

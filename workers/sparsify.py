@@ -17,10 +17,6 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from evomerge.workers import selection
-from evomerge.workers.precision import working_dtype
-from evomerge.workers.selection import Cut, abs_bits, largest_cuts
-
 
 def keep_count(density: float, n: int) -> int:
     """Entries kept at ``density``: ⌊d·n⌋, at least 1 when 0 < d < 1 (mergekit's rule)."""
@@ -29,24 +25,6 @@ def keep_count(density: float, n: int) -> int:
     if density <= 0.0 or n == 0:
         return 0
     return max(1, int(density * n))
-
-
-@dataclass(frozen=True)
-class MagnitudeBand:
-    """Keep the entries above ``low`` and not above ``high`` (no upper cut when None);
-    ``empty`` keeps nothing."""
-
-    low: Cut
-    high: Cut | None = None
-    empty: bool = False
-
-
-def _above(bits: Tensor, cut: Cut) -> Tensor:
-    """Boolean: which entries lie above ``cut`` (whole tensor)."""
-    if cut.until is None:
-        return bits >= cut.value
-    index = torch.arange(bits.numel(), device=bits.device)
-    return (bits > cut.value) | ((bits == cut.value) & (index < cut.until))
 
 
 @dataclass(frozen=True)
@@ -77,73 +55,9 @@ def breadcrumbs_trims(density: Sequence[float], gamma: Sequence[float], n: int) 
     return trims
 
 
-def native_selection() -> bool:
-    """Whether the native selection kernel is built and loaded (CPU tensors' cuts)."""
-    return selection.kernel() is not None
-
-
 def cut_wants(trims: Sequence[Trim]) -> list[tuple[int, int]]:
     """The (expert, k) cuts the trims need, in order: per expert its keep cut, then its drop cut."""
     return [(i, k) for i, t in enumerate(trims) if t.keep >= 0 for k in (t.keep, t.drop) if k > 0]
-
-
-def bands(experts: Sequence[Tensor], trims: Sequence[Trim], base: Tensor | None = None,
-          native_path: bool = True) -> list[MagnitudeBand | None]:
-    """The trims as bands of |δ_i| (None: keep all), δ_i = ``experts[i]`` − ``base`` (the expert
-    itself when None); every cut found in one selection (:func:`workers.selection.largest_cuts`)."""
-    cuts = iter(largest_cuts(experts, base, cut_wants(trims), native_path))
-    result: list[MagnitudeBand | None] = []
-    for t in trims:
-        if t.keep < 0:
-            result.append(MagnitudeBand(Cut(0), empty=True))
-        elif t.keep == 0 and t.drop == 0:
-            result.append(None)
-        else:
-            low = next(cuts) if t.keep > 0 else Cut(0)
-            result.append(MagnitudeBand(low, next(cuts) if t.drop > 0 else None))
-    return result
-
-
-def magnitude_keep(delta: Tensor, density: float, base: Tensor | None = None) -> MagnitudeBand | None:
-    """TIES trim of one tensor as a band: the top ⌊d·n⌋ of |δ| (None: keep all). With ``base``,
-    δ = ``delta`` − ``base``, formed chunk by chunk."""
-    return bands([delta], ties_trims([density], delta.numel()), base)[0]
-
-
-def breadcrumbs_keep(delta: Tensor, density: float, gamma: float, base: Tensor | None = None) -> MagnitudeBand | None:
-    """Breadcrumbs trim of one tensor as a band (None: keep all)."""
-    return bands([delta], breadcrumbs_trims([density], [gamma], delta.numel()), base)[0]
-
-
-def band_mask(delta: Tensor, band: MagnitudeBand | None) -> Tensor:
-    """The boolean keep mask of a band over a whole tensor."""
-    if band is None:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if band.empty:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    bits = abs_bits(delta.to(working_dtype(delta.dtype)))  # 16-bit: cuts are float32 bits
-    mask = _above(bits, band.low)
-    if band.high is not None:
-        mask &= ~_above(bits, band.high)
-    return mask.view_as(delta)
-
-
-def top_magnitude_mask(delta: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` entries of largest |δ| (exactly k; ties in index order)."""
-    n = delta.numel()
-    if k >= n or k <= 0:
-        return torch.full_like(delta, k >= n, dtype=torch.bool)
-    return band_mask(delta, MagnitudeBand(largest_cuts([delta], None, [(0, k)])[0]))
-
-
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """TIES trim (Yadav et al. 2023, §3): keep the top-d fraction of |δ|."""
-    return band_mask(delta, magnitude_keep(delta, density))
-
-
-def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """The keep mask of :func:`breadcrumbs_keep`."""
-    return band_mask(delta, breadcrumbs_keep(delta, density, gamma))
 
 
 _WORD = 1 << 32

@@ -14,11 +14,10 @@ over ``torch.get_num_threads()`` threads), so a worker with N threads uses them 
 result does not depend on N: every op is elementwise, and the random bits of entry j are a
 function of (stream key, j) only (see :class:`workers.sparsify.Stream`).
 
-For the deterministic methods (TIES, Breadcrumbs) every chunk runs exactly the ops the
-whole-tensor form ran, in the same dtypes, so results are bit-identical to it.
-
-Large float32 DARE and TIES-election merges skip the chunk loop: :mod:`workers.fused` runs the
-same ops as one compiled loop, with bit-identical results (see :func:`fused.fusable`).
+Large DARE merges skip the chunk loop: :mod:`workers.fused` runs the same ops as one compiled
+loop, with bit-identical results (see :func:`fused.fusable`). TIES and Breadcrumbs(-TIES) do not
+take the chunk loop at all (:func:`trimmed_merge`: the native one pass, or their cuts then the fused
+merge).
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused, magnitude_merge, native, sparsify
+from evomerge.workers import fused, magnitude_merge, native
 from evomerge.workers.precision import HALF, working_dtype
-from evomerge.workers.sparsify import DareDraw, MagnitudeBand, Trim
+from evomerge.workers.sparsify import DareDraw, Trim
 
 CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
 _INT_OF = {4: torch.int32, 2: torch.int16}
@@ -90,8 +89,8 @@ def combine(terms: Sequence[tuple[Tensor, float]], out: Tensor | None, native_pa
     return result
 
 
-# per expert: a DARE draw, a magnitude band, a boolean keep mask of the tensor's shape, or None (keep all)
-Keep = DareDraw | MagnitudeBand | Tensor | None
+# per expert: a DARE draw, a boolean keep mask of the tensor's shape, or None (keep all)
+Keep = DareDraw | Tensor | None
 
 
 @dataclass
@@ -134,9 +133,6 @@ def _drop(delta: Tensor, keep: Keep, start: int, s: _Scratch) -> float:
     if isinstance(keep, Tensor):
         delta.mul_(keep.view(-1)[start:start + n])
         return 1.0
-    if isinstance(keep, MagnitudeBand):
-        _keep_band(delta, keep, start, s)
-        return 1.0
     if keep.keep_all:
         return 1.0
     if keep.probability <= 0.0:
@@ -149,36 +145,6 @@ def _drop(delta: Tensor, keep: Keep, start: int, s: _Scratch) -> float:
     else:
         delta.view(ints).bitwise_and_(bits)
     return 1.0 / keep.probability
-
-
-def _keep_band(delta: Tensor, band: MagnitudeBand, start: int, s: _Scratch) -> None:
-    """Zero the entries of the chunk ``delta`` (from entry ``start``) outside the band, piece by
-    piece where a cut's threshold changes (ties taken in index order)."""
-    if band.empty:
-        delta.zero_()
-        return
-    n = delta.numel()
-    cuts = [c for c in (band.low, band.high) if c is not None]
-    splits = sorted({c.until - start for c in cuts if c.until is not None and 0 < c.until - start < n})
-    for lo, hi in zip([0, *splits], [*splits, n]):
-        high = band.high.threshold(start + lo) if band.high is not None else None
-        _keep_between(delta[lo:hi], band.low.threshold(start + lo), high, s)
-
-
-def _keep_between(delta: Tensor, low: int, high: int | None, s: _Scratch) -> None:
-    """Zero the entries whose |δ| bits are not in [low, high), with integer ops on the bit
-    patterns: (x − c) >> (bits − 1) is −1 exactly where x < c (no overflow: both ≥ 0)."""
-    n, size = delta.numel(), delta.element_size()
-    ints, shift = _INT_OF[size], _SIGN_SHIFT[size]
-    magnitude = s.bits.view(ints)[:n]
-    torch.bitwise_and(delta.view(ints), (1 << shift) - 1, out=magnitude)
-    if high is not None:
-        below_high = s.tmp.view(ints)[:n]
-        torch.sub(magnitude, high, out=below_high).bitwise_right_shift_(shift)
-    keep = magnitude.sub_(low).bitwise_right_shift_(shift).bitwise_not_()  # -1 where ≥ low
-    if high is not None:
-        keep.bitwise_and_(below_high)
-    delta.view(ints).bitwise_and_(keep)
 
 
 def _elect_into(pos: Tensor, neg: Tensor, tmp: Tensor) -> Tensor:
@@ -255,24 +221,26 @@ def task_vector_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[
 
 
 def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
-                  scale: float, normalize: bool, consensus: bool, out: Tensor | None) -> Tensor:
-    """:func:`task_vector_merge` of magnitude-trimmed task vectors (TIES, Breadcrumbs): one native
-    pass where it runs (:mod:`workers.magnitude_merge`, CPU with AVX-512); on a GPU (or a CPU without
-    the native kernels) the cuts selected and merged on the device with no read back
-    (:func:`fused.trimmed_merge`); else the cuts are selected (natively where it runs) and the
-    bands merged (compiled where it runs). All give the same bits."""
+                  scale: float, normalize: bool, consensus: bool, out: Tensor | None,
+                  native_cuts: bool = True) -> Tensor:
+    """θ_b + λ·merge(w_i·trim_i(δ_i)) of magnitude-trimmed task vectors (TIES, Breadcrumbs), the
+    merge of :func:`task_vector_merge`. Two implementations, the same bits:
+
+    - one native pass (:mod:`workers.magnitude_merge`: CPU with AVX-512, float32/bfloat16), which
+      selects the cuts and merges in one read of the sources (1.5-3.2x the other on this CPU, median 1.85x:
+      docs/performance.md, benchmarks/ties_paths.py);
+    - everywhere else, and where the one pass declines (a sample misled), the cuts (the native
+      selection on the CPU, else :func:`fused.device_cuts`; ``native_cuts`` False: the latter,
+      and no one pass) then the fused merge, compiled or run uncompiled over chunks
+      (:func:`fused.trimmed_merge`)."""
     result = torch.empty_like(base) if out is None else out
     coeff = _sum_factor(weight, scale, normalize, consensus)
-    if magnitude_merge.merge(base, experts, trims, weight, coeff=coeff, scale=scale, consensus=consensus,
-                             normalize=normalize, out=result):
+    if native_cuts and magnitude_merge.merge(base, experts, trims, weight, coeff=coeff, scale=scale,
+                                             consensus=consensus, normalize=normalize, out=result):
         return result
-    if (base.device.type != "cpu" or not sparsify.native_selection()) and fused.trimmed_merge(
-            base, experts, weight, trims, scale=scale, coeff=coeff, consensus=consensus, normalize=normalize,
-            out=result):
-        return result  # a GPU (or a CPU without the native kernels): cuts and merge with no read back
-    keep = sparsify.bands(experts, trims, base)
-    return task_vector_merge(base, experts, weight, scale=scale, normalize=normalize, consensus=consensus,
-                             out=result, keep=keep)
+    fused.trimmed_merge(base, experts, weight, trims, scale=scale, coeff=coeff, consensus=consensus,
+                        normalize=normalize, out=result, native_path=native_cuts)
+    return result
 
 
 def _sum_factor(weight: Sequence[float], scale: float, normalize: bool, consensus: bool) -> float:
