@@ -249,7 +249,7 @@ def test_a_kernel_that_cannot_compile_falls_back_with_one_log_line(caplog: pytes
         torch._dynamo.graph_break()  # fullgraph compilation refuses a graph break
         x.add_(1.0)
 
-    kernel = fused._Compiled(uncompilable)
+    kernel = fused.Compiled(uncompilable)
     with caplog.at_level("WARNING", logger="evomerge.workers.fused"):
         assert kernel(torch.ones(4)) is False
         assert kernel(torch.ones(4)) is False

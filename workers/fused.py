@@ -136,7 +136,7 @@ def _consensus_merge(base: Tensor, experts: list[Tensor], out: Tensor, reals: Te
     out.copy_(total * scale + base)
 
 
-class _Compiled:
+class Compiled:
     """A kernel compiled on first use; ``broken`` (and every call False) once a call failed,
     logged once: the caller then merges eagerly, with the same results."""
 
@@ -165,8 +165,8 @@ class _Compiled:
             return False
 
 
-_MERGE = _Compiled(_merge)
-_CONSENSUS = _Compiled(_consensus_merge)
+_MERGE = Compiled(_merge)
+_CONSENSUS = Compiled(_consensus_merge)
 
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -241,7 +241,7 @@ def _cut(expert: Tensor, base: Tensor | None, k: int, out: Tensor) -> None:
     out.copy_(torch.stack([value.to(torch.int64), until.to(torch.int64)]))
 
 
-_CUT = _Compiled(_cut)
+_CUT = Compiled(_cut)
 
 
 def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor:

@@ -7,7 +7,7 @@ Both need whole-tensor angles before their first output entry. Two paths per ope
   ``combine.cpp``'s sum (:func:`workers.streaming.combine`);
 - one graph per tensor for everything else (GPU tensors, float16, float64, ``EVOMERGE_NATIVE=0``,
   more than 16 experts): the Gram (:func:`workers.gram.whole_gram`), the coefficients as device
-  tensors and the sum into ``out``, handed to ``torch.compile`` (:class:`workers.fused._Compiled`)
+  tensors and the sum into ``out``, handed to ``torch.compile`` (:class:`workers.fused.Compiled`)
   whole: a few kernels per tensor and no read back, the host never waits for the device. The
   formulas choose their branches with ``torch.where``, never by a Python test of a value. On the
   CPU below :data:`workers.fused.FUSE_MIN` entries, or where nothing compiles, the same function
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from evomerge.workers import gram, streaming
-from evomerge.workers.fused import FUSE_MIN, _Compiled
+from evomerge.workers.fused import FUSE_MIN, Compiled
 from evomerge.workers.precision import working_dtype
 
 
@@ -99,8 +99,8 @@ def _model_stock(base: Tensor, experts: list[Tensor], out: Tensor) -> None:
     _weighted_sum([base, *experts], [c[0], *[c[1]] * len(experts)], out)
 
 
-_SLERP = _Compiled(_slerp)
-_MODEL_STOCK = _Compiled(_model_stock)
+_SLERP = Compiled(_slerp)
+_MODEL_STOCK = Compiled(_model_stock)
 
 
 def _compiles(tensors: Sequence[Tensor]) -> bool:
