@@ -5,6 +5,7 @@ costs one log line."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.workers import native
+from evomerge.workers import gram, native
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("band_scan", "band_merge", "gram")
@@ -84,11 +85,43 @@ def _runs_x86_64_v3() -> bool:
 def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path,
                                                        native_bits: dict[str, torch.Tensor]) -> None:
     """EVOMERGE_NATIVE_ARCH=x86-64-v3 (AVX2 and FMA, no AVX-512, as AMD's Zen 2 and 3): the
-    kernels' scalar paths, which a -march=native build on this machine runs only for tails,
-    merge to the same bits."""
+    kernels' AVX2 paths (the Gram's) and scalar paths (the others', which a -march=native build
+    on this machine runs only for tails) merge to the same bits."""
     kernels, older = native_bits, _merged(tmp_path, "v3", EVOMERGE_NATIVE_ARCH="x86-64-v3")
     for key in kernels:
         assert torch.equal(kernels[key], older[key]), key
+
+
+def _gram_build(arch: str, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+    """gram.cpp compiled for ``arch`` (into the usual cache: the key holds the flags)."""
+    monkeypatch.setenv("EVOMERGE_NATIVE_ARCH", arch)
+    return ctypes.CDLL(str(native._build(ROOT / "workers" / "gram.cpp", native._cache())))
+
+
+@pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
+def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gram.cpp built for this CPU (AVX-512 here), for x86-64-v3 (its AVX2 path) and for x86-64
+    (scalar): the same 16 lanes summed in the same order, so the same float64 bits, in float32
+    and bfloat16, with and without a base, for counts kept in registers (1-3) and the general
+    loop (5), at sizes with tails of every length class and across blocks (2^13 entries)."""
+    builds = {arch: _gram_build(arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
+    g = torch.Generator().manual_seed(5)
+    for numel in (1, 15, 17, 8192 + 8 + 3, 3 * 8192 + 21):
+        for count, with_base in ((1, False), (2, False), (3, True), (5, True)):
+            for dtype in (torch.float32, torch.bfloat16):
+                base = torch.randn(numel, generator=g).to(dtype) if with_base else None
+                tensors = [(torch.randn(numel, generator=g) * 10.0 ** (2 * i - 3)).to(dtype) for i in range(count)]
+                grams = {}
+                for arch, lib in builds.items():
+                    out = torch.empty((count, count), dtype=torch.float64)
+                    fn = lib.evomerge_gram
+                    fn.restype, fn.argtypes = ctypes.c_int, list(gram._ARGS)
+                    assert fn(native.DTYPES[dtype], base.data_ptr() if base is not None else None,
+                              native.pointers(tensors), count, numel, 1,
+                              ctypes.cast(out.data_ptr(), ctypes.POINTER(ctypes.c_double))) == 0
+                    grams[arch] = out.view(torch.int64)
+                for arch in ("x86-64-v3", "x86-64"):
+                    assert torch.equal(grams[arch], grams["native"]), (arch, numel, count, dtype)
 
 
 def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:

@@ -1,11 +1,12 @@
-// float32 and bfloat16 values as torch reads and rounds them, one at a time and 16 at a time
-// (AVX-512): bfloat16 widened exactly (its bits are a float32's upper half), float32 rounded to
-// bfloat16 to nearest even with NaN as 0x7FC0 (c10's round_to_nearest_even). Header-only.
+// float32 and bfloat16 values as torch reads and rounds them, one at a time, 8 at a time (AVX2)
+// and 16 at a time (AVX-512): bfloat16 widened exactly (its bits are a float32's upper half),
+// float32 rounded to bfloat16 to nearest even with NaN as 0x7FC0 (c10's round_to_nearest_even).
+// Header-only.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -28,6 +29,14 @@ inline uint16_t bf16_bits(float v) {
 
 inline void store(float v, float* out) { *out = v; }
 inline void store(float v, uint16_t* out) { *out = bf16_bits(v); }
+
+#ifdef __AVX2__
+inline __m256 load8(const float* x, int64_t j) { return _mm256_loadu_ps(x + j); }
+inline __m256 load8(const uint16_t* x, int64_t j) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
 
 #ifdef __AVX512F__
 inline __m512 load16(const float* x, int64_t j) { return _mm512_loadu_ps(x + j); }
