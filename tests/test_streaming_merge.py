@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from evomerge.workers import fused, selection, sparsify, streaming
+from evomerge.workers.chunks import CHUNK, chunk_size
 from evomerge.workers.registry import OPERATORS
 
-BIG = 3 * streaming.CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
+BIG = 3 * CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
 
 
 @pytest.fixture
@@ -210,7 +211,7 @@ def test_fused_band_kernel_equals_the_uncompiled_chunks(monkeypatch: pytest.Monk
     trims = [sparsify.ties_trims([0.3], n)[0], sparsify.breadcrumbs_trims([0.5], [0.05], n)[0],
              sparsify.ties_trims([0.0], n)[0], sparsify.ties_trims([1.0], n)[0]]
     cuts = fused.trim_cuts(experts, base, sparsify.cut_wants(trims))
-    assert any(streaming.chunk_size() <= until < n for until in cuts[:, 1].tolist())  # a tie split in chunk 2
+    assert any(chunk_size() <= until < n for until in cuts[:, 1].tolist())  # a tie split in chunk 2
     weight = (0.9, -0.4, 1.1, 0.5)
     for normalize in (False, True):
         coeff = 0.8 / (sum(weight) if normalize and not consensus else 1.0)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from evomerge.workers.chunks import chunk_size
 from evomerge.workers.selection import NO_SPLIT, native_cuts
 from evomerge.workers.sparsify import MIX, DareDraw, Trim, cut_wants, signed32
 from evomerge.workers.torch_internals import recompile_limit
@@ -321,11 +322,9 @@ def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[floa
 
 def _merge_in_chunks(base: Tensor, experts: Sequence[Tensor], out: Tensor, *args: object) -> None:
     """:func:`_merge` uncompiled (no compiler, ``EVOMERGE_FUSED=0``, tensors the compiled kernel does
-    not take), over chunks of :func:`workers.streaming.chunk_size` entries (at most 2^24: a GPU's
+    not take), over chunks of :func:`workers.chunks.chunk_size` entries (at most 2^24: a GPU's
     chunk is a whole tensor, and this runs ~15 temporaries of a chunk) so that its memory stays
     chunk-sized: each chunk is told its first entry's index. Any layout and float dtype."""
-    from evomerge.workers.streaming import chunk_size  # streaming imports this module
-
     flat_base, flats = base.reshape(-1), [e.reshape(-1) for e in experts]
     flat_out = out.view(-1) if out.is_contiguous() else torch.empty(out.numel(), dtype=out.dtype, device=out.device)
     size = min(chunk_size(base.device), 1 << 24)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, geometry, sparsify, streaming
+from evomerge.workers.chunks import chunk_size
 from evomerge.workers.precision import widened, working_dtype
 
 
@@ -159,7 +160,7 @@ def consensus(base: Tensor, experts: Sequence[Tensor], *, tall: Sequence[float],
             base, experts, weight, tall, need, _guarded(sum(weight)) if normalize else None, scale, result):
         return result
     flat_base, flat_out, flats = base.reshape(-1), result.view(-1), [e.reshape(-1) for e in experts]
-    size = streaming.chunk_size(base.device)
+    size = chunk_size(base.device)
     wide = working_dtype(base.dtype)
     for start in range(0, flat_base.numel(), size):  # the whole-tensor ops, one chunk at a time
         b = flat_base[start:start + size].to(wide)  # 16-bit: every δ in float32, rounded once at the end

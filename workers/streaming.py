@@ -30,21 +30,12 @@ import torch
 from torch import Tensor
 
 from evomerge.workers import fused, magnitude_merge, native
+from evomerge.workers.chunks import chunk_size
 from evomerge.workers.precision import HALF, working_dtype
 from evomerge.workers.sparsify import DareDraw, Trim
 
-CHUNK = 1 << 18  # elements per step (per thread): larger than L2, inside L3; 2^17 was ~10 % slower, 2^16 ~40 %
 _INT_OF = {4: torch.int32, 2: torch.int16}
 _SIGN_SHIFT = {4: 31, 2: 15}
-
-
-def chunk_size(device: torch.device | None = None) -> int:
-    """Elements per chunk: more with more threads, so each op still splits across them. On a GPU
-    a chunk is a whole tensor of up to 2^28 entries: a launch costs microseconds there, and a
-    chunk loop multiplies them (the scratch, ~8 buffers of a chunk, stays within a few GiB)."""
-    if device is not None and device.type != "cpu":
-        return 1 << 28
-    return CHUNK * max(1, min(8, torch.get_num_threads()))
 
 
 _COMBINE_ARGS = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
