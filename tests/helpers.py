@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of an ``evomerge`` subprocess: this process's as it is when called (a module
+    using the ``joined_ray`` fixture has the shared Ray's address in it), the checkout importable."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
 def char_tokenizer():  # type: ignore[no-untyped-def]
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM
 from tests.helpers import save_tiny_model, write_config
 from tests.test_bad_input import _assert_usage_error, run_cli
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 

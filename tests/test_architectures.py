@@ -21,6 +21,8 @@ from tests.helpers import ARCHITECTURES, write_config
 from tests.test_search_e2e import evomerge, query
 from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 TASKS = ("mc_add", "mc_sub")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from evomerge.search.families import families
 from tests.test_search_e2e import demo_config, evomerge, query, rebuilt_proposal, start_and_wait_for_progress
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 def test_auto_searches_every_family_and_resumes_after_kill_9(tmp_path: Path) -> None:
     budget = 40

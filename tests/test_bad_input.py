@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 
 from evomerge.search.config import ConfigError, load_config, read_mapping
 from evomerge.search.app.merge_file import load_merge_file
-from tests.helpers import ROOT, write_config
+from tests.helpers import cli_env, write_config
 from evomerge.workers.sources import SourceError, SourceModel, load_tensors, validate_sources
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=timeout, env=cli_env())
 
 
 def _assert_usage_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import evomerge
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli_env
 
 HEAVY = ("torch", "transformers", "ray", "lm_eval", "optuna", "optuna_dashboard", "numpy", "pydantic")
 # Runs one CLI call in a fresh interpreter, then prints which heavy packages it imported.
@@ -30,12 +30,12 @@ print(json.dumps({"status": status, "heavy": sorted(m for m in sys.modules if m.
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env=cli_env())
 
 
 def _probe(tmp_path: Path, *args: str) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env=cli_env())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

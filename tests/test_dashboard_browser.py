@@ -17,6 +17,8 @@ import pytest
 from tests.helpers import free_port, system_tool
 from tests.test_search_e2e import demo_config, evomerge, query, served_dashboard
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 STUDY = "dash-browser"
 SCREENS = Path("/tmp/evomerge-screens")
 

@@ -13,6 +13,8 @@ import torch
 
 from tests.test_search_e2e import demo_config, evomerge, query, start_and_wait_for_progress
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 @pytest.fixture(scope="module")
 def ps_dfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -21,6 +21,8 @@ from evomerge.evaluators.spec import TaskSpec, TaskSuite
 from evomerge.search.app.cli import main
 from evomerge.search.config import load_config
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 SYSTEM = "You are a careful calculator."
 DOCS = 12  # per split
 

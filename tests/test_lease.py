@@ -16,7 +16,7 @@ import pytest
 from evomerge.storage.kinds import Origin, Split, State
 from evomerge.storage.repository import LeaseError, LeaseLost, Repository
 from tests.clocks import SteppedClock
-from tests.helpers import ROOT
+from tests.helpers import cli_env
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 
@@ -49,7 +49,7 @@ def race(url: str, racers: int = 6, rounds: int = 15) -> list[int]:
     prefix = uuid.uuid4().hex[:8]
     ids = [repo.create_study(f"race-{prefix}-{r}", "{}").id for r in range(rounds)]
     repo.close()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env()
     procs = [subprocess.Popen([sys.executable, "-c", RACER, url, f"racer:{i}", ",".join(map(str, ids))], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(racers)]

@@ -6,7 +6,6 @@ with, and a replay under another one says so in one line and writes nothing."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from evomerge.storage.repository import Repository
 from evomerge.workers import arithmetic, fused
 from evomerge.workers.registry import OPERATORS, Operator
-from tests.helpers import DEMO, ROOT
+from tests.helpers import DEMO, ROOT, cli_env
 from tests.test_bad_input import run_cli
 
 HALF = (torch.bfloat16, torch.float16)
@@ -89,7 +88,7 @@ for half in (torch.bfloat16, torch.float16):
 assert not fused._MERGE.broken and not fused._CONSENSUS.broken
 print("ok")
 """
-    env = {**os.environ, "EVOMERGE_NATIVE": native, "PYTHONPATH": str(ROOT)}
+    env = cli_env(EVOMERGE_NATIVE=native)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 

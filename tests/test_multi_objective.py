@@ -14,6 +14,8 @@ from evomerge.search.origins import evolved
 from evomerge.storage.repository import Repository
 from tests.test_search_e2e import TASKS, demo_config, evomerge, query, served_dashboard
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 @pytest.fixture(scope="module")
 def front_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

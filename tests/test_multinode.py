@@ -11,88 +11,33 @@ SIGKILL is a machine dying: its job in flight must be retried elsewhere and noth
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.ray_nodes import RAY, Node, free_port, new_token, node_env, port_open, ray_temp_dir, wait_for
 from tests.test_search_e2e import demo_config
 
-RAY = str(Path(sys.executable).with_name("ray"))
 # Enough work (and every document of the demo's tasks per candidate) that the second node's
 # worker, which starts later under load, still has search jobs queued when it dies.
 TRIALS = 40
 
 
-def _wait_for(what: str, check, timeout: float = 240.0, every: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex((host, port)) == 0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class Node:
-    """One ``ray start --block`` in its own session: its process group is the whole node."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0",
-                                      "--disable-usage-stats", *args],
-                                     env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def owns(self, pid: int) -> bool:
-        try:
-            return os.getsid(pid) == self.proc.pid
-        except ProcessLookupError:
-            return False
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Node, Node]]:
-    token = tmp_path / "ray_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    port = _free_port("127.0.0.2")
-    # Its own temp dir (short: Ray's socket paths must fit 107 bytes): `ray start --head`
-    # records its address there for later drivers, and must not leave it in /tmp/ray.
-    temp = Path(tempfile.mkdtemp(prefix="evray", dir="/tmp"))
+    env = node_env(new_token(tmp_path))
+    port = free_port("127.0.0.2")
+    temp = ray_temp_dir()
     head = Node(["--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--include-dashboard=false",
                  f"--temp-dir={temp}"], env, tmp_path / "head.log")
     nodes = [head]
     try:
-        _wait_for("the Ray head", lambda: _port_open("127.0.0.2", port) or head.proc.poll() is not None)
+        wait_for("the Ray head", lambda: port_open("127.0.0.2", port) or head.proc.poll() is not None)
         assert head.proc.poll() is None, head.log.read_text()[-2000:]
         other = Node([f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3"], env, tmp_path / "node.log")
         nodes.append(other)
@@ -102,7 +47,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Node, Node]]:
                                  text=True, timeout=60).stdout
             return out.count(" node_") >= 2
 
-        _wait_for("the second node to join", two_nodes, every=3.0)
+        wait_for("the second node to join", two_nodes, every=3.0)
         yield f"127.0.0.2:{port}", env, head, other
     finally:
         for node in reversed(nodes):
@@ -145,7 +90,7 @@ def test_search_spans_two_nodes_and_loses_nothing_when_one_dies(
             others = [w for w in done if other.owns(_pid(w))]
             return [heads[0], others[0]] if heads and others else []
 
-        head_worker, lost_worker = _wait_for("a finished job on each node", on_both, timeout=420)
+        head_worker, lost_worker = wait_for("a finished job on each node", on_both, timeout=420)
         other.kill()
         assert search.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
@@ -181,7 +126,8 @@ def test_a_search_without_ray_address_never_joins_another_cluster(tmp_path: Path
     in /tmp/ray) is ignored: without --ray-address the search starts its own Ray on loopback
     (it used to try to join and fail: "num_cpus and num_gpus must not be provided")."""
     cfg = demo_config(tmp_path / "cfg.yaml", 3, limit=10)
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.9:{_free_port('127.0.0.1')}"}
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.9:{free_port('127.0.0.1')}"}
+    env.pop("EVOMERGE_RAY_ADDRESS", None)  # neither the flag nor its variable: a Ray of its own
     proc = subprocess.run([sys.executable, "-m", "evomerge", "search", str(cfg), "--storage",
                            f"sqlite:///{tmp_path / 's.db'}", "--workers", "1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)

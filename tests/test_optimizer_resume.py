@@ -12,6 +12,8 @@ import pytest
 from evomerge.search.optimizers import OPTIMIZERS
 from tests.test_search_e2e import demo_config, evomerge, query, rebuilt_proposal, start_and_wait_for_progress
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 # CMA-ES's kill -9 and resume is tests/test_search_e2e.py::test_kill_9_mid_search_then_resume.
 @pytest.mark.parametrize("name", sorted(set(OPTIMIZERS) - {"cma"}))

@@ -21,13 +21,15 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.helpers import ROOT, write_config
+from tests.helpers import cli_env, write_config
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 PG_DATA = os.environ.get("EVOMERGE_TEST_PG_DATA")
 needs_pg_ctl = pytest.mark.skipif(
     not (PG_URL and PG_DATA and os.geteuid() == 0),
     reason="needs the throwaway server of .ci/postgres.sh (EVOMERGE_TEST_POSTGRES_URL, EVOMERGE_TEST_PG_DATA) and root")
+
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
 
 
 def test_resume_settles_trials_as_the_candidate_table_says(tmp_path: Path, tiny_models: dict[str, Path],
@@ -70,7 +72,7 @@ def test_resume_settles_trials_as_the_candidate_table_says(tmp_path: Path, tiny_
 
 def _search(cfg: Path, url: str, study: str, cwd: Path, patience: float | None = None,
             max_trials: int | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env()
     if patience is not None:
         env["EVOMERGE_DB_PATIENCE_S"] = str(patience)
     cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", url, "--study", study]

@@ -21,7 +21,7 @@ from evomerge.search.config import load_config
 from evomerge.search.app.planning import check_search, plan_search, render
 from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError, Workload,
                                           plan, read_shape, sequence_bytes)
-from tests.helpers import DEMO, ROOT
+from tests.helpers import DEMO, ROOT, cli_env
 
 HEADERS = ROOT / "benchmarks" / "header_models.py"
 DEMO_CONFIG = DEMO / "demo.yaml"
@@ -164,7 +164,7 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     probe = ("import json, sys\nfrom evomerge.search.app.cli import main\nstatus = main(sys.argv[1:])\n"
              "ray = sys.modules.get('ray')\nprint(json.dumps({'status': status, 'ray': bool(ray and ray.is_initialized())}))")
     return subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(cwd / "ray")})
+                          env=cli_env(RAY_TMPDIR=str(cwd / "ray")))
 
 
 def test_a_search_that_cannot_fit_is_refused_in_one_line_before_anything(tmp_path: Path) -> None:

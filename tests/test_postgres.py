@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, write_config
+from tests.helpers import cli_env, write_config
 
 URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="EVOMERGE_TEST_POSTGRES_URL not set (see .ci/postgres.sh)")
+pytestmark = [pytest.mark.skipif(not URL, reason="EVOMERGE_TEST_POSTGRES_URL not set (see .ci/postgres.sh)"),
+              pytest.mark.usefixtures("joined_ray")]  # its `evomerge` subprocesses join one shared Ray
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=600, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

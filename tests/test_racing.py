@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from evomerge.evaluators.racing import (Partial, RacingSettings, fitness_bound, generation_bar, keep_going, upper_bound,
                                         wilson_upper)
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 means = st.floats(0.0, 1.0)
 confidences = st.sampled_from([0.9, 0.95, 0.99])
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import ROOT
+from tests.helpers import cli_env
 from tests.test_bad_input import run_cli
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe, recipe_from
@@ -72,7 +72,7 @@ def test_kill_9_mid_write_leaves_nothing_and_rerun_succeeds(tmp_path: Path, tiny
     cfg = _merge_file(tmp_path / "m.yaml", tiny_models)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", "merge", str(cfg), "--out", str(out)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not _partials(tmp_path) and proc.poll() is None and time.time() < deadline:

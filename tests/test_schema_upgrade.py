@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from evomerge.storage.migrations import SCHEMA_VERSION, VERSION_TABLE, SchemaTooNew, alembic_config, upgrade
 from evomerge.storage.repository import Repository
 from evomerge.storage.tables import Base
-from tests.helpers import DEMO, ROOT
+from tests.helpers import DEMO, ROOT, cli_env
 
 DATA = ROOT / "tests" / "data"
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
@@ -39,10 +39,12 @@ FIXTURE_HOME = Path("/tmp/evomerge-fixture-0.1.0")
 CHECKS = {"evomerge_candidates": {"ck_evomerge_candidates_origin", "ck_evomerge_candidates_state"},
           "evomerge_attempts": {"ck_evomerge_attempts_split"}}
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=600, env=cli_env())
 
 
 def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
@@ -215,7 +217,7 @@ def test_controllers_opening_an_old_database_at_once_upgrade_it_once(tmp_path: P
         _hand_written_version_4(create_engine(url))
     else:
         url = f"sqlite:///{_older(tmp_path, 'evomerge-schema4.db')}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env()
     procs = [subprocess.Popen([sys.executable, "-c", OPENER, url], env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     for proc in procs:

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import DEMO, ROOT, write_config
+from tests.helpers import DEMO, cli_env, write_config
 
 DEMO_MODELS = {"base": DEMO / "models" / "base", "cipher_a": DEMO / "models" / "cipher_a",
                "cipher_b": DEMO / "models" / "cipher_b"}
+
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
 TASKS = ("cipher_a", "cipher_b", "cipher_mix")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def demo_config(path: Path, max_trials: int, limit: int = 40, **overrides: object) -> Path:
@@ -38,7 +39,7 @@ def demo_config(path: Path, max_trials: int, limit: int = 40, **overrides: objec
 
 def evomerge(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -160,7 +161,7 @@ def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
     other = tmp / "other.yaml"
     other.write_text(yaml.safe_dump(data))
     proc = subprocess.run([sys.executable, "-m", "evomerge", "search", str(other), "--storage", f"sqlite:///{db}"],
-                          cwd=tmp, capture_output=True, text=True, env=ENV, timeout=300)
+                          cwd=tmp, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
@@ -169,7 +170,7 @@ def start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path, study: str = "t"
     """A search in a subprocess, returned once some of ``study``'s candidates are done and some
     running."""
     cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     count = ("select count(*) from evomerge_candidates c join evomerge_studies s on s.id = c.study_id "
              f"where s.name = '{study}' and c.state = ")
     deadline = time.time() + 300
@@ -287,7 +288,7 @@ def served_dashboard(db: Path, cwd: Path, port: int | None = None) -> Iterator[C
 
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", "dashboard", "--storage", f"sqlite:///{db}",
-                             "--port", str(port)], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--port", str(port)], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def get(path: str) -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:

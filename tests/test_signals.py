@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_search_e2e import (ENV, assert_stopped_in_order, demo_config, evomerge, query, stop_in_order,
+from tests.helpers import cli_env
+
+from tests.test_search_e2e import (assert_stopped_in_order, demo_config, evomerge, query, stop_in_order,
                                    stop_mid_search)
+
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
 
 
 def test_sigterm_stops_the_search_in_order(tmp_path: Path) -> None:
@@ -25,7 +29,7 @@ def test_sigterm_stops_the_search_in_order(tmp_path: Path) -> None:
 def start_and_wait_for_heldout(cfg: Path, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
     """A search in a subprocess, returned once a held-out re-score is in flight."""
     cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)

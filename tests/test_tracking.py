@@ -12,6 +12,8 @@ import pytest
 
 from tests.test_search_e2e import demo_config, evomerge, query
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 if importlib.util.find_spec("mlflow") is None:  # the 'tracking' extra
     if os.environ.get("EVOMERGE_CI"):
         pytest.fail("mlflow not installed (pip install -e '.[tracking]'; make test installs it)", pytrace=False)

@@ -19,6 +19,8 @@ from tests.helpers import write_config
 from tests.test_bad_input import run_cli
 from evomerge.workers.sources import validate_sources
 
+pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesses join one shared Ray
+
 
 @pytest.fixture(scope="module")
 def task_dir(tiny_tasks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
+RAY_ADDRESS_ENV = "EVOMERGE_RAY_ADDRESS"  # --ray-address's default (Ray's own RAY_ADDRESS is ignored)
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -65,7 +66,7 @@ def _demo_command(sub: Any) -> None:
     p.add_argument("--out", default="evomerge-demo", help="folder for the demo's database and model (default: %(default)s)")
     p.add_argument("--workers", type=int, help="Ray workers (default: the demo config's)")
     p.add_argument("--max-trials", type=int, help="trial budget (default: the demo config's)")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    _add_ray_address(p)
     p.add_argument("--routing", action="store_true",
                    help="also run the layer-routing demos (DFS, and PS+DFS on the PS demo's best model) "
                         "and show all three in one leaderboard")
@@ -77,10 +78,15 @@ def _search_command(sub: Any) -> None:
     _add_storage(p)
     p.add_argument("--study", help="study name (default: the config's)")
     p.add_argument("--workers", type=int, help="number of Ray workers (default: the config's)")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    _add_ray_address(p)
     p.add_argument("--max-trials", type=int, help="total trial budget, counting earlier runs")
     p.add_argument("--timeout", type=float, help="stop dispatching after this many seconds")
     _add_pickle(p)
+
+
+def _add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=os.environ.get(RAY_ADDRESS_ENV) or None,
+                   help="join this Ray cluster instead of starting a local one (default: $EVOMERGE_RAY_ADDRESS)")
 
 
 def _plan_command(sub: Any) -> None:
