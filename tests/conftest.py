@@ -112,9 +112,10 @@ def ray_session() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     """One real Ray cluster per pytest process (each pytest-xdist worker has its own), started on
-    first use and stopped at the session's end. Its 16 logical CPUs are more than any search asks
-    for, so a search never waits for the actors of a killed one to be released."""
-    head = Head.start(tmp_path_factory.mktemp("ray_head"), num_cpus=16)
+    first use and stopped at the session's end. 4 logical CPUs: twice what a test's search asks
+    for (2 workers), so a search never waits for the actors of a killed one to be released; Ray
+    keeps one idle Python process started per logical CPU, which the next actors take."""
+    head = Head.start(tmp_path_factory.mktemp("ray_head"), num_cpus=4)
     yield head
     head.stop()
 

@@ -10,6 +10,8 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from evomerge.search.families import families
 from tests.test_search_e2e import demo_config, evomerge, query, rebuilt_proposal, start_and_wait_for_progress
 
