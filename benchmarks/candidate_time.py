@@ -34,7 +34,7 @@ from evomerge.search.controller import Controller, baseline_recipes  # noqa: E40
 from evomerge.search.ledger import Ledger  # noqa: E402
 from evomerge.workers.pool import WorkerPool  # noqa: E402
 from evomerge.storage.repository import Repository  # noqa: E402
-from evomerge.workers.actor import WorkerSpec  # noqa: E402
+from evomerge.workers.worker_spec import WorkerSpec  # noqa: E402
 from evomerge.workers.materialize import Materializer  # noqa: E402
 
 

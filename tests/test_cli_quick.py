@@ -95,3 +95,24 @@ def test_every_declared_method_has_exactly_its_implementation() -> None:
     assert set(OPERATORS) == set(METHODS) and set(TRANSFORMS) == set(TRANSFORMS_DECLARED)
     for name, op in OPERATORS.items():
         assert op.params == METHODS[name].params and op.experts == METHODS[name].experts
+
+
+def test_the_search_controller_loads_no_worker_engine(tmp_path: Path) -> None:
+    """What ``evomerge search`` runs in its own process before it starts the workers (the command's
+    module, the checks of sources, tasks and plan, the pool) leaves the workers' engine to them:
+    no transformers model code, no materializer, no evaluation worker (~2 s of every start)."""
+    from tests.test_search_e2e import demo_config
+
+    cfg = demo_config(tmp_path / "c.yaml", 4)
+    probe = ("import json, sys\nfrom evomerge.search.app import commands, planning\n"
+             "from evomerge.search.config import load_config\nimport evomerge.workers.pool\n"
+             "cfg = load_config(sys.argv[1])\nplanning.check_search(cfg, 2, None)\ncommands.prepare(cfg)\n"
+             "print(json.dumps(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(cfg)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "torch" in loaded and "lm_eval" in loaded  # the checks' own needs: the probe ran them
+    engine = {"transformers.modeling_utils", "evomerge.workers.actor", "evomerge.workers.materialize",
+              "evomerge.workers.candidate_model", "evomerge.evaluators.harness"}
+    assert not engine & loaded, sorted(engine & loaded)

@@ -28,7 +28,8 @@ def test_identity_ignores_budget_and_workers() -> None:
 def test_demo_routing_studies_prepare() -> None:
     """`evomerge demo --routing`: a DFS study over the experts and a PS+DFS study over the PS
     demo's model and the experts; both validate and build their spaces without a search."""
-    from evomerge.search.app.commands import _routing_demos, prepare
+    from evomerge.search.app.commands import prepare
+    from evomerge.search.app.demo import _routing_demos
     from evomerge.search.dfs_space import RouteSpace
     from evomerge.search.space import SearchSpace
 

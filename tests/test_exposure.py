@@ -12,7 +12,7 @@ import pytest
 from evomerge.search.config import load_config
 from evomerge.workers.pool import WorkerPool
 from tests.helpers import write_config
-from evomerge.workers.actor import WorkerSpec
+from evomerge.workers.worker_spec import WorkerSpec
 
 
 def _loopback(ip: str) -> bool:

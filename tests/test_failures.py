@@ -18,7 +18,7 @@ from evomerge.workers.pool import WorkerPool
 from evomerge.storage.kinds import Split
 from evomerge.storage.repository import Repository
 from tests.helpers import write_config
-from evomerge.workers.actor import WorkerSpec
+from evomerge.workers.worker_spec import WorkerSpec
 
 
 def _controller(cfg_path: Path, db: Path) -> tuple[Controller, Repository, int]:

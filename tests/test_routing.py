@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.helpers import ARCHITECTURES
 from evomerge.workers.recipe import MergeRecipe, Recipe, RouteRecipe, SourceRecipe
-from evomerge.workers.routing import Route, RouteError, Router, check_routable, export_config, export_state_dict
+from evomerge.workers.route_spec import Route, RouteError, check_routable
+from evomerge.workers.routing import Router, export_config, export_state_dict
 
 torch.set_num_threads(1)
 

@@ -26,7 +26,7 @@ from evomerge.storage.repository import Repository
 from tests.clocks import StartedClock
 from tests.helpers import write_config
 from tests.test_failures import _controller
-from evomerge.workers.actor import WorkerSpec
+from evomerge.workers.worker_spec import WorkerSpec
 
 HANG_GUARD_S = 240.0  # a run still stuck this long after the stop is hung (old code): let it go
 

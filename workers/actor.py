@@ -1,8 +1,8 @@
 """The evaluation worker: loads the sources once, then materializes and scores candidates.
 
 One worker per device. It is a plain class so it can run in-process (replay, tests of
-the engine); :func:`remote_worker_class` wraps it as a Ray actor. Workers never touch the
-database: they return :class:`TrialResult` values to the controller.
+the engine); workers/pool.py runs it inside a Ray actor. Workers never touch the database:
+they return :class:`TrialResult` values to the controller.
 """
 
 from __future__ import annotations
@@ -11,35 +11,15 @@ import math
 import os
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
 
 import torch
 
-from evomerge.evaluators.batching import BatchSize
 from evomerge.evaluators.harness import Evaluator, Scoring
-from evomerge.evaluators.spec import TaskSuite
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import parse_recipe
 from evomerge.workers.result import Failed, Job, Scored, TrialResult
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to start: sources, tasks, device settings."""
-
-    folders: Mapping[str, Path]
-    base: str
-    suite: TaskSuite
-    dtype: str = "float32"
-    device: str = "cpu"
-    batch_size: BatchSize = "auto"  # or a fixed batch (evaluators/batching.py)
-    threads: int = 1
-    allow_pickle: bool = False  # read .bin/.pt checkpoints (the user's explicit --allow-pickle)
-    sources: Literal["auto", "device", "host"] = "auto"  # where the sources live (workers/materialize.py)
+from evomerge.workers.worker_spec import WorkerSpec
 
 
 class EvalWorker:
@@ -84,14 +64,6 @@ class EvalWorker:
         return TrialResult(job, outcome, self.name, merged - start, done - merged,
                            None if job.heldout else scoring.documents, scoring.complete,
                            time.process_time() - cpu)
-
-
-def remote_worker_class(num_cpus: float, num_gpus: float) -> Any:
-    """``EvalWorker`` as a Ray actor class with its resource request."""
-    import ray
-
-    # max_task_retries=0: the controller records every attempt and decides on retries itself.
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(EvalWorker)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -19,7 +19,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe, RouteRecipe, SourceRecipe
-from evomerge.workers.routing import Route, Router, build_stack
+from evomerge.workers.route_spec import Route
+from evomerge.workers.routing import Router, build_stack
 
 
 class CandidateModel:

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from evomerge.workers.candidate_model import CandidateModel
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.recipe import Recipe, RouteRecipe
-from evomerge.workers.routing import Route, export_config, export_state_dict
+from evomerge.workers.route_spec import Route
+from evomerge.workers.routing import export_config, export_state_dict
 
 
 class ReplayError(RuntimeError):

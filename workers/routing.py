@@ -22,49 +22,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from evomerge.workers.layout import layer_index
+from evomerge.workers.route_spec import Route, RouteError, check_routable
 
-# Config fields that must agree for layers of two models to run in one residual stream.
-ROUTE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps",
-                "hidden_act", "sliding_window")  # sliding_window: the mask is the head's, the window the layer's
 MLP_OUT = ".mlp.down_proj."  # the projection whose output hop k+1's scale multiplies (Llama family)
-
-
-class RouteError(ValueError):
-    """A route that cannot be built or run; one line."""
-
-
-@dataclass(frozen=True)
-class Route:
-    """A path: ``hops[k]`` = (model, layer), ``scales[k]`` for hop k (see the module docstring)."""
-
-    head: str
-    hops: tuple[tuple[str, int], ...]
-    scales: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if not self.hops:
-            raise RouteError("empty path: a route needs at least one layer")
-        if len(self.scales) != len(self.hops):
-            raise RouteError(f"{len(self.hops)} hops but {len(self.scales)} scales")
-
-
-def check_routable(configs: Mapping[str, PretrainedConfig], head: str) -> None:
-    """Refuse models whose layers cannot share a residual stream (one line naming the field)."""
-    ref = configs[head]
-    for name, cfg in configs.items():
-        for field in ROUTE_FIELDS:
-            a, b = getattr(ref, field, None), getattr(cfg, field, None)
-            if a != b:
-                raise RouteError(f"models {head!r} and {name!r} cannot be routed together: config {field} "
-                                 f"differs ({a} vs {b})")
 
 
 class _Scaled(nn.Module):

@@ -7,8 +7,9 @@ Exit status: 0 on success, 2 on bad usage or config (one line saying what and wh
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import importlib
 import logging
+from typing import Any
 import os
 import signal
 import sys
@@ -150,8 +151,11 @@ def _dashboard_command(sub: Any) -> None:
 
 
 # Commands that need no model: served by search/app/reading.py, which imports nothing heavy
-# (benchmarks/cli_time.py); every other command loads the whole engine.
+# (benchmarks/cli_time.py). The others import the module that holds them, and what it needs.
 READING_COMMANDS = ("status", "methods", "dashboard")
+ENGINE_COMMANDS = {"search": "commands", "plan": "planning", "replay": "replaying", "merge": "replaying",
+                   "demo": "demo"}
+WRITES_MODELS = ("replay", "merge", "demo")  # a model folder that did not verify is a ReplayError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _engine_command(args: argparse.Namespace, url: str | None) -> int:
-    """A command that loads the engine (torch, transformers, Ray, lm-eval, Optuna)."""
+    """A command that loads (part of) the engine: torch, transformers, Ray, lm-eval, Optuna."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The controller builds the lm-eval tasks to check them: no per-split bars on stderr.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -174,19 +178,23 @@ def _engine_command(args: argparse.Namespace, url: str | None) -> int:
 
     hf_logging.disable_progress_bar()  # per-shard bars are noise in a long search's log
     from evomerge.search import signals
-    from evomerge.search.app import commands
     from evomerge.search.app.commands import SearchFailed
     from evomerge.search.config import ConfigError
     from evomerge.search.controller import StudyMismatch
     from evomerge.evaluators.spec import TaskError
     from evomerge.workers.memory_plan import PlanError
-    from evomerge.workers.replay import ReplayError
-    from evomerge.workers.sources import SourceError
+    from evomerge.workers.source_spec import SourceError
 
+    module = importlib.import_module(f"evomerge.search.app.{ENGINE_COMMANDS[args.command]}")
+    failures: tuple[type[BaseException], ...] = (SearchFailed,)
+    if args.command in WRITES_MODELS:
+        from evomerge.workers.replay import ReplayError
+
+        failures += (ReplayError,)
     if args.command in ("search", "demo"):
         signals.install()  # SIGINT/SIGTERM stop the controller at a safe point (search/signals.py)
-    return _guarded(lambda: int(getattr(commands, f"cmd_{args.command}")(args, url)),
-                    (ConfigError, SourceError, TaskError, StudyMismatch, PlanError), (ReplayError, SearchFailed))
+    return _guarded(lambda: int(getattr(module, f"cmd_{args.command}")(args, url)),
+                    (ConfigError, SourceError, TaskError, StudyMismatch, PlanError), failures)
 
 
 def _guarded(command: Callable[[], int], usage: tuple[type[BaseException], ...],
