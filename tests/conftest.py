@@ -127,8 +127,8 @@ def joined_ray(ray_head: Head) -> Iterator[str]:
     ``--ray-address``) instead of each starting and stopping a local Ray, ~4 s of a ~16 s process.
     A local Ray stays covered: the in-process pools, test_exposure, test_plan, test_multinode."""
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in ray_head.client_env().items():
-            mp.setenv(name, value)
+        mp.setenv("EVOMERGE_RAY_ADDRESS", ray_head.address)
+        mp.setenv("RAY_AUTH_MODE", "token")  # a driver joining sends Ray's default token only when told
         yield ray_head.address
 
 

@@ -11,6 +11,7 @@ each starting and stopping a Ray of its own, ~4 s of a ~16 s search process.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -52,20 +53,30 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def node_env(token: Path) -> dict[str, str]:
-    """The environment of a node and of the drivers joining it: token authentication, Ray's cluster
-    mode on (an in-process local Ray of the suite may have switched it off in ``os.environ``), and
-    none of the controller's database secrets (workers never see them, as with a local Ray)."""
+def node_env(token: Path | None) -> dict[str, str]:
+    """The environment of a node and of the drivers joining it: token authentication (``token``'s,
+    or the default token file's when None), Ray's cluster mode on (an in-process local Ray of the
+    suite may have switched it off in ``os.environ``), and none of the controller's database
+    secrets (workers never see them, as with a local Ray)."""
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("PG") or k in ("EVOMERGE_STORAGE", "DATABASE_URL", "EVOMERGE_TEST_POSTGRES_URL"))}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    return {**env, "RAY_AUTH_MODE": "token", **({"RAY_AUTH_TOKEN_PATH": str(token)} if token else {})}
 
 
 def new_token(folder: Path) -> Path:
     token = folder / "ray_token"
     token.write_text(secrets.token_hex(32))
     return token
+
+
+def default_token() -> None:
+    """Ray's default token file (~/.ray/auth_token), created once if missing, under a lock: every
+    Ray of the suite but test_multinode's uses it, and Ray reads a process's token once, so a
+    second token in one process would lock its later Rays out."""
+    with open(os.path.join(tempfile.gettempdir(), "evomerge-ray-token.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
 
 
 def ray_temp_dir() -> Path:
@@ -106,28 +117,26 @@ class Head:
 
     address: str
     group: int
-    token: Path
     temp: Path
 
     @classmethod
     def start(cls, folder: Path, num_cpus: int) -> Head:
-        token, temp = new_token(folder), ray_temp_dir()
+        """Started with Ray's default token (:func:`default_token`), the one every local Ray of
+        the suite uses: a driver joins with the address and ``RAY_AUTH_MODE=token``."""
+        default_token()
+        temp = ray_temp_dir()
         port = free_port("127.0.0.2")
         log = folder / "head.log"
         proc = subprocess.Popen(
             [RAY, "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}", f"--num-cpus={num_cpus}",
              "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
              f"--dashboard-agent-listen-port={free_port('127.0.0.2')}"],
-            env=node_env(token), stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        head = cls(f"127.0.0.2:{port}", proc.pid, token, temp)
+            env=node_env(None), stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        head = cls(f"127.0.0.2:{port}", proc.pid, temp)
         if proc.wait(timeout=300) != 0:  # `ray start` returns once the head is up
             head.stop()
             raise RuntimeError(f"ray start --head failed: {log.read_text()[-2000:]}")
         return head
-
-    def client_env(self) -> dict[str, str]:
-        """What a search subprocess needs in its environment to join this head."""
-        return {"EVOMERGE_RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token)}
 
     def stop(self) -> None:
         """SIGKILL to the head's processes (a throwaway cluster: Ray's own stop takes seconds)."""
