@@ -175,3 +175,24 @@ def system_tool(*names: str) -> str:
     if os.environ.get("EVOMERGE_CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def merge_launches(names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """benchmarks/merge_launches.py's (launches, syncs) for one bfloat16 tensor of FUSE_MIN entries per
+    operator, counted in a process of its own (the benchmark turns the native kernels off for its
+    whole process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, merge_launches as m\n"
+            "torch._inductor.config.cpp.enable_kernel_profile = True\n"  # as the benchmark's main: C++ kernels show
+            "for name in sys.argv[1:]:\n"
+            "    c = m.count(name, m.fused.FUSE_MIN, torch.bfloat16)\n"
+            "    print(name, c.launches, c.syncs)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = {name: (int(launches), int(syncs)) for name, launches, syncs in map(str.split, proc.stdout.splitlines())}
+    assert list(counts) == list(names), proc.stdout
+    return counts

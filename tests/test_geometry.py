@@ -9,15 +9,11 @@ bit-identical. On one device the graph is deterministic: two runs give the same 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from evomerge.workers import fused, geometry, gram
-from tests.helpers import ROOT
+from tests.helpers import merge_launches
 
 BIG = fused.FUSE_MIN + 1001  # compiled on the CPU (from FUSE_MIN); smaller tensors run the graph eagerly
 
@@ -125,19 +121,7 @@ def test_the_compiled_graph_equals_the_same_function_run_eagerly() -> None:
 
 
 def test_the_graph_launches_at_most_8_kernels_and_never_syncs() -> None:
-    """benchmarks/merge_launches.py's count for one bfloat16 tensor of each operator, in a process of
-    its own (the benchmark turns the native kernels off for its whole process)."""
-    code = ("import torch, merge_launches as m\n"
-            "torch._inductor.config.cpp.enable_kernel_profile = True\n"  # as the benchmark's main: C++ kernels show
-            "for name in ('slerp', 'model_stock'):\n"
-            "    c = m.count(name, m.fused.FUSE_MIN, torch.bfloat16)\n"
-            "    print(name, c.launches, c.syncs)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 2, proc.stdout
-    for line in lines:
-        name, launches, syncs = line.split()
-        assert int(launches) >= 1, line  # the kernel was seen
-        assert int(launches) <= 8 and int(syncs) == 0, line
+    """benchmarks/merge_launches.py's count for one bfloat16 tensor of each operator."""
+    for name, (launches, syncs) in merge_launches(("slerp", "model_stock")).items():
+        assert launches >= 1, name  # the kernel was seen
+        assert launches <= 8 and syncs == 0, (name, launches, syncs)

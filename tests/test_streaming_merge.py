@@ -13,6 +13,7 @@ import torch
 from evomerge.workers import fused, selection, sparsify, streaming
 from evomerge.workers.chunks import CHUNK, chunk_size
 from evomerge.workers.registry import OPERATORS
+from tests.helpers import merge_launches
 
 BIG = 3 * CHUNK + 1001  # crosses chunk boundaries at 1 and 2 threads, odd length
 
@@ -320,6 +321,15 @@ def test_device_trimmed_merge_equals_the_other_paths(dtype: torch.dtype, kind: s
                 assert torch.equal(out, expected), (consensus, normalize, native_cuts)
             if fused._MERGE.broken:
                 skip_unless_no_compiler()
+
+
+def test_the_device_trims_launch_at_most_8_kernels_and_never_sync() -> None:
+    """TIES and Breadcrumbs(-TIES) on the device path: the cuts and the keys in one graph (a copy of
+    one host table, the selection, a few kernels beside it), then the merge; no read back. Before
+    the cuts shared a graph: 22 (TIES) and 32 (Breadcrumbs) per tensor."""
+    for name, (launches, syncs) in merge_launches(("ties", "breadcrumbs", "breadcrumbs_ties")).items():
+        assert launches >= 3, name  # the copy, the selection and the merge were seen
+        assert launches <= 8 and syncs == 0, (name, launches, syncs)
 
 
 def test_device_cuts_equal_the_selected_cuts() -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from evomerge.workers import band_cuts
 from evomerge.workers.chunks import chunk_size
 from evomerge.workers.selection import NO_SPLIT, native_cuts
 from evomerge.workers.sparsify import MIX, DareDraw, Trim, cut_wants, signed32
@@ -229,20 +230,24 @@ def _to_device(device: torch.device, *tensors: Tensor) -> list[Tensor]:
         return [t.to(device) for t in tensors]
 
 
-def _cut(expert: Tensor, base: Tensor | None, k: int, out: Tensor) -> None:
-    """(value, until) of the k-th largest |δ| (:class:`workers.selection.Cut` as integers) into
-    ``out`` (int64, 2 entries), δ = ``expert`` − ``base`` in float32, on the tensors' device."""
-    delta = expert.float() - base.float() if base is not None else expert.float()
-    bits = delta.abs().view(torch.int32)  # non-negative floats' bits order like their values
-    value = torch.kthvalue(bits, bits.numel() - k + 1).values  # the k-th largest magnitude
-    need = k - (bits > value).sum()  # of the entries equal to it, the first `need` are above
-    ties = (bits == value).to(torch.int32).cumsum(0, dtype=torch.int32)
-    split = torch.searchsorted(ties, need.to(torch.int32).reshape(1)).squeeze(0) + 1
-    until = torch.where(need == ties[-1], NO_SPLIT, split)
-    out.copy_(torch.stack([value.to(torch.int64), until.to(torch.int64)]))
+_SELECT = Compiled(band_cuts.select)
 
 
-_CUT = Compiled(_cut)
+def _selected(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]], consts: list[int],
+              picks: list[int]) -> Tensor:
+    """:func:`workers.band_cuts.select` of the cuts ``wants``, then the ``consts``, as ``picks`` chooses,
+    on the tensors' device: one copy of a host table, one compiled graph (uncompiled where no
+    compiler works), no read back."""
+    flats = [e.reshape(-1) for e in experts]
+    rows, rank, depth, head = band_cuts.plan(wants, flats[0].numel())
+    with record_function("evomerge.host"):
+        table = torch.tensor([*head, *consts, *picks], dtype=torch.int32)
+    (table,) = _to_device(flats[0].device, table)
+    out = torch.empty(len(picks), dtype=torch.int32, device=flats[0].device)
+    args = (base.reshape(-1) if base is not None else None, flats, rows, rank, depth, table, out)
+    if not _SELECT(*args):
+        band_cuts.select(*args)
+    return out
 
 
 def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor:
@@ -251,70 +256,58 @@ def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[
     the index from which entries equal to it are no longer above the cut (NO_SPLIT where every tie is
     above; ties go to the lowest indices), by whole-tensor ops with no read back: the host never waits
     for the device. Exact, the cuts of :func:`workers.selection.native_cuts` (tested), but a selection
-    (``kthvalue``) per cut and ~13 bytes of scratch per entry: for GPUs, and for CPU tensors the native
-    selection does not take. Each cut is one compiled graph (a few kernels beside the selection)."""
-    rows = torch.empty(len(wants), 2, dtype=torch.int64, device=experts[0].device)
-    flat = base.reshape(-1) if base is not None else None
-    for w, (i, k) in enumerate(wants):
-        if not _CUT(experts[i].reshape(-1), flat, k, rows[w]):
-            _cut(experts[i].reshape(-1), flat, k, rows[w])
-    return rows.to(torch.int32)
+    (``kthvalue``) over all the cuts' rows at once (:mod:`workers.band_cuts`): for GPUs, and for CPU
+    tensors the native selection does not take."""
+    if not wants:
+        return torch.empty(0, 2, dtype=torch.int32, device=experts[0].device)
+    return _selected(experts, base, wants, band_cuts.CONSTS, list(range(2 * len(wants)))).view(len(wants), 2)
+
+
+def _native_rows(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor | None:
+    """The cuts of :func:`device_cuts` from the native selection, on the host; None where it does not
+    take the tensors or a cut's sample misled twice (practically never)."""
+    found = native_cuts(experts, base, wants)
+    if found is None or any(c is None for c in found):
+        return None
+    rows = [[c.value, NO_SPLIT if c.until is None else c.until] for c in found if c is not None]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(wants), 2)
 
 
 def trim_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]],
               native_path: bool = True) -> Tensor:
     """The cuts of :func:`device_cuts`: on the CPU from the native selection where it takes the
-    tensors (``native_path`` False: never), the rest (a GPU, float16, small tensors, no compiler, a
+    tensors (``native_path`` False: never), else (a GPU, float16, small tensors, no compiler, a
     cut whose sample misled twice) from :func:`device_cuts`. The same rows either way."""
-    found = native_cuts(experts, base, wants) if native_path else None
-    if found is None:
-        return device_cuts(experts, base, wants)
-    rows = [[0, 0] if c is None else [c.value, NO_SPLIT if c.until is None else c.until] for c in found]
-    cuts = torch.tensor(rows, dtype=torch.int32).reshape(len(wants), 2)
-    missed = [w for w, c in enumerate(found) if c is None]
-    if missed:
-        cuts[missed] = device_cuts(experts, base, [wants[w] for w in missed])
-    return cuts
+    found = _native_rows(experts, base, wants) if native_path else None
+    return found if found is not None else device_cuts(experts, base, wants)
 
 
 def trimmed_merge(base: Tensor, experts: Sequence[Tensor], weight: Sequence[float], trims: Sequence[Trim], *,
                   scale: float, coeff: float, consensus: bool, normalize: bool, out: Tensor,
                   native_path: bool = True) -> None:
     """A TIES/Breadcrumbs merge (``trims``, see :func:`workers.streaming.trimmed_merge`) into ``out``:
-    the cuts (:func:`trim_cuts`), the kernel's keys assembled from them on the tensors' device (no
-    read back), then :func:`_merge`, compiled where :func:`takes` and a compiler allow, else the same
-    function run uncompiled over chunks of the tensor. The same values on every path."""
+    the kernel's keys from the native cuts on the host, or with the cuts on the tensors' device in
+    one graph (:func:`_selected`: no read back), then :func:`_merge`, compiled where :func:`takes`
+    and a compiler allow, else the same function run uncompiled over chunks of the tensor. The
+    same values on every path."""
     if not experts:
         out.copy_(base)
         return
-    cuts = trim_cuts(experts, base, cut_wants(trims), native_path)
+    wants = cut_wants(trims)
     with record_function("evomerge.host"):
-        # where each expert's row (low value, low until, high value, high until) comes from: a cut's
-        # entry in the flat cuts, or the constants 0 and NO_SPLIT appended after them
-        zero, none = cuts.numel(), cuts.numel() + 1
-        index, highs, slot = [], [], 0
-        for t in trims:
-            low = high = (zero, none)
-            if t.keep > 0:
-                low, slot = (2 * slot, 2 * slot + 1), slot + 1
-            if t.keep >= 0 and t.drop > 0:
-                high, slot = (2 * slot, 2 * slot + 1), slot + 1
-            if t.keep < 0:  # keeps nothing: below a high cut of 0
-                high = (zero, none)
-            index.append([*low, *high])
-            highs.append(t.keep < 0 or t.drop > 0)
-        coefs = [w if consensus else coeff * w for w in weight]
-        host = torch.zeros(len(trims) + 1, 2)  # each Python scalar rounded to float32 as eager rounds it
-        host[:-1, 0], host[:-1, 1], host[-1, 0] = torch.tensor(coefs), torch.tensor(weight), scale
-        index_host = torch.tensor(index, dtype=torch.int64)
-    index_dev, host = _to_device(base.device, index_host, host)
-    if cuts.device != base.device:  # the native cuts, for a tensor on another device (not taken today)
-        (cuts,) = _to_device(base.device, cuts)
-    table = torch.nn.functional.pad(torch.nn.functional.pad(cuts.reshape(-1), (0, 1), value=0), (0, 1), value=NO_SPLIT)
-    keys = table[index_dev]
-    cut_floats = torch.nn.functional.pad(keys[:, 0::2].contiguous().view(torch.float32), (0, 0, 0, 1))
-    reals = torch.cat([host, cut_floats], dim=1)
-    args = (keys, reals, consensus, consensus and normalize, tuple(highs))
+        consts, picks, highs = band_cuts.keys_table(trims, weight, [w if consensus else coeff * w for w in weight],
+                                                    scale)
+    cuts = _native_rows(experts, base, wants) if native_path and wants else None
+    if cuts is not None or not wants:  # every key known on the host
+        with record_function("evomerge.host"):
+            known = cuts.reshape(-1) if cuts is not None else torch.empty(0, dtype=torch.int32)
+            block = torch.cat([known, torch.tensor(consts, dtype=torch.int32)])[picks]
+        (block,) = _to_device(base.device, block)
+    else:
+        block = _selected(experts, base, wants, consts, picks)
+    block = block.view(-1, 4)
+    keys, reals = block[:len(trims)], block[len(trims):].view(torch.float32)
+    args = (keys, reals, consensus, consensus and normalize, highs)
     if takes([base, *experts, out]) and _MERGE(base.view(-1), [e.view(-1) for e in experts], out.view(-1), *args):
         return
     _merge_in_chunks(base, experts, out, *args)

@@ -6,8 +6,8 @@ a sample of the tensor brackets each k-th magnitude in a narrow band [lo, hi]; o
 experts at once counts the entries above each band and collects the few inside it, and the k-th is
 selected among those (Floyd & Rivest's sampling selection, CACM 1975, in one pass). A band that
 misses its k-th entry (the sample misled: rare, detected exactly, never wrong) is retried wider;
-a cut missed twice, and every cut of tensors the kernel does not take (a GPU, float16, no
-compiler), is selected by :func:`workers.fused.device_cuts`, which gives the same cuts.
+where a cut is missed twice, and for tensors the kernel does not take (a GPU, float16, no compiler),
+every cut of the tensor is selected by :func:`workers.fused.device_cuts`, which gives the same cuts.
 
 For 16-bit sources δ is formed in float32 from the exactly widened values (merge arithmetic 2),
 so the cuts are float32 magnitude bits whatever the sources' dtype.
