@@ -17,9 +17,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Each test's Ray (and each search subprocess's) takes any free port for its dashboard agent:
 # on Ray's one fixed port, every Ray started beside another waited ~3 s (workers/ray_internals.py).
 os.environ.setdefault("EVOMERGE_RAY_AGENT_PORT", "0")
+# Every Ray of the session (in-process, a search subprocess's own, the shared head a subprocess
+# joins) with token authentication on Ray's default token file: Ray reads a process's auth mode
+# and token once, so they must not change while a session runs (see tests/ray_nodes.py).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from tests.helpers import ARCHITECTURES, save_tiny_arch, save_tiny_model  # noqa: E402  (after the offline env)
-from tests.ray_nodes import Head  # noqa: E402
+from tests.ray_nodes import Head, default_token  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -109,6 +113,12 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_token() -> None:
+    """Ray's default token file exists before any Ray of the session starts (created once)."""
+    default_token()
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     """One real Ray cluster per pytest process (each pytest-xdist worker has its own), started on
@@ -128,7 +138,6 @@ def joined_ray(ray_head: Head) -> Iterator[str]:
     A local Ray stays covered: the in-process pools, test_exposure, test_plan, test_multinode."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EVOMERGE_RAY_ADDRESS", ray_head.address)
-        mp.setenv("RAY_AUTH_MODE", "token")  # a driver joining sends Ray's default token only when told
         yield ray_head.address
 
 

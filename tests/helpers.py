@@ -8,6 +8,8 @@ import functools
 import os
 import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,15 +183,12 @@ def merge_launches(names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """benchmarks/merge_launches.py's (launches, syncs) for one bfloat16 tensor of FUSE_MIN entries per
     operator, counted in a process of its own (the benchmark turns the native kernels off for its
     whole process)."""
-    import subprocess
-    import sys
-
     code = ("import sys, torch, merge_launches as m\n"
             "torch._inductor.config.cpp.enable_kernel_profile = True\n"  # as the benchmark's main: C++ kernels show
             "for name in sys.argv[1:]:\n"
             "    c = m.count(name, m.fused.FUSE_MIN, torch.bfloat16)\n"
             "    print(name, c.launches, c.syncs)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])}
+    env = cli_env(PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]))
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,7 +123,6 @@ class Head:
     def start(cls, folder: Path, num_cpus: int) -> Head:
         """Started with Ray's default token (:func:`default_token`), the one every local Ray of
         the suite uses: a driver joins with the address and ``RAY_AUTH_MODE=token``."""
-        default_token()
         temp = ray_temp_dir()
         port = free_port("127.0.0.2")
         log = folder / "head.log"
