@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from evomerge.workers.pool import controller_only
+
 RAY = str(Path(sys.executable).with_name("ray"))
 T = TypeVar("T")
 
@@ -58,8 +60,7 @@ def node_env(token: Path | None) -> dict[str, str]:
     or the default token file's when None), Ray's cluster mode on (an in-process local Ray of the
     suite may have switched it off in ``os.environ``), and none of the controller's database
     secrets (workers never see them, as with a local Ray)."""
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("PG") or k in ("EVOMERGE_STORAGE", "DATABASE_URL", "EVOMERGE_TEST_POSTGRES_URL"))}
+    env = {k: v for k, v in os.environ.items() if not (controller_only(k) or k == "EVOMERGE_TEST_POSTGRES_URL")}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     return {**env, "RAY_AUTH_MODE": "token", **({"RAY_AUTH_TOKEN_PATH": str(token)} if token else {})}
 

@@ -280,7 +280,7 @@ def _kill(ray: Any, actor: Any) -> None:
 
 
 # Only the controller talks to the database: workers never see its credentials.
-def _controller_only(name: str) -> bool:
+def controller_only(name: str) -> bool:
     return name.startswith("PG") or name in ("EVOMERGE_STORAGE", "DATABASE_URL")
 
 
@@ -292,7 +292,7 @@ def _start_ray(count: int, num_cpus: float, num_gpus: float, address: str | None
         if not ray.is_initialized():
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return ray
-    ray = start_on_loopback(max(int(count * num_cpus + 0.999), os.cpu_count() or 1), num_gpus, _controller_only)
+    ray = start_on_loopback(max(int(count * num_cpus + 0.999), os.cpu_count() or 1), num_gpus, controller_only)
     node = ray.util.get_node_ip_address()
     if node not in ("127.0.0.1", "::1"):
         ray.shutdown()
