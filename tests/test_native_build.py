@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.workers import gram, native
+from evomerge.workers import gram, native, selection
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("band_scan", "band_merge", "gram")
@@ -92,10 +92,10 @@ def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path,
         assert torch.equal(kernels[key], older[key]), key
 
 
-def _gram_build(arch: str, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    """gram.cpp compiled for ``arch`` (into the usual cache: the key holds the flags)."""
+def _build_for(name: str, arch: str, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+    """``name``.cpp compiled for ``arch`` (into the usual cache: the key holds the flags)."""
     monkeypatch.setenv("EVOMERGE_NATIVE_ARCH", arch)
-    return ctypes.CDLL(str(native._build(ROOT / "workers" / "gram.cpp", native._cache())))
+    return ctypes.CDLL(str(native._build(ROOT / "workers" / f"{name}.cpp", native._cache())))
 
 
 @pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
@@ -104,7 +104,7 @@ def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds(monkeypatch
     (scalar): the same 16 lanes summed in the same order, so the same float64 bits, in float32
     and bfloat16, with and without a base, for counts kept in registers (1-3) and the general
     loop (5), at sizes with tails of every length class and across blocks (2^13 entries)."""
-    builds = {arch: _gram_build(arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
+    builds = {arch: _build_for("gram", arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
     g = torch.Generator().manual_seed(5)
     for numel in (1, 15, 17, 8192 + 8 + 3, 3 * 8192 + 21):
         for count, with_base in ((1, False), (2, False), (3, True), (5, True)):
@@ -122,6 +122,37 @@ def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds(monkeypatch
                     grams[arch] = out.view(torch.int64)
                 for arch in ("x86-64-v3", "x86-64"):
                     assert torch.equal(grams[arch], grams["native"]), (arch, numel, count, dtype)
+
+
+@pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
+def test_the_magnitude_cuts_are_the_same_on_avx_512_avx2_and_scalar_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """band_scan.cpp's selection built for this CPU (16 lanes), for x86-64-v3 (8 lanes, a table in
+    place of AVX-512's compress) and for x86-64 (scalar) gives the same cuts, tie splits and
+    misses: float32 and bfloat16 (whose δ take few values: ties at the cuts), with and without a
+    base, one and two cuts per expert, sizes whose tails take every vector remainder."""
+    builds = {arch: _build_for("band_scan", arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
+    g = torch.Generator().manual_seed(11)
+    for numel in (64, 4096 + 13, 3 * 16384 + 7, 200_003):
+        for dtype in (torch.float32, torch.bfloat16):
+            for with_base in (True, False):
+                base = torch.randn(numel, generator=g).to(dtype) if with_base else None
+                experts = [(torch.randn(numel, generator=g) * 0.1).to(dtype) for _ in range(3)]
+                wants = [(0, numel // 3), (1, numel // 10), (1, numel // 2), (2, 1), (2, numel - 1)]
+                found = {}
+                for arch, lib in builds.items():
+                    fn = lib.evomerge_select
+                    fn.restype, fn.argtypes = ctypes.c_int, list(selection._ARGS)
+                    slots = len(wants)
+                    value, until, ok = (ctypes.c_uint32 * slots)(), (ctypes.c_int64 * slots)(), (ctypes.c_int * slots)()
+                    assert fn(native.DTYPES[dtype], base.data_ptr() if base is not None else None,
+                              native.pointers(experts), len(experts), numel,
+                              (ctypes.c_int * slots)(*[i for i, _ in wants]),
+                              (ctypes.c_int64 * slots)(*[k for _, k in wants]), slots,
+                              selection.sample_size(numel), 3.5, 2, value, until, ok) == 0
+                    found[arch] = (list(value), list(until), list(ok))
+                assert all(found["native"][2]), (numel, dtype)  # the cuts were found, not all missed
+                for arch in ("x86-64-v3", "x86-64"):
+                    assert found[arch] == found["native"], (arch, numel, dtype, with_base)
 
 
 def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) -> None:

@@ -49,6 +49,34 @@ void scan(const T* base, const T* const* experts, int n_experts, const Slot* slo
             }
         }
         for (int s = 0; s < n_slots; ++s) above[s] += over[s];
+#elif defined(__AVX2__)
+        // 8 lanes (an AVX2 node: Zen 2/3, x86-64-v3 builds). Magnitudes and bands lie in
+        // [0, 2^31), so signed compares order them as the unsigned ones above.
+        const Compress8& table = compress8();
+        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        int64_t over[kMaxSlots] = {};
+        for (; j + 8 <= tile_end; j += 8) {
+            for (int i = 0; i < n_experts; ++i) {
+                __m256i m = mags8(experts[i], base, j);
+                int in = 0;  // lanes inside some band of this expert
+                for (int s = 0; s < n_slots; ++s) {
+                    if (slots[s].expert != i) continue;
+                    __m256i over_hi = _mm256_cmpgt_epi32(m, _mm256_set1_epi32(int32_t(slots[s].hi)));
+                    __m256i under_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(slots[s].lo)), m);
+                    over[s] += __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(over_hi))));
+                    in |= ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(over_hi, under_lo))) & 0xFF;
+                }
+                Bucket& f = buckets[i];
+                if (!f.full) {  // all 8 lanes stored whatever the count, as the AVX-512 path
+                    __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.lanes[in]));
+                    __m256i at = _mm256_add_epi32(iota, _mm256_set1_epi32(int32_t(j)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(f.bits + f.size), _mm256_permutevar8x32_epi32(m, order));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(f.index + f.size), _mm256_permutevar8x32_epi32(at, order));
+                }
+                f.size += __builtin_popcount(unsigned(in));
+            }
+        }
+        for (int s = 0; s < n_slots; ++s) above[s] += over[s];
 #endif
         for (; j < tile_end; ++j)
             for (int i = 0; i < n_experts; ++i) {  // branch-free as well

@@ -13,9 +13,6 @@
 
 #include "lanes.h"
 #include "threads.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 namespace evomerge {
 
@@ -47,6 +44,35 @@ template <>
 inline uint32_t mag<float>(const float* e, const float* b, int64_t j) { return mag_f32(e, b, j); }
 template <>
 inline uint32_t mag<uint16_t>(const uint16_t* e, const uint16_t* b, int64_t j) { return mag_bf16(e, b, j); }
+
+#ifdef __AVX2__
+// 8 magnitudes from entry j (float32 or bfloat16 sources, as mags16 below).
+template <typename T>
+inline __m256i mags8(const T* e, const T* b, int64_t j) {
+    __m256 d = load8(e, j);
+    if (b) d = _mm256_sub_ps(d, load8(b, j));
+    return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7FFFFFFF));
+}
+
+// AVX2 has no compress: row m of this table moves the lanes set in mask m to the front, in
+// order (for _mm256_permutevar8x32_epi32).
+struct Compress8 {
+    alignas(32) int32_t lanes[256][8];
+    Compress8() {
+        for (int m = 0; m < 256; ++m) {
+            int at = 0;
+            for (int lane = 0; lane < 8; ++lane)
+                if (m >> lane & 1) lanes[m][at++] = lane;
+            while (at < 8) lanes[m][at++] = 0;
+        }
+    }
+};
+
+inline const Compress8& compress8() {
+    static const Compress8 table;
+    return table;
+}
+#endif
 
 #ifdef __AVX512F__
 // 16 magnitudes from entry j: float32 δ's bits without the sign.
