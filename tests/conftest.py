@@ -114,6 +114,16 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def cli_fork_server() -> Iterator[None]:
+    """The fork server of this pytest process's ``evomerge`` commands (tests/cli_fork.py), started
+    by the first command, stopped at the session's end."""
+    from tests import cli_fork
+
+    yield
+    cli_fork.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def ray_token() -> None:
     """Ray's default token file exists before any Ray of the session starts (created once)."""
     default_token()

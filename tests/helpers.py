@@ -11,8 +11,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests import cli_fork
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +28,23 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment of an ``evomerge`` subprocess: this process's as it is when called (a module
     using the ``joined_ray`` fixture has the shared Ray's address in it), the checkout importable."""
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_evomerge(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m evomerge *args`` in a process of its own (forked from the suite's server of
+    pre-imported commands, tests/cli_fork.py), with :func:`cli_env` (plus ``env``): its exit
+    status, stdout and stderr."""
+    from tests import cli_fork
+
+    return cli_fork.run(args, cwd, cli_env(**env), timeout)
+
+
+def start_evomerge(*args: str, cwd: Path, text: bool = False, **env: str) -> "cli_fork.Running":
+    """``python -m evomerge *args`` started as :func:`run_evomerge` starts it, running: a
+    ``subprocess.Popen`` (its stdout and stderr piped, bytes unless ``text``)."""
+    from tests import cli_fork
+
+    return cli_fork.start(args, cwd, cli_env(**env), text)
 
 
 def char_tokenizer():  # type: ignore[no-untyped-def]

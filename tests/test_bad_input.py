@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,12 @@ from safetensors.torch import save_file
 
 from evomerge.search.config import ConfigError, load_config, read_mapping
 from evomerge.search.app.merge_file import load_merge_file
-from tests.helpers import cli_env, write_config
+from tests.helpers import run_evomerge, write_config
 from evomerge.workers.sources import SourceError, SourceModel, load_tensors, validate_sources
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=cli_env())
+    return run_evomerge(*args, cwd=cwd, timeout=timeout)
 
 
 def _assert_usage_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -12,7 +12,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.helpers import cli_env, write_config
+from tests.cli_fork import Running
+from tests.helpers import start_evomerge, write_config
 
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 PG_DATA = os.environ.get("EVOMERGE_TEST_PG_DATA")
@@ -71,14 +71,12 @@ def test_resume_settles_trials_as_the_candidate_table_says(tmp_path: Path, tiny_
 
 
 def _search(cfg: Path, url: str, study: str, cwd: Path, patience: float | None = None,
-            max_trials: int | None = None) -> subprocess.Popen[str]:
-    env = cli_env()
-    if patience is not None:
-        env["EVOMERGE_DB_PATIENCE_S"] = str(patience)
-    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", url, "--study", study]
+            max_trials: int | None = None) -> Running:
+    env = {"EVOMERGE_DB_PATIENCE_S": str(patience)} if patience is not None else {}
+    args = ["search", str(cfg), "--storage", url, "--study", study]
     if max_trials is not None:
-        cmd += ["--max-trials", str(max_trials)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        args += ["--max-trials", str(max_trials)]
+    return start_evomerge(*args, cwd=cwd, text=True, **env)
 
 
 def _rows(url: str, study: str) -> tuple[list[tuple[int | None, str, float | None]], dict[int, tuple[str, float | None]]]:
@@ -104,7 +102,7 @@ def _done(url: str, study: str) -> int:
         return 0  # tables not there yet
 
 
-def _wait_done(proc: subprocess.Popen[str], url: str, study: str, at_least: int) -> int:
+def _wait_done(proc: Running, url: str, study: str, at_least: int) -> int:
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         done = _done(url, study)

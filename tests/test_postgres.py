@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli_env, write_config
+from tests.helpers import run_evomerge, write_config
 
 URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
 pytestmark = [pytest.mark.skipif(not URL, reason="EVOMERGE_TEST_POSTGRES_URL not set (see .ci/postgres.sh)"),
@@ -23,8 +22,7 @@ pytestmark = [pytest.mark.skipif(not URL, reason="EVOMERGE_TEST_POSTGRES_URL not
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=cli_env())
+    proc = run_evomerge(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from evomerge.storage.migrations import SCHEMA_VERSION, VERSION_TABLE, SchemaTooNew, alembic_config, upgrade
 from evomerge.storage.repository import Repository
 from evomerge.storage.tables import Base
-from tests.helpers import DEMO, ROOT, cli_env
+from tests.helpers import DEMO, ROOT, cli_env, run_evomerge
 
 DATA = ROOT / "tests" / "data"
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
@@ -43,8 +43,7 @@ pytestmark = pytest.mark.usefixtures("joined_ray")  # its `evomerge` subprocesse
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=cli_env())
+    return run_evomerge(*args, cwd=cwd)
 
 
 def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:

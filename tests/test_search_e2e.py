@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import DEMO, cli_env, write_config
+from tests.cli_fork import Running
+from tests.helpers import DEMO, cli_env, run_evomerge, start_evomerge, write_config
 
 DEMO_MODELS = {"base": DEMO / "models" / "base", "cipher_a": DEMO / "models" / "cipher_a",
                "cipher_b": DEMO / "models" / "cipher_b"}
@@ -38,8 +39,7 @@ def demo_config(path: Path, max_trials: int, limit: int = 40, **overrides: objec
 
 
 def evomerge(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "evomerge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=cli_env())
+    proc = run_evomerge(*args, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -160,17 +160,15 @@ def test_rerun_resumes_and_counts_budget(searched: tuple[Path, Path]) -> None:
     data["merge"]["method"] = "ties"
     other = tmp / "other.yaml"
     other.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "evomerge", "search", str(other), "--storage", f"sqlite:///{db}"],
-                          cwd=tmp, capture_output=True, text=True, env=cli_env(), timeout=300)
+    proc = run_evomerge("search", str(other), "--storage", f"sqlite:///{db}", cwd=tmp, timeout=300)
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
 def start_and_wait_for_progress(cfg: Path, db: Path, cwd: Path, study: str = "t",
-                                done_at_least: int = 12) -> subprocess.Popen[bytes]:
-    """A search in a subprocess, returned once some of ``study``'s candidates are done and some
-    running."""
-    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                done_at_least: int = 12) -> Running:
+    """A search in a process of its own, returned once some of ``study``'s candidates are done and
+    some running."""
+    proc = start_evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2", cwd=cwd)
     count = ("select count(*) from evomerge_candidates c join evomerge_studies s on s.id = c.study_id "
              f"where s.name = '{study}' and c.state = ")
     deadline = time.time() + 300
@@ -197,7 +195,7 @@ def assert_stopped_in_order(db: Path) -> None:
     assert query(db, "select lease_owner, lease_until from evomerge_studies") == [(None, None)]
 
 
-def stop_in_order(proc: subprocess.Popen[bytes], db: Path, signum: int) -> bytes:
+def stop_in_order(proc: Running, db: Path, signum: int) -> bytes:
     """Signal a search; it must stop in order, with exit status 128 + signum. Returns its stderr."""
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=180)

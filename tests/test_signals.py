@@ -5,14 +5,13 @@ during the search and during the held-out re-scoring alike."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli_env
+from tests.cli_fork import Running
+from tests.helpers import start_evomerge
 
 from tests.test_search_e2e import (assert_stopped_in_order, demo_config, evomerge, query, stop_in_order,
                                    stop_mid_search)
@@ -26,10 +25,9 @@ def test_sigterm_stops_the_search_in_order(tmp_path: Path) -> None:
     assert b"terminated (SIGTERM)" in err and b"Aborted" not in err
 
 
-def start_and_wait_for_heldout(cfg: Path, db: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """A search in a subprocess, returned once a held-out re-score is in flight."""
-    cmd = [sys.executable, "-m", "evomerge", "search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_and_wait_for_heldout(cfg: Path, db: Path, cwd: Path) -> Running:
+    """A search in a process of its own, returned once a held-out re-score is in flight."""
+    proc = start_evomerge("search", str(cfg), "--storage", f"sqlite:///{db}", "--workers", "2", cwd=cwd)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
