@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import fused, magnitude_merge, selection, sparsify
+from evomerge.workers import band_cuts, fused, magnitude_merge, selection, sparsify
 from evomerge.workers.registry import OPERATORS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +63,24 @@ def test_more_cuts_than_one_native_call_takes_are_split_into_calls() -> None:
     k = len(experts)
     merged = OPERATORS["breadcrumbs"].fn(base, experts, density=[0.9] * k, gamma=[0.05] * k, weight=[1 / k] * k)
     assert merged.shape == base.shape and bool(torch.isfinite(merged).all())  # it raised before
+
+
+def test_cuts_too_large_for_one_graph_are_selected_in_groups() -> None:
+    """Cuts whose rows would outgrow the scratch budget (a 70 B embedding's) are selected a group
+    at a time: the same rows as one graph and as the native selection, with a partial last group,
+    and the same picks of them for the merge kernel's keys."""
+    n = 30_011
+    base, experts = _tensors(7, n, 3, "ties", torch.float32)
+    wants = [(0, 12_000), (0, 400), (1, 6_000), (2, 20_000), (2, 90)]
+    whole = fused.device_cuts(experts, base, wants)
+    assert whole.tolist() == _rows(experts, base, wants)
+    for per_graph in (1, 2, 3):
+        scratch = per_graph * band_cuts.CUT_ROW_BYTES * n
+        assert band_cuts.group_size(len(wants), n, scratch) == per_graph
+        assert torch.equal(fused.device_cuts(experts, base, wants, scratch), whole), per_graph
+    consts, picks = [*band_cuts.CONSTS, 12345], [9, 0, 10, 3, 11, 4, 1]
+    assert torch.equal(fused._selected(experts, base, wants, consts, picks, band_cuts.CUT_ROW_BYTES * n),
+                       fused._selected(experts, base, wants, consts, picks))
 
 
 def _misleading(n: int = 64 * 1024) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from evomerge.search.config import load_config
 from evomerge.search.app.planning import check_search, plan_search, render
-from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError, Workload,
-                                          plan, read_shape, sequence_bytes)
+from evomerge.workers.band_cuts import CUT_ROW_BYTES
+from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError,
+                                          Workload, gib, plan, read_shape, sequence_bytes)
 from tests.helpers import DEMO, ROOT, cli_env
 
 HEADERS = ROOT / "benchmarks" / "header_models.py"
@@ -91,7 +92,8 @@ def test_search_check_with_gpus_says_one_line_and_skips_without_them(
     result = check_search(cfg, 1, None)
     assert result is not None and result.placement == "device" and result.machine.gpus == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"memory plan: sources on device, batch {result.batch}, 138.29 GiB of GPU per worker"]
+    per_worker = gib(result.worker_gpu_bytes)
+    assert err == [f"memory plan: sources on device, batch {result.batch}, {per_worker} of GPU per worker"]
     with pytest.raises(PlanError, match=r"^GPU memory: one worker needs .* short"):
         check_search(cfg, 9, None)  # nine workers on one GPU: 15.4 GiB each
 
@@ -218,3 +220,22 @@ def test_a_plan_that_fits_fits(sources: int, dtype: str, workers: int, batch: in
         assert result.workers_per_gpu <= result.max_workers_per_gpu
     assert workers <= result.max_workers_per_node
     assert dataclasses.replace(result) == result  # frozen values, comparable
+
+
+def test_trimming_methods_plan_their_device_cuts() -> None:
+    """On a GPU (or in float16) TIES and Breadcrumbs select their cuts on the device: the scratch
+    is the larger of the float32 merge's and CUT_ROW_BYTES per entry and cut (one cut per
+    expert, two for Breadcrumbs); DARE-TIES and CPU workers in float32 or bf16 (the native
+    selection) keep the float32 merge's."""
+    n, experts = math.prod(SHAPE.largest_shape), 2
+    gpu = Machine(512 * GiB, 1, 141 * GiB)
+
+    def scratch(methods: tuple[str, ...], machine: Machine = gpu, dtype: str = "bfloat16") -> int:
+        return plan(SHAPE, Workload(experts + 1, dtype, 1, 8, 128, methods=methods), machine).scratch_bytes
+
+    fused = 4 * (experts + 2) * n
+    assert scratch(("dare_ties",)) == scratch(()) == fused
+    assert scratch(("ties",)) == CUT_ROW_BYTES * experts * n > fused
+    assert scratch(("task_arithmetic", "breadcrumbs_ties")) == 2 * scratch(("ties",))
+    assert scratch(("breadcrumbs_ties",), Machine(512 * GiB)) == fused  # CPU, bf16: the native selection
+    assert scratch(("ties",), Machine(512 * GiB), "float16") == scratch(("ties",))  # no native float16 cuts

@@ -29,6 +29,19 @@ from torch import Tensor
 from evomerge.workers.selection import NO_SPLIT
 from evomerge.workers.sparsify import Trim
 
+# Bytes per entry and cut while a graph runs: the padded row (int32, at most ~1.5 entries per
+# entry), the rows' bits again (int32), the ties' mask (1) and running count (int32). An upper
+# bound: inductor may fuse the last three; not measured on a GPU yet (benchmarks/gpu_check.py).
+CUT_ROW_BYTES = 4 * 3 // 2 + 4 + 1 + 4
+CUT_SCRATCH = 4 << 30  # bytes: a tensor's cuts are selected in groups of rows that stay within it
+
+
+def group_size(cuts: int, n: int, scratch: int = CUT_SCRATCH) -> int:
+    """Cuts per graph for ``cuts`` cuts of n-entry tensors: all, unless their rows would hold more
+    than ``scratch`` bytes (a 70 B model's embedding: one cut at a time)."""
+    return max(1, min(cuts, scratch // (CUT_ROW_BYTES * n)))
+
+
 _BELOW, _ABOVE = -(1 << 31), (1 << 31) - 1  # pads: int32 bits of |δ| and their negations lie strictly between
 CONSTS = [0, NO_SPLIT]  # the first constants of every table (none would be a graph of its own)
 

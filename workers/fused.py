@@ -234,11 +234,21 @@ _SELECT = Compiled(band_cuts.select)
 
 
 def _selected(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]], consts: list[int],
-              picks: list[int]) -> Tensor:
+              picks: list[int], scratch: int = band_cuts.CUT_SCRATCH) -> Tensor:
     """:func:`workers.band_cuts.select` of the cuts ``wants``, then the ``consts``, as ``picks`` chooses,
     on the tensors' device: one copy of a host table, one compiled graph (uncompiled where no
-    compiler works), no read back."""
+    compiler works), no read back. Cuts whose rows would outgrow ``scratch`` bytes are selected a
+    group at a time (a graph each), then picked from."""
     flats = [e.reshape(-1) for e in experts]
+    group = band_cuts.group_size(len(wants), flats[0].numel(), scratch)
+    if group < len(wants):  # rows too large for one graph: each group's cuts, then the picks
+        parts = [wants[at:at + group] for at in range(0, len(wants), group)]
+        cuts = torch.cat([_selected(experts, base, part, band_cuts.CONSTS, list(range(2 * len(part))), scratch)
+                          for part in parts])
+        with record_function("evomerge.host"):
+            tables = torch.tensor([*consts, *picks], dtype=torch.int32)
+        (tables,) = _to_device(flats[0].device, tables)
+        return torch.cat([cuts, tables[:len(consts)]])[tables[len(consts):]]
     rows, rank, depth, head = band_cuts.plan(wants, flats[0].numel())
     with record_function("evomerge.host"):
         table = torch.tensor([*head, *consts, *picks], dtype=torch.int32)
@@ -250,17 +260,20 @@ def _selected(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tu
     return out
 
 
-def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor:
+def device_cuts(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]],
+                scratch: int = band_cuts.CUT_SCRATCH) -> Tensor:
     """For each (expert index, k) with 0 < k < n, a row (value, until) of int32 on the tensors' device:
     the bits of the k-th largest |δ_expert| (δ = expert − ``base``, the expert itself when None) and
     the index from which entries equal to it are no longer above the cut (NO_SPLIT where every tie is
     above; ties go to the lowest indices), by whole-tensor ops with no read back: the host never waits
     for the device. Exact, the cuts of :func:`workers.selection.native_cuts` (tested), but a selection
-    (``kthvalue``) over all the cuts' rows at once (:mod:`workers.band_cuts`): for GPUs, and for CPU
-    tensors the native selection does not take."""
+    (``kthvalue``) over all the cuts' rows at once (:mod:`workers.band_cuts`; in groups of cuts
+    whose rows stay within ``scratch`` bytes): for GPUs, and for CPU tensors the native selection
+    does not take."""
     if not wants:
         return torch.empty(0, 2, dtype=torch.int32, device=experts[0].device)
-    return _selected(experts, base, wants, band_cuts.CONSTS, list(range(2 * len(wants)))).view(len(wants), 2)
+    picks = list(range(2 * len(wants)))
+    return _selected(experts, base, wants, band_cuts.CONSTS, picks, scratch).view(len(wants), 2)
 
 
 def _native_rows(experts: Sequence[Tensor], base: Tensor | None, wants: Sequence[tuple[int, int]]) -> Tensor | None:

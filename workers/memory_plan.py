@@ -12,8 +12,13 @@ What one worker holds (``b``: bytes per entry of the worker's dtype):
   else in host memory shared by the node's workers and streamed per tensor ("host"), else
   memory-mapped from disk and read again per candidate ("disk"). Host copies are shared only
   when the files already hold the worker's dtype; a cast makes one copy per worker;
-- merge scratch: the largest tensor in float32 × (experts + 2) (16-bit merges compute in
-  float32 and round once);
+- merge scratch, for the largest tensor: its float32 copies, × (experts + 2) (16-bit merges
+  compute in float32 and round once); where the search may run a method that trims by
+  magnitude (TIES, Breadcrumbs) on a GPU or in float16, the cuts selected on the device
+  instead when they need more: ``CUT_ROW_BYTES`` per entry and cut selected in one graph (one
+  cut per expert, two for Breadcrumbs; groups of cuts that stay within ``CUT_SCRATCH``), an
+  upper bound from the buffers of :func:`evomerge.workers.band_cuts.select` (on the CPU, float32
+  and bf16 take the native selection, whose scratch is small);
 - per sequence of ``L`` tokens: ``L·b·(layer + max(kv, 2V))``, where ``layer = 2h +
   max(2h + 2·kvh·d, 3I)`` entries per token are live inside one decoder layer (residual,
   its norm, then q/k/v/attention output or the MLP's gate/up/product; SDPA, so no L×L
@@ -42,12 +47,15 @@ from pathlib import Path
 from typing import Literal
 
 from evomerge.evaluators.batching import BatchSize, planned_batch
+from evomerge.workers.band_cuts import CUT_ROW_BYTES, group_size
 from evomerge.workers.sources import inspect_tensors, read_config
 
 GiB = 1 << 30
 DEFAULT_MAX_LENGTH = 4096  # tokens per sequence planned for unless asked (lm-eval prompts are shorter)
 GPU_CONTEXT = GiB // 2  # CUDA context, cuBLAS workspace and kernels of one worker process
 PROCESS = GiB // 2  # a worker process on the host: Python, torch, transformers, lm-eval, Ray (DESIGN §7)
+# Cuts per expert of the methods that trim by magnitude (workers/sparsify.cut_wants).
+CUTS_PER_EXPERT = {"ties": 1, "breadcrumbs": 2, "breadcrumbs_ties": 2}
 HF_DEFAULT_MAX_LENGTH = 2048  # lm-eval's max length when the config names none
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FILE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -99,6 +107,7 @@ class Workload:
     batch_size: BatchSize  # evaluation.batch_size
     seq_len: int  # tokens per sequence planned for
     placement: Literal["auto", "device", "host"] = "auto"  # workers.sources
+    methods: tuple[str, ...] = ()  # the merge methods the search may run (their scratch differs)
 
 
 @dataclass(frozen=True)
@@ -166,11 +175,22 @@ def sequence_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     return tokens * DTYPE_BYTES[dtype] * (layer + max(kv_cache, 2 * shape.vocab_size))
 
 
+def merge_scratch(shape: ModelShape, work: Workload, gpu: bool) -> int:
+    """Bytes one merge of the largest tensor holds beside its sources and output (the module
+    docstring's rule): the float32 merge's, or the device cuts' where they need more."""
+    experts, n = work.sources - 1, shape.largest_numel
+    fused = 4 * (experts + 2) * n
+    if not (gpu or work.dtype == "float16"):
+        return fused
+    cuts = max((CUTS_PER_EXPERT.get(m, 0) for m in work.methods), default=0) * experts
+    return max(fused, CUT_ROW_BYTES * group_size(cuts, n) * n) if cuts else fused
+
+
 def plan(shape: ModelShape, work: Workload, machine: Machine) -> Plan:
     """Where the sources live, the batch and workers that fit, and what does not (``problem``)."""
     one = shape.bytes_in(work.dtype)
     sources = work.sources * one
-    scratch = shape.largest_numel * 4 * (work.sources - 1 + 2)  # experts + 2, in float32
+    scratch = merge_scratch(shape, work, machine.gpus > 0)
     seq = sequence_bytes(shape, work.dtype, work.seq_len)
     # host copies are the files' own pages (shared) only when no cast is needed
     shared = shape.file_dtypes in ((), (_FILE_DTYPE[work.dtype],))

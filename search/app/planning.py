@@ -15,8 +15,10 @@ import subprocess
 import sys
 
 from evomerge.search.config import SearchConfig, load_config
-from evomerge.workers.memory_plan import (DEFAULT_MAX_LENGTH, GiB, Machine, Plan, PlanError, Workload, gib, plan,
-                                          read_shape)
+from evomerge.search.families import families
+from evomerge.workers.band_cuts import CUT_ROW_BYTES
+from evomerge.workers.memory_plan import (DEFAULT_MAX_LENGTH, GiB, Machine, Plan,
+                                          PlanError, Workload, gib, plan, read_shape)
 from evomerge.workers.sources import validate_sources
 
 
@@ -53,8 +55,9 @@ def plan_search(cfg: SearchConfig, machine: Machine, workers: int | None = None,
     folders = validate_sources(cfg.sources(), allow_pickle, cfg.base_model)
     shape = read_shape(cfg.base_model, folders[cfg.base_model], allow_pickle)
     seq_len = max_length or min(shape.max_length, DEFAULT_MAX_LENGTH)
+    merges = families(cfg.merge.method, len(folders) - 1, cfg.merge.transforms) if "ps" in cfg.space else ()
     work = Workload(len(folders), cfg.workers.dtype, workers or cfg.workers.count, cfg.evaluation.batch_size,
-                    seq_len, cfg.workers.sources)
+                    seq_len, cfg.workers.sources, merges)
     return plan(shape, work, machine)
 
 
@@ -82,6 +85,15 @@ def check_search(cfg: SearchConfig, workers: int, ray_address: str | None, allow
     return result
 
 
+def _scratch_rule(result: Plan) -> str:
+    """Which rule sized the merge scratch: the float32 merge, or the device cuts of trimming methods."""
+    work = result.workload
+    if result.scratch_bytes == 4 * (work.sources + 1) * result.shape.largest_numel:
+        return f"in float32 x {work.sources + 1}"
+    per_graph = result.scratch_bytes // (CUT_ROW_BYTES * result.shape.largest_numel)
+    return f"TIES/Breadcrumbs cuts on the device: {per_graph} per graph x {CUT_ROW_BYTES} B/entry"
+
+
 def render(result: Plan) -> str:
     """The plan as a small aligned table."""
     shape, work, machine = result.shape, result.workload, result.machine
@@ -98,7 +110,7 @@ def render(result: Plan) -> str:
         ("bytes per source", f"{gib(result.source_bytes)} ({gib(work.sources * result.source_bytes)} for all)"),
         ("sources live in", where),
         ("merge scratch", f"{gib(result.scratch_bytes)} ({shape.largest} "
-                          f"{'x'.join(map(str, shape.largest_shape))} in float32 x {work.sources + 1})"),
+                          f"{'x'.join(map(str, shape.largest_shape))} {_scratch_rule(result)})"),
         ("one sequence", f"{gib(result.sequence_bytes)} ({work.seq_len} tokens; model max {shape.max_length})"),
         ("evaluation batch", f"{result.batch} (evaluation.batch_size {work.batch_size})"),
     ]
