@@ -9,7 +9,7 @@
     python benchmarks/gpu_check.py summary --work DIR
 
 ``env`` prints what the check runs on (device, torch, Python, where evomerge is imported from,
-the C compiler and Python headers that torch.compile and workers/native.py need).
+the C compiler and Python headers that torch.compile and workers/kernels/native.py need).
 ``ops`` times every registered merge operator on one 7B-shaped MLP matrix (11008 x 4096, bf16)
 x (base + 2 experts; slerp 1, swap reads 1) against ``dst.copy_(src)`` on the same device:
 first call (compilation included) and the best of ``--repeats``, as a fraction of the copy's
@@ -105,7 +105,7 @@ def env() -> None:
     rows = {"device": device, "torch": f"{torch.__version__} (cuda {torch.version.cuda})",
             "python": f"{platform.python_version()} {sys.executable}",
             "evomerge from": str(Path(evomerge.__file__).parent),
-            "C compiler": cc or "none (torch.compile and workers/native.py fall back to eager/torch)",
+            "C compiler": cc or "none (torch.compile and workers/kernels/native.py fall back to eager/torch)",
             "Python.h": "yes" if header.is_file() else f"no ({header}; Triton's launcher needs it)",
             "triton": triton_v}
     for key, value in rows.items():

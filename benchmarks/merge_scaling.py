@@ -85,8 +85,13 @@ def old_operators(rev: str) -> dict[str, Operator]:
     show = lambda path: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],  # noqa: E731
                                        check=True, capture_output=True, text=True).stdout
     (tmp / "_old_registry.py").write_text(show("workers/registry.py"))
-    (tmp / "_old_sparsify.py").write_text(show("workers/sparsify.py"))
-    ops = (show("workers/operators.py").replace("from evomerge.workers import sparsify\n", "import _old_sparsify as sparsify\n")
+    try:
+        (tmp / "_old_sparsify.py").write_text(show("workers/kernels/sparsify.py"))
+    except subprocess.CalledProcessError:  # a revision before the numerics moved under workers/kernels/
+        (tmp / "_old_sparsify.py").write_text(show("workers/sparsify.py"))
+    ops = (show("workers/operators.py")
+           .replace("from evomerge.workers import sparsify\n", "import _old_sparsify as sparsify\n")
+           .replace("from evomerge.workers.kernels import sparsify\n", "import _old_sparsify as sparsify\n")
            .replace("from evomerge.workers.registry import", "from _old_registry import"))
     (tmp / "_old_operators.py").write_text(ops)
     sys.path.insert(0, str(tmp))

@@ -1,4 +1,4 @@
-"""The native magnitude selection (``workers/band_scan.cpp``) built for three CPUs, timed side by
+"""The native magnitude selection (``workers/kernels/band_scan.cpp``) built for three CPUs, timed side by
 side: this machine (``native``: AVX-512 where it has it), ``x86-64-v3`` (AVX2, an AMD Zen 2/3
 cluster node) and ``x86-64`` (scalar), plus the ``--baseline`` revision's source built for
 x86-64-v3 (before the AVX2 path, that build ran the scalar loop). Every build selects the same cuts
@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from evomerge.workers import native, selection  # noqa: E402
+from evomerge.workers import selection  # noqa: E402
+
+from evomerge.workers.kernels import native
 
 ARCHES = ("native", "x86-64-v3", "x86-64")
 
@@ -51,8 +53,13 @@ def baseline_source(rev: str, into: Path) -> Path:
     folder = into / "baseline"
     folder.mkdir()
     for name in ("band_scan.cpp", "magnitude.h", "lanes.h", "threads.h"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:workers/{name}"], check=True,
-                              capture_output=True, text=True).stdout
+        for place in ("workers/kernels", "workers"):  # the numerics moved under workers/kernels/
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{place}/{name}"], capture_output=True,
+                                   text=True)
+            if shown.returncode == 0:
+                break
+        shown.check_returncode()
+        text = shown.stdout
         (folder / name).write_text(text)
     return folder / "band_scan.cpp"
 
@@ -80,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="evomerge-select-"))
     (scratch / "workers").mkdir()
-    builds = {arch: build(arch, ROOT / "workers" / "band_scan.cpp", scratch / "workers") for arch in ARCHES}
+    builds = {arch: build(arch, ROOT / "workers" / "kernels" / "band_scan.cpp", scratch / "workers") for arch in ARCHES}
     builds["base v3"] = build("x86-64-v3", baseline_source(args.baseline, scratch), scratch)
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(args.numel, generator=g)

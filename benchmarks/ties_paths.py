@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from evomerge.workers import fused, magnitude_merge, selection, sparsify, streaming  # noqa: E402
+from evomerge.workers import streaming  # noqa: E402
+
+from evomerge.workers.kernels import fused, magnitude_merge, selection, sparsify
 from evomerge.workers.mergekit import SHARED_METHODS  # noqa: E402
 from merge_scaling import build_sources  # noqa: E402
 from merge_throughput import PER_EXPERT  # noqa: E402

@@ -37,7 +37,7 @@ class StudyRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # host:pid
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # the merge arithmetic its merges used (workers/arithmetic.py; None: stored before versions, 1)
+    # the merge arithmetic its merges used (workers/kernels/arithmetic.py; None: stored before versions, 1)
     merge_arithmetic: Mapped[int | None] = mapped_column(Integer, nullable=True)
     device: Mapped[str | None] = mapped_column(String(16), nullable=True)  # where it searched: cpu, cuda
 

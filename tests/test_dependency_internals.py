@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.workers.torch_internals import recompile_limit
+from evomerge.workers.kernels.torch_internals import recompile_limit
 
 
 def test_torch_keeps_its_recompile_limit_setting() -> None:

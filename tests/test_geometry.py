@@ -1,4 +1,4 @@
-"""SLERP and Model Stock on the device graph (workers/geometry.py: Gram, coefficients and sum as
+"""SLERP and Model Stock on the device graph (workers/kernels/geometry.py: Gram, coefficients and sum as
 one compiled graph per tensor, the path of GPU tensors, float16 and EVOMERGE_NATIVE=0) against
 the native CPU path (gram.cpp + combine.cpp), run here on the CPU.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.workers import fused, geometry, gram
+from evomerge.workers.kernels import fused, geometry, gram
 from tests.helpers import merge_launches
 
 BIG = fused.FUSE_MIN + 1001  # compiled on the CPU (from FUSE_MIN); smaller tensors run the graph eagerly

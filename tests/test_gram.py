@@ -1,4 +1,4 @@
-"""Inner products of task vectors (workers/gram.py, gram.cpp): the native pass and the whole-tensor
+"""Inner products of task vectors (workers/kernels/gram.py, gram.cpp): the native pass and the whole-tensor
 torch ops of the device graph both give the float64 Gram of the float32 task vectors to ~1e-16,
 whatever the count, the dtype, the size or the threads, and Model Stock / SLERP built on them keep
 their defining properties."""
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import gram, native
+from evomerge.workers.kernels import gram, native
 from evomerge.workers.registry import OPERATORS
 
 

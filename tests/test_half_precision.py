@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from evomerge.workers.registry import OPERATORS
-from evomerge.workers.sparsify import della_probabilities
+from evomerge.workers.kernels.sparsify import della_probabilities
 
 SHAPE = (700, 512)  # 358 400 entries: more than one chunk of the streaming combination
 WEIGHTS = (0.3, 0.25, 0.2, 0.15, 0.35, 0.4)

@@ -97,6 +97,7 @@ def _violations(sources: tuple[str, ...], targets: tuple[str, ...], exempt: tupl
 def test_the_walk_sees_the_package() -> None:
     """A guard for the guards: the walk finds the layers and the imports it judges."""
     for module in ("evomerge.search.controller", "evomerge.search.app.cli", "evomerge.workers.pool",
+                   "evomerge.workers.kernels.fused",
                    "evomerge.workers.mergekit", "evomerge.evaluators.harness", "evomerge.storage.repository"):
         assert module in MODULES
     edges = {(i.source, i.target) for i in IMPORTS}
@@ -115,6 +116,15 @@ def test_workers_evaluators_storage_never_import_the_search() -> None:
 
 def test_evaluators_and_storage_never_import_the_workers() -> None:
     assert _violations(("evomerge.evaluators", "evomerge.storage"), ("evomerge.workers",)) == []
+
+
+def test_the_kernels_import_nothing_above_them() -> None:
+    """workers/kernels/ holds pure numerics: no recipe, registry, Ray or other layer."""
+    kernels = "evomerge.workers.kernels"
+    assert any(_within(m, kernels) for m in MODULES)
+    above = [str(i) for i in IMPORTS if _within(i.source, kernels) and i.target.startswith("evomerge")
+             and not _within(i.target, kernels)]
+    assert above == []
 
 
 def _graph() -> dict[str, set[str]]:

@@ -1,5 +1,5 @@
 """Merge arithmetic 2: a 16-bit merge is the float32 merge of the exactly widened sources, rounded
-once (workers/arithmetic.py), for every operator and on every path (eager chunks, the compiled
+once (workers/kernels/arithmetic.py), for every operator and on every path (eager chunks, the compiled
 kernels, the native kernels, and with them turned off); a study records the version it searched
 with, and a replay under another one says so in one line and writes nothing."""
 
@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from evomerge.storage.repository import Repository
-from evomerge.workers import arithmetic, fused
+from evomerge.workers.kernels import arithmetic, fused
 from evomerge.workers.registry import OPERATORS, Operator
 from tests.helpers import DEMO, ROOT, cli_env
 from tests.test_bad_input import run_cli
@@ -79,7 +79,7 @@ def test_large_16_bit_merges_take_the_fast_paths_with_the_same_bits(native: str,
     code = f"""
 import torch
 from tests.test_merge_arithmetic import FUSED, _assert_widened, _experts_for, _sources
-from evomerge.workers import fused
+from evomerge.workers.kernels import fused
 from evomerge.workers.registry import OPERATORS
 for half in (torch.bfloat16, torch.float16):
     for name in FUSED:

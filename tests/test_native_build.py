@@ -1,4 +1,4 @@
-"""Building the native kernels (workers/native.py) and doing without them: every kernel builds
+"""Building the native kernels (workers/kernels/native.py) and doing without them: every kernel builds
 on this machine, a build for an older CPU and the torch paths merge to the same bits as the
 kernels built for this one, an empty cache fills without partial files, a missing compiler
 costs one log line."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.workers import gram, native, selection
+from evomerge.workers.kernels import gram, native, selection
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("band_scan", "band_merge", "gram")
@@ -95,7 +95,7 @@ def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path,
 def _build_for(name: str, arch: str, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
     """``name``.cpp compiled for ``arch`` (into the usual cache: the key holds the flags)."""
     monkeypatch.setenv("EVOMERGE_NATIVE_ARCH", arch)
-    return ctypes.CDLL(str(native._build(ROOT / "workers" / f"{name}.cpp", native._cache())))
+    return ctypes.CDLL(str(native._build(ROOT / "workers" / "kernels" / f"{name}.cpp", native._cache())))
 
 
 @pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")

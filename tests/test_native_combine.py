@@ -1,4 +1,4 @@
-"""The native linear combination (workers/combine.cpp, behind streaming.combine): the same bits
+"""The native linear combination (workers/kernels/combine.cpp, behind streaming.combine): the same bits
 as the torch path entry by entry, whatever the term count, dtype, size (vector tails, streamed
 stores), alignment, aliasing or threads."""
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import native, streaming
+from evomerge.workers.kernels import native, streaming
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The native magnitude kernels (workers/band_scan.cpp, band_merge.cpp) against the torch paths
+"""The native magnitude kernels (workers/kernels/band_scan.cpp, band_merge.cpp) against the torch paths
 (fused.device_cuts, fused.trimmed_merge's uncompiled merge): the same cuts and the same merged bits, whatever the sample, the dtype, the ties or the threads,
 and a fallback that still gives them where a sample misleads. Building and turning off the
 kernels: tests/test_native_build.py."""
@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import band_cuts, fused, magnitude_merge, selection, sparsify
+from evomerge.workers.kernels import band_cuts, fused, magnitude_merge, selection, sparsify
 from evomerge.workers.registry import OPERATORS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.workers import fused, sparsify
+from evomerge.workers.kernels import fused, sparsify
 from evomerge.workers.layout import depth_fraction
 from evomerge.workers.registry import OPERATORS, TRANSFORMS
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from evomerge.search.config import load_config
 from evomerge.search.app.planning import check_search, plan_search, render
-from evomerge.workers.band_cuts import CUT_ROW_BYTES
+from evomerge.workers.kernels.band_cuts import CUT_ROW_BYTES
 from evomerge.workers.memory_plan import (GPU_CONTEXT, PROCESS, GiB, Machine, ModelShape, PlanError,
                                           Workload, gib, plan, read_shape, sequence_bytes)
 from tests.helpers import DEMO, ROOT, cli_env

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from evomerge.workers import fused, selection, sparsify, streaming
-from evomerge.workers.chunks import CHUNK, chunk_size
+from evomerge.workers.kernels import fused, selection, sparsify, streaming
+from evomerge.workers.kernels.chunks import CHUNK, chunk_size
 from evomerge.workers.registry import OPERATORS
 from tests.helpers import merge_launches
 
@@ -252,7 +252,7 @@ def test_a_kernel_that_cannot_compile_falls_back_with_one_log_line(caplog: pytes
         x.add_(1.0)
 
     kernel = fused.Compiled(uncompilable)
-    with caplog.at_level("WARNING", logger="evomerge.workers.fused"):
+    with caplog.at_level("WARNING", logger="evomerge.workers.kernels.fused"):
         assert kernel(torch.ones(4)) is False
         assert kernel(torch.ones(4)) is False
     assert kernel.broken and len(caplog.records) == 1 and "merging eagerly" in caplog.records[0].getMessage()

@@ -22,7 +22,7 @@ from evomerge.workers.layout import depth_fraction, tensor_seed, value_for
 from evomerge.workers.registry import get_operator, get_transform
 from evomerge.workers.recipe import MergeRecipe, SourceRecipe
 from evomerge.workers.sources import SourceError, load_tensors, model_folder
-from evomerge.workers.precision import widened
+from evomerge.workers.kernels.precision import widened
 
 
 Placement = Literal["auto", "device", "host"]

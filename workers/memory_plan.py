@@ -17,7 +17,7 @@ What one worker holds (``b``: bytes per entry of the worker's dtype):
   magnitude (TIES, Breadcrumbs) on a GPU or in float16, the cuts selected on the device
   instead when they need more: ``CUT_ROW_BYTES`` per entry and cut selected in one graph (one
   cut per expert, two for Breadcrumbs; groups of cuts that stay within ``CUT_SCRATCH``), an
-  upper bound from the buffers of :func:`evomerge.workers.band_cuts.select` (on the CPU, float32
+  upper bound from the buffers of :func:`evomerge.workers.kernels.band_cuts.select` (on the CPU, float32
   and bf16 take the native selection, whose scratch is small);
 - per sequence of ``L`` tokens: ``L·b·(layer + max(kv, 2V))``, where ``layer = 2h +
   max(2h + 2·kvh·d, 3I)`` entries per token are live inside one decoder layer (residual,
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Literal
 
 from evomerge.evaluators.batching import BatchSize, planned_batch
-from evomerge.workers.band_cuts import CUT_ROW_BYTES, group_size
+from evomerge.workers.kernels.band_cuts import CUT_ROW_BYTES, group_size
 from evomerge.workers.sources import inspect_tensors, read_config
 
 GiB = 1 << 30

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused, geometry, sparsify, streaming
-from evomerge.workers.chunks import chunk_size
-from evomerge.workers.precision import widened, working_dtype
+from evomerge.workers.kernels import fused, geometry, sparsify, streaming
+from evomerge.workers.kernels.chunks import chunk_size
+from evomerge.workers.kernels.precision import widened, working_dtype
 
 
 _combine = streaming.combine

@@ -28,9 +28,9 @@ from evomerge.storage.engine import redacted
 from evomerge.storage.kinds import State
 from evomerge.storage.repository import Repository
 from evomerge.evaluators.tasks import check_suite
-from evomerge.workers import arithmetic
+from evomerge.workers.kernels import arithmetic
 from evomerge.workers.worker_spec import WorkerSpec
-from evomerge.workers.arithmetic import MERGE_ARITHMETIC
+from evomerge.workers.kernels.arithmetic import MERGE_ARITHMETIC
 from evomerge.workers.pool import WorkerPool
 from evomerge.workers.recipe import Recipe, RouteRecipe, parse_recipe
 from evomerge.workers.route_spec import RouteError, check_routable

@@ -16,7 +16,7 @@ import sys
 
 from evomerge.search.config import SearchConfig, load_config
 from evomerge.search.families import families
-from evomerge.workers.band_cuts import CUT_ROW_BYTES
+from evomerge.workers.kernels.band_cuts import CUT_ROW_BYTES
 from evomerge.workers.memory_plan import (DEFAULT_MAX_LENGTH, GiB, Machine, Plan,
                                           PlanError, Workload, gib, plan, read_shape)
 from evomerge.workers.sources import validate_sources

@@ -20,7 +20,7 @@ from evomerge.search.ranking import best_candidate
 from evomerge.search.stages import dfs_study
 from evomerge.storage.kinds import State
 from evomerge.storage.repository import CandidateRecord, Repository, StudyRecord
-from evomerge.workers import arithmetic
+from evomerge.workers.kernels import arithmetic
 from evomerge.workers.materialize import Materializer
 from evomerge.workers.mergekit import MergekitConfigError, to_mergekit
 from evomerge.workers.recipe import MergeRecipe, Recipe, parse_recipe

@@ -1,7 +1,7 @@
 """Native magnitude selection: the cut above which exactly k entries of |δ| lie, δ = θ_i − θ_b.
 
 TIES and Breadcrumbs keep the top ⌊d·n⌋ of |δ| per expert, so every expert is read in full
-before its first merged entry is known. On the CPU (``workers/band_scan.cpp``, float32/bfloat16)
+before its first merged entry is known. On the CPU (``workers/kernels/band_scan.cpp``, float32/bfloat16)
 a sample of the tensor brackets each k-th magnitude in a narrow band [lo, hi]; one pass over all
 experts at once counts the entries above each band and collects the few inside it, and the k-th is
 selected among those (Floyd & Rivest's sampling selection, CACM 1975, in one pass). A band that
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from evomerge.workers import native
+from evomerge.workers.kernels import native
 
 
 @dataclass(frozen=True)

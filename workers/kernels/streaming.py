@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evomerge.workers import fused, magnitude_merge, native
-from evomerge.workers.chunks import chunk_size
-from evomerge.workers.precision import HALF, working_dtype
-from evomerge.workers.sparsify import DareDraw, Trim
+from evomerge.workers.kernels import fused, magnitude_merge, native
+from evomerge.workers.kernels.chunks import chunk_size
+from evomerge.workers.kernels.precision import HALF, working_dtype
+from evomerge.workers.kernels.sparsify import DareDraw, Trim
 
 _INT_OF = {4: torch.int32, 2: torch.int16}
 _SIGN_SHIFT = {4: 31, 2: 15}

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from evomerge.workers import band_cuts
-from evomerge.workers.chunks import chunk_size
-from evomerge.workers.selection import NO_SPLIT, native_cuts
-from evomerge.workers.sparsify import MIX, DareDraw, Trim, cut_wants, signed32
-from evomerge.workers.torch_internals import recompile_limit
+from evomerge.workers.kernels import band_cuts
+from evomerge.workers.kernels.chunks import chunk_size
+from evomerge.workers.kernels.selection import NO_SPLIT, native_cuts
+from evomerge.workers.kernels.sparsify import MIX, DareDraw, Trim, cut_wants, signed32
+from evomerge.workers.kernels.torch_internals import recompile_limit
 
 FUSE_MIN = 1 << 18  # entries (Llama-100M attention: 590 K): smaller stay eager; compiling costs ~10-20 s per process and kernel variant
 _HALF_WORD = 1 << 15

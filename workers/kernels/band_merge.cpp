@@ -1,10 +1,10 @@
 // TIES / Breadcrumbs(-TIES) merges of float32 and bfloat16 tensors in one pass over the sources
-// (workers/magnitude_merge.py). Their trims keep the top k of each expert's |δ|, so the cut is
+// (workers/kernels/magnitude_merge.py). Their trims keep the top k of each expert's |δ|, so the cut is
 // only known once every entry was read; a separate selection pass reads the sources twice. Here a
 // sample brackets each cut (magnitude.h); the pass merges every entry whose magnitudes lie outside
 // the brackets (its keep is already certain), counts the entries above each bracket and keeps the
 // few inside one (index and values); the exact cuts then come from those, and only those entries
-// are merged again. The arithmetic is eager's (workers/streaming.py), op for op, in float32 with
+// are merged again. The arithmetic is eager's (workers/kernels/streaming.py), op for op, in float32 with
 // no FMA contraction, so the result is bit-identical to the torch path. bfloat16 sources are
 // widened exactly on load and the result rounded once on store (merge arithmetic 2): the float32
 // merge of the widened sources, rounded.

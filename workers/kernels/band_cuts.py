@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers.selection import NO_SPLIT
-from evomerge.workers.sparsify import Trim
+from evomerge.workers.kernels.selection import NO_SPLIT
+from evomerge.workers.kernels.sparsify import Trim
 
 # Bytes per entry and cut while a graph runs: the padded row (int32, at most ~1.5 entries per
 # entry), the rows' bits again (int32), the ties' mask (1) and running count (int32). An upper

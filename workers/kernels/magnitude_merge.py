@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import native
-from evomerge.workers.selection import NATIVE_MIN, WIDTHS, sample_size
-from evomerge.workers.sparsify import Trim
+from evomerge.workers.kernels import native
+from evomerge.workers.kernels.selection import NATIVE_MIN, WIDTHS, sample_size
+from evomerge.workers.kernels.sparsify import Trim
 
 
 _ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.workers import native
-from evomerge.workers.precision import working_dtype
+from evomerge.workers.kernels import native
+from evomerge.workers.kernels.precision import working_dtype
 
 Gram = list[list[Tensor]]  # ⟨δ_i, δ_k⟩ as 0-d float64 tensors; g[i][k] is g[k][i]
 

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from evomerge.workers import gram, streaming
-from evomerge.workers.fused import FUSE_MIN, Compiled
-from evomerge.workers.precision import working_dtype
+from evomerge.workers.kernels import gram, streaming
+from evomerge.workers.kernels.fused import FUSE_MIN, Compiled
+from evomerge.workers.kernels.precision import working_dtype
 
 
 def slerp_coefficients(g: gram.Gram, t: Tensor) -> Tensor:

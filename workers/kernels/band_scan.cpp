@@ -1,7 +1,7 @@
-// The exact magnitude selection of workers/selection.py: for several (expert, k), one pass over
+// The exact magnitude selection of workers/kernels/selection.py: for several (expert, k), one pass over
 // every expert counts the entries whose |δ| bits lie above each cut's sampled bracket and collects
 // those inside it, then the k-th is selected among the few collected. Plain C ABI, loaded with
-// ctypes (workers/native.py builds it with -O3 -march=native -ffp-contract=off); no torch headers.
+// ctypes (workers/kernels/native.py builds it with -O3 -march=native -ffp-contract=off); no torch headers.
 #include "magnitude.h"
 
 namespace evomerge {
