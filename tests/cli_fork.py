@@ -51,8 +51,9 @@ class _Server:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = _imported_env(env)
         self.proc = subprocess.Popen([sys.executable, "-c", "from tests.cli_fork import serve; serve()"], cwd=ROOT,
-                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.exited: dict[int, int] = {}
+        self._unread = b""  # read from the server's stdout, not yet a whole message
         if self._message(time.monotonic() + 600) != {"ready": True}:
             raise RuntimeError("the evomerge fork server did not start")
 
@@ -63,7 +64,7 @@ class _Server:
 
     def fork(self, request: dict[str, Any]) -> int:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
         self.proc.stdin.flush()
         while True:  # exit reports of other commands may come first
             message = self._message(time.monotonic() + 120)
@@ -82,11 +83,15 @@ class _Server:
     def _message(self, deadline: float) -> dict[str, Any] | None:
         """The server's next message (exit reports are filed in ``exited``), or None past ``deadline``."""
         assert self.proc.stdout is not None
-        if not select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]:
-            return None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the evomerge fork server died")
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._unread:  # the pipe itself, unbuffered: a select never misses a message
+            if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError("the evomerge fork server died")
+            self._unread += chunk
+        line, self._unread = self._unread.split(b"\n", 1)
         message: dict[str, Any] = json.loads(line)
         if "exited" in message:
             self.exited[int(message["exited"])] = int(message["status"])
