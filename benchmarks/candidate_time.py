@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from evomerge.evaluators.batching import planned_batch  # noqa: E402
 from evomerge.search.app.commands import prepare  # noqa: E402
 from evomerge.search.config import load_config  # noqa: E402
-from evomerge.search.controller import Controller, baseline_recipes  # noqa: E402
+from evomerge.search.controller import Controller  # noqa: E402
 from evomerge.search.ledger import Ledger  # noqa: E402
 from evomerge.workers.pool import WorkerPool  # noqa: E402
 from evomerge.storage.repository import Repository  # noqa: E402
@@ -74,7 +74,8 @@ def _naive_process(config: Path, trials: int, offset: int, ready: Any, results: 
     mat = Materializer(prep.folders, cfg.base_model)
     # the batch ours uses on the CPU (lm-eval's own "auto" would probe the host's memory)
     lm = HFLM(pretrained=mat.model, tokenizer=mat.tokenizer, batch_size=planned_batch(cfg.evaluation.batch_size))
-    recipes = [r for _, r in baseline_recipes(cfg, prep.space)]
+    o = cfg.optimizer  # the baselines a search seeds first (search/recovery.seed_baselines)
+    recipes = [r for _, r in prep.space.baselines([m.name for m in cfg.models], o.init, o.start == "best_baseline")]
     manager = TaskManager(include_defaults=False)  # fair: skip indexing lm-eval's 15k built-in tasks
     ready.wait()
     start = time.perf_counter()

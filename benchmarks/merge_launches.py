@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from evomerge.workers import fused  # noqa: E402
+from evomerge.workers.kernels import fused  # noqa: E402
 from evomerge.workers.registry import OPERATORS  # noqa: E402
 
 # (hidden, MLP, layers, vocab, kv heads / heads): Llama-2 7 B and Llama-3 70 B

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from evomerge.workers import selection  # noqa: E402
+from evomerge.workers.kernels import selection  # noqa: E402
 
 from evomerge.workers.kernels import native
 

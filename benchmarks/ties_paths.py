@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from evomerge.workers import streaming  # noqa: E402
+from evomerge.workers.kernels import streaming  # noqa: E402
 
 from evomerge.workers.kernels import fused, magnitude_merge, selection, sparsify
 from evomerge.workers.mergekit import SHARED_METHODS  # noqa: E402

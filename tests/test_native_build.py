@@ -25,7 +25,7 @@ KERNELS = ("band_scan", "band_merge", "gram")
 _MERGES = (
     "import sys, torch\n"
     "from evomerge.workers.registry import OPERATORS\n"
-    "from evomerge.workers import native\n"
+    "from evomerge.workers.kernels import native\n"
     "g = torch.Generator().manual_seed(3)\n"
     "base = torch.randn(300_007, generator=g)\n"
     "experts = [base + 0.1 * torch.randn(300_007, generator=g) for _ in range(3)]\n"
@@ -159,7 +159,7 @@ def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path: Path) 
     """Into an empty cache folder the library is built once and loaded; with no compiler there is
     one warning line naming the kernel, and the torch path."""
     script = ("import logging; logging.basicConfig()\n"
-              "from evomerge.workers import native\n"
+              "from evomerge.workers.kernels import native\n"
               "print(native.library('band_scan') is not None)\n")
     built = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "EVOMERGE_NATIVE_CACHE": str(tmp_path / "cache")})

@@ -183,7 +183,7 @@ def test_a_forked_child_starts_its_own_workers() -> None:
     torch's own parallel ops may hang after a fork, native or not.)"""
     script = (
         "import hashlib, os, sys, torch\n"
-        "from evomerge.workers import magnitude_merge, selection, sparsify\n"
+        "from evomerge.workers.kernels import magnitude_merge, selection, sparsify\n"
         "torch.set_num_threads(2)\n"
         "g = torch.Generator().manual_seed(0)\n"
         "base = torch.randn(200_003, generator=g)\n"

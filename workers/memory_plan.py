@@ -17,7 +17,7 @@ What one worker holds (``b``: bytes per entry of the worker's dtype):
   magnitude (TIES, Breadcrumbs) on a GPU or in float16, the cuts selected on the device
   instead when they need more: ``CUT_ROW_BYTES`` per entry and cut selected in one graph (one
   cut per expert, two for Breadcrumbs; groups of cuts that stay within ``CUT_SCRATCH``), an
-  upper bound from the buffers of :func:`evomerge.workers.kernels.band_cuts.select` (on the CPU, float32
+  upper bound from the buffers of ``workers/kernels/band_cuts.select`` (on the CPU, float32
   and bf16 take the native selection, whose scratch is small);
 - per sequence of ``L`` tokens: ``L·b·(layer + max(kv, 2V))``, where ``layer = 2h +
   max(2h + 2·kvh·d, 3I)`` entries per token are live inside one decoder layer (residual,
@@ -42,7 +42,7 @@ gpus)``); workers never span GPUs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -54,7 +54,7 @@ GiB = 1 << 30
 DEFAULT_MAX_LENGTH = 4096  # tokens per sequence planned for unless asked (lm-eval prompts are shorter)
 GPU_CONTEXT = GiB // 2  # CUDA context, cuBLAS workspace and kernels of one worker process
 PROCESS = GiB // 2  # a worker process on the host: Python, torch, transformers, lm-eval, Ray (DESIGN §7)
-# Cuts per expert of the methods that trim by magnitude (workers/sparsify.cut_wants).
+# Cuts per expert of the methods that trim by magnitude (workers/kernels/sparsify.cut_wants).
 CUTS_PER_EXPERT = {"ties": 1, "breadcrumbs": 2, "breadcrumbs_ties": 2}
 HF_DEFAULT_MAX_LENGTH = 2048  # lm-eval's max length when the config names none
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -138,6 +138,7 @@ class Plan:
     max_workers_per_gpu: int  # that fit on one GPU at batch 1
     max_workers_per_node: int  # that fit on the node (GPUs and host) at batch 1
     problem: str | None = None
+    scratch_cuts: int = 0  # cuts per graph where the device cuts sized the scratch; 0: the float32 merge
 
 
 def read_shape(name: str, folder: Path, allow_pickle: bool = False) -> ModelShape:
@@ -175,28 +176,29 @@ def sequence_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     return tokens * DTYPE_BYTES[dtype] * (layer + max(kv_cache, 2 * shape.vocab_size))
 
 
-def merge_scratch(shape: ModelShape, work: Workload, gpu: bool) -> int:
+def merge_scratch(shape: ModelShape, work: Workload, gpu: bool) -> tuple[int, int]:
     """Bytes one merge of the largest tensor holds beside its sources and output (the module
-    docstring's rule): the float32 merge's, or the device cuts' where they need more."""
+    docstring's rule): the float32 merge's, or the device cuts' where they need more; and the
+    cuts per graph in that case (else 0)."""
     experts, n = work.sources - 1, shape.largest_numel
     fused = 4 * (experts + 2) * n
-    if not (gpu or work.dtype == "float16"):
-        return fused
     cuts = max((CUTS_PER_EXPERT.get(m, 0) for m in work.methods), default=0) * experts
-    return max(fused, CUT_ROW_BYTES * group_size(cuts, n) * n) if cuts else fused
+    if not cuts or not (gpu or work.dtype == "float16"):
+        return fused, 0
+    per_graph = group_size(cuts, n)
+    return (fused, 0) if fused >= CUT_ROW_BYTES * per_graph * n else (CUT_ROW_BYTES * per_graph * n, per_graph)
 
 
 def plan(shape: ModelShape, work: Workload, machine: Machine) -> Plan:
     """Where the sources live, the batch and workers that fit, and what does not (``problem``)."""
     one = shape.bytes_in(work.dtype)
     sources = work.sources * one
-    scratch = merge_scratch(shape, work, machine.gpus > 0)
+    scratch, cuts = merge_scratch(shape, work, machine.gpus > 0)
     seq = sequence_bytes(shape, work.dtype, work.seq_len)
     # host copies are the files' own pages (shared) only when no cast is needed
     shared = shape.file_dtypes in ((), (_FILE_DTYPE[work.dtype],))
-    if machine.gpus:
-        return _gpu_plan(shape, work, machine, one, sources, scratch, seq, shared)
-    return _cpu_plan(shape, work, machine, one, sources, scratch, seq, shared)
+    planned = (_gpu_plan if machine.gpus else _cpu_plan)(shape, work, machine, one, sources, scratch, seq, shared)
+    return replace(planned, scratch_cuts=cuts)
 
 
 def _cpu_plan(shape: ModelShape, work: Workload, machine: Machine, one: int, sources: int, scratch: int,

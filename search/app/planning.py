@@ -87,11 +87,9 @@ def check_search(cfg: SearchConfig, workers: int, ray_address: str | None, allow
 
 def _scratch_rule(result: Plan) -> str:
     """Which rule sized the merge scratch: the float32 merge, or the device cuts of trimming methods."""
-    work = result.workload
-    if result.scratch_bytes == 4 * (work.sources + 1) * result.shape.largest_numel:
-        return f"in float32 x {work.sources + 1}"
-    per_graph = result.scratch_bytes // (CUT_ROW_BYTES * result.shape.largest_numel)
-    return f"TIES/Breadcrumbs cuts on the device: {per_graph} per graph x {CUT_ROW_BYTES} B/entry"
+    if not result.scratch_cuts:
+        return f"in float32 x {result.workload.sources + 1}"
+    return f"TIES/Breadcrumbs cuts on the device: {result.scratch_cuts} per graph x {CUT_ROW_BYTES} B/entry"
 
 
 def render(result: Plan) -> str:
