@@ -38,11 +38,8 @@ ARCHES = ("native", "x86-64-v3", "x86-64")
 
 
 def build(arch: str, source: Path, into: Path) -> ctypes.CDLL:
-    """``source`` compiled with the project's flags for ``arch``."""
-    target = into / f"{source.parent.name}-{arch}.so"
-    flags = [f"-march={arch}", *native._FLAGS]
-    subprocess.run([native._compiler(), *flags, "-o", str(target), str(source)], check=True, capture_output=True)
-    library = ctypes.CDLL(str(target))
+    """``source`` built as workers/kernels/native.py builds it, for ``arch``, into the folder ``into``."""
+    library = ctypes.CDLL(str(native._build(source, into, arch)))
     library.evomerge_select.restype = ctypes.c_int
     library.evomerge_select.argtypes = list(selection._ARGS)
     return library

@@ -92,19 +92,18 @@ def test_a_build_for_an_older_cpu_gives_the_same_bits(tmp_path: Path,
         assert torch.equal(kernels[key], older[key]), key
 
 
-def _build_for(name: str, arch: str, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+def _build_for(name: str, arch: str) -> ctypes.CDLL:
     """``name``.cpp compiled for ``arch`` (into the usual cache: the key holds the flags)."""
-    monkeypatch.setenv("EVOMERGE_NATIVE_ARCH", arch)
-    return ctypes.CDLL(str(native._build(ROOT / "workers" / "kernels" / f"{name}.cpp", native._cache())))
+    return ctypes.CDLL(str(native._build(ROOT / "workers" / "kernels" / f"{name}.cpp", native._cache(), arch)))
 
 
 @pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
-def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds() -> None:
     """gram.cpp built for this CPU (AVX-512 here), for x86-64-v3 (its AVX2 path) and for x86-64
     (scalar): the same 16 lanes summed in the same order, so the same float64 bits, in float32
     and bfloat16, with and without a base, for counts kept in registers (1-3) and the general
     loop (5), at sizes with tails of every length class and across blocks (2^13 entries)."""
-    builds = {arch: _build_for("gram", arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
+    builds = {arch: _build_for("gram", arch) for arch in ("native", "x86-64-v3", "x86-64")}
     g = torch.Generator().manual_seed(5)
     for numel in (1, 15, 17, 8192 + 8 + 3, 3 * 8192 + 21):
         for count, with_base in ((1, False), (2, False), (3, True), (5, True)):
@@ -125,12 +124,12 @@ def test_the_gram_is_the_same_bits_on_avx_512_avx2_and_scalar_builds(monkeypatch
 
 
 @pytest.mark.skipif(not _runs_x86_64_v3(), reason="needs a CPU that runs x86-64-v3 code")
-def test_the_magnitude_cuts_are_the_same_on_avx_512_avx2_and_scalar_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_magnitude_cuts_are_the_same_on_avx_512_avx2_and_scalar_builds() -> None:
     """band_scan.cpp's selection built for this CPU (16 lanes), for x86-64-v3 (8 lanes, a table in
     place of AVX-512's compress) and for x86-64 (scalar) gives the same cuts, tie splits and
     misses: float32 and bfloat16 (whose δ take few values: ties at the cuts), with and without a
     base, one and two cuts per expert, sizes whose tails take every vector remainder."""
-    builds = {arch: _build_for("band_scan", arch, monkeypatch) for arch in ("native", "x86-64-v3", "x86-64")}
+    builds = {arch: _build_for("band_scan", arch) for arch in ("native", "x86-64-v3", "x86-64")}
     g = torch.Generator().manual_seed(11)
     for numel in (64, 4096 + 13, 3 * 16384 + 7, 200_003):
         for dtype in (torch.float32, torch.bfloat16):

@@ -33,11 +33,11 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
 _FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
-def _flags() -> tuple[str, ...]:
-    """The compiler's flags: for this CPU (``-march=native``), or for the target named in
-    $EVOMERGE_NATIVE_ARCH (e.g. ``x86-64-v3``: a library that runs on the older CPUs of a cluster
-    sharing one cache; the kernels compute the same bits on every target)."""
-    return (f"-march={os.environ.get('EVOMERGE_NATIVE_ARCH', 'native')}", *_FLAGS)
+def _flags(arch: str | None = None) -> tuple[str, ...]:
+    """The compiler's flags: for ``arch``, else the target named in $EVOMERGE_NATIVE_ARCH (e.g.
+    ``x86-64-v3``: a library that runs on the older CPUs of a cluster sharing one cache; the
+    kernels compute the same bits on every target), else this CPU (``-march=native``)."""
+    return (f"-march={arch or os.environ.get('EVOMERGE_NATIVE_ARCH', 'native')}", *_FLAGS)
 
 
 def _cpu_key() -> str:
@@ -54,11 +54,11 @@ def _compiler() -> str:
     return os.environ.get("CXX", "g++")
 
 
-def _build(source: Path, cache: Path) -> Path:
+def _build(source: Path, cache: Path, arch: str | None = None) -> Path:
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
-    flags = _flags()
+    flags = _flags(arch)
     key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *flags, _cpu_key()]).encode()).hexdigest()
     target = cache / f"{source.stem}-{key[:16]}.so"
     if target.exists():
